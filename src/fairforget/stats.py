@@ -1,0 +1,75 @@
+"""Confidence intervals and paired tests shared by every evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+DEFAULT_BOOTSTRAP = 1000
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_items: int, n_boot: int = DEFAULT_BOOTSTRAP,
+                 seed: int = 0, level: float = 0.95, strata: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over items resampled with replacement.
+
+    ``statistic`` receives an integer index array into the items. With ``strata`` (one label per item),
+    items are resampled within each stratum, keeping the strata sizes. NaN replicates are ignored; an
+    interval that cannot be formed is (nan, nan).
+    """
+    if n_items == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n_items)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    replicates = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        replicates[b] = statistic(idx)
+    replicates = replicates[np.isfinite(replicates)]
+    if replicates.size == 0:
+        return (float("nan"), float("nan"))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+def proportion_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (in 0..1)."""
+    from scipy.stats import norm
+
+    if n == 0:
+        return (float("nan"), float("nan"))
+    z = norm.ppf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(centre - half), float(centre + half))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's exact test on paired binary decisions (before vs after on the same items)."""
+
+    n: int
+    only_before: int
+    only_after: int
+    p_value: float
+
+    def as_dict(self) -> dict:
+        return {"test": "mcnemar_exact", "n": self.n, "true_before_only": self.only_before,
+                "true_after_only": self.only_after, "p_value": self.p_value}
+
+
+def mcnemar(before: np.ndarray, after: np.ndarray) -> PairedTest:
+    """Exact McNemar test of whether the rate of True differs between two paired boolean arrays."""
+    from scipy.stats import binomtest
+
+    before = np.asarray(before, dtype=bool)
+    after = np.asarray(after, dtype=bool)
+    if before.shape != after.shape:
+        raise ValueError(f"paired arrays differ in shape: {before.shape} vs {after.shape}")
+    b = int(np.sum(before & ~after))
+    c = int(np.sum(~before & after))
+    p_value = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return PairedTest(int(before.size), b, c, p_value)
