@@ -32,6 +32,19 @@ def tiny_models(tokenizer):
     return {arch: build_tiny_model(arch, tokenizer, seed=0) for arch in ("llama", "mamba", "gpt2")}
 
 
+def load_script(name: str):
+    """Import ``scripts/<name>`` as a module (its Config and main), registered so dataclasses work."""
+    import importlib.util
+    import sys
+
+    module_name = "stage_" + Path(name).stem
+    spec = importlib.util.spec_from_file_location(module_name, REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The verified dataset copies beside the checkout (../shared/data), as CI has them."""

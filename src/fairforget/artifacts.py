@@ -162,3 +162,20 @@ def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extr
     }
     block.update(extra)
     return block
+
+
+def read_jsonl(path: Path | str, what: str = "file") -> list[dict]:
+    """Read a JSON-lines file; a bad line raises an error naming the file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FairforgetError(f"{what} not found: {path}")
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise FairforgetError(f"{what} {path} line {number} is not valid JSON: {exc.msg}") from exc
+    return rows

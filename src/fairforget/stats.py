@@ -3,34 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 DEFAULT_BOOTSTRAP = 1000
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_items: int, n_boot: int = DEFAULT_BOOTSTRAP,
-                 seed: int = 0, level: float = 0.95, strata: np.ndarray | None = None) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic(indices)`` over items resampled with replacement.
+def bootstrap_intervals(statistic: Callable[[np.ndarray], Sequence[float]], n_items: int,
+                        n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = 0.95,
+                        strata: np.ndarray | None = None) -> np.ndarray:
+    """Percentile bootstrap intervals ``[k, 2]`` of a statistic returning ``k`` values from an index array.
 
-    ``statistic`` receives an integer index array into the items. With ``strata`` (one label per item),
-    items are resampled within each stratum, keeping the strata sizes. NaN replicates are ignored; an
-    interval that cannot be formed is (nan, nan).
+    Items are resampled with replacement (within each stratum when ``strata`` gives one label per item,
+    keeping the strata sizes). NaN replicates are ignored per value; a value with none left gets (nan, nan).
     """
-    if n_items == 0:
-        return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     groups = [np.arange(n_items)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    replicates = np.empty(n_boot)
-    for b in range(n_boot):
+    replicates = []
+    for _ in range(n_boot if n_items else 0):
         idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
-        replicates[b] = statistic(idx)
-    replicates = replicates[np.isfinite(replicates)]
-    if replicates.size == 0:
-        return (float("nan"), float("nan"))
+        replicates.append(np.atleast_1d(np.asarray(statistic(idx), dtype=float)))
+    if not replicates:
+        width = np.atleast_1d(np.asarray(statistic(np.arange(0)), dtype=float)).size if n_items else 1
+        return np.full((width, 2), np.nan)
+    table = np.stack(replicates)
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(replicates, [tail, 100 - tail])
+    intervals = np.full((table.shape[1], 2), np.nan)
+    for k in range(table.shape[1]):
+        column = table[:, k][np.isfinite(table[:, k])]
+        if column.size:
+            intervals[k] = np.percentile(column, [tail, 100 - tail])
+    return intervals
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_items: int, n_boot: int = DEFAULT_BOOTSTRAP,
+                 seed: int = 0, level: float = 0.95, strata: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of one scalar ``statistic(indices)`` (see :func:`bootstrap_intervals`)."""
+    if n_items == 0:
+        return (float("nan"), float("nan"))
+    low, high = bootstrap_intervals(statistic, n_items, n_boot, seed, level, strata)[0]
     return (float(low), float(high))
 
 

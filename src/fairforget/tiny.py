@@ -17,29 +17,24 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     from transformers import GPT2Config, LlamaConfig, MambaConfig
 
     if arch == "llama":
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             tie_word_embeddings=True)
-    elif arch == "mamba":
-        config = MambaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, state_size=16,
-                             expand=2, conv_kernel=4, use_mambapy=False)
-    elif arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512)
-    else:
-        raise FairforgetError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=True, **overrides)
+    if arch == "mamba":
+        return MambaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, state_size=16,
+                           expand=2, conv_kernel=4, use_mambapy=False, **overrides)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512, **overrides)
+    raise FairforgetError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
 
 
 def build_tiny_model(arch: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> Any:
     """A randomly initialised causal LM of ``arch`` sized for ``tokenizer``, in fp32 eval mode."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch, len(tokenizer), **overrides)
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    config = tiny_config(arch, len(tokenizer), **{**special, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

@@ -1,0 +1,33 @@
+"""Small plotting helpers shared by the stages (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .artifacts import save_figure  # noqa: E402
+
+
+def interval_bars(path: Path | str, groups: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence]],
+                  title: str, ylabel: str, reference: float | None = None) -> None:
+    """Grouped bars with 95% interval whiskers. ``series`` maps a legend name to (values, [low, high] pairs)."""
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(len(series), 1)), 4.0))
+    for k, (name, (values, intervals)) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        low = [v - ci[0] for v, ci in zip(values, intervals)]
+        high = [ci[1] - v for v, ci in zip(values, intervals)]
+        ax.bar(xs, values, width=width, label=name, yerr=[low, high], capsize=3)
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=f"ideal ({reference:g})")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
