@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ EMBEDDED_MODELS = {
 }
 DEFAULT_EMBEDDED = "embedded:smollm2-135m-instruct"
 EMBEDDED_DIR = Path("models/base")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 @dataclass
@@ -158,10 +160,12 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
         if not (path / "config.json").is_file():
             raise FairforgetError(f"model folder {path} has no config.json (nor adapter_config.json)")
         source = str(path)
-    elif path.suffix or spec.startswith((".", "/")) or spec.count("/") > 1:
-        raise FairforgetError(f"model folder not found: {spec}")
+    elif not HUB_ID.fullmatch(spec):
+        raise FairforgetError(f"model folder not found: {spec} (and it is not a Hugging Face hub id)")
     else:
         source = spec
+        if not _cached_on_hub(spec) and not _hub_reachable():
+            raise _hub_error(spec, ConnectionError("the hub is unreachable and the model is not cached"))
     try:
         tokenizer = _load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False,
@@ -174,6 +178,27 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
     if fast_mamba:
         _maybe_enable_fast_mamba(model)
     return LoadedModel(model, tokenizer, model_name(spec), source, torch_device)
+
+
+def _cached_on_hub(spec: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline machine fails at once instead of after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _has_safetensors(source: str) -> bool | None:
