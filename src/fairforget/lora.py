@@ -1,0 +1,147 @@
+"""LoRA fine-tuning of a causal LM on plain sentences: target modules per architecture, a seeded loop, saving.
+
+Targets (overridable): Mamba ``in_proj``, ``x_proj``, ``embeddings`` (peft refuses ``out_proj`` and
+``conv1d``; ``dt_proj`` trains only on the slow path); Llama the attention and MLP projections; GPT-2
+``c_attn``, ``c_proj``, ``c_fc``. The loss is the mean negative log-likelihood per token, each sentence
+conditioned on the BOS/EOS token, computed with the shared differentiable scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import FairforgetError
+from .scoring import collate, encode, token_logprobs
+
+log = logging.getLogger(__name__)
+
+TARGET_MODULES = {
+    "mamba": ["in_proj", "x_proj", "embeddings"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+# With the Mamba CUDA kernels (mamba_ssm + causal_conv1d) the fused path reads these weights directly,
+# so LoRA deltas on them are ignored during training.
+MAMBA_KERNEL_BYPASSED = ("x_proj", "dt_proj", "out_proj")
+
+
+def target_modules(model: Any, override: Sequence[str] | None = None) -> list[str]:
+    """LoRA target module names for ``model`` (its ``config.model_type``), checked to exist in it."""
+    model_type = getattr(model.config, "model_type", "")
+    if override:
+        targets = list(override)
+    elif model_type in TARGET_MODULES:
+        targets = list(TARGET_MODULES[model_type])
+    else:
+        raise FairforgetError(f"no default LoRA targets for model type {model_type!r}; pass --target-modules "
+                              f"(known types: {', '.join(TARGET_MODULES)})")
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        raise FairforgetError(f"LoRA target module(s) {', '.join(missing)} not found in this {model_type} model")
+    return targets
+
+
+def kernel_bypass_warning(model: Any, targets: Sequence[str]) -> str | None:
+    """A warning when Mamba's CUDA kernels would bypass LoRA on some targets, else None."""
+    if getattr(model.config, "model_type", "") != "mamba":
+        return None
+    device = next(model.parameters()).device
+    try:
+        from transformers.models.mamba.modeling_mamba import is_fast_path_available
+    except ImportError:
+        return None
+    bypassed = [t for t in targets if t in MAMBA_KERNEL_BYPASSED]
+    if device.type == "cuda" and is_fast_path_available and bypassed:
+        return (f"the Mamba CUDA kernels are installed: during training they bypass LoRA on {', '.join(bypassed)}; "
+                f"those adapters will stay at their initial value (use the targets in_proj, embeddings)")
+    return None
+
+
+def add_lora(model: Any, targets: Sequence[str], r: int = 8, alpha: int = 16, dropout: float = 0.05,
+             seed: int = 0) -> Any:
+    """Wrap ``model`` in a peft LoRA model (seeded adapter initialisation)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood per scored token of a collated batch."""
+    sums, counts = token_logprobs(model, **batch)
+    return -sums.sum() / counts.sum().clamp(min=1)
+
+
+@dataclass
+class StepLog:
+    epoch: int
+    step: int
+    loss: float
+    n_tokens: int
+
+
+def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, batch_size: int = 8,
+             lr: float = 5e-5, weight_decay: float = 0.0, seed: int = 0) -> list[StepLog]:
+    """Train the trainable parameters of ``model`` with AdamW on ``texts`` (shuffled each epoch, seeded)."""
+    if not texts:
+        raise FairforgetError("no training sentences")
+    device = next(model.parameters()).device
+    encoded = [encode(tokenizer, "", text) for text in texts]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise FairforgetError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    history: list[StepLog] = []
+    model.train()
+    step = 0
+    for epoch in range(1, epochs + 1):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = collate([encoded[i] for i in order[start: start + batch_size]], tokenizer.pad_token_id, device)
+            loss = lm_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FairforgetError(f"the training loss became non-finite at epoch {epoch}, step {step + 1}; "
+                                      f"lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            history.append(StepLog(epoch, step, float(loss), int(batch["target_mask"].sum())))
+    model.eval()
+    return history
+
+
+def mean_loss(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> float:
+    """Token-weighted mean NLL of ``texts`` (no gradient)."""
+    from .scoring import score_continuations
+
+    scores = score_continuations(model, tokenizer, [("", t) for t in texts], batch_size)
+    return -sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)
+
+
+def save_adapter(model: Any, tokenizer: Any, folder: Path | str, base_spec: str) -> Path:
+    """Save the LoRA adapter (peft ``save_pretrained``) and tokenizer atomically, naming ``base_spec`` as base.
+
+    ``base_spec`` is what :func:`fairforget.models.load_model` should load the base from (a folder, a hub id
+    or an ``embedded:`` name), so ``load_model(folder)`` rebuilds the fine-tuned model.
+    """
+    from .artifacts import atomic_dir
+
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_spec
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(folder)
