@@ -8,7 +8,7 @@ import torch
 
 from fairforget.errors import FairforgetError
 from fairforget.heads import (batch_prompts, context_influence, head_correlations, head_hooks, head_layout,
-                              letter_logits_and_heads, protect_heads, pruning_cost, pruning_strengths, scale_heads)
+                              letter_logprobs_and_heads, protect_heads, pruning_cost, pruning_strengths, scale_heads)
 
 PROMPTS = ["The nurse said that she would be late. Answer:", "Who fixed the bridge? A. He B. She Answer:",
            "Hi"]
@@ -75,14 +75,15 @@ def test_hook_capture_equals_manual_head_outputs(tiny_models, tokenizer):
 def test_last_position_capture_with_padding_equals_single_rows(tiny_models, tokenizer):
     model = tiny_models["llama"]
     layout = head_layout(model)
+    variants = [[32, 33], [34], [35, 36]]
     with torch.no_grad():
-        logits, heads = letter_logits_and_heads(model, layout, batch_prompts(tokenizer, PROMPTS, "cpu"), [32, 33, 34])
+        letters, heads = letter_logprobs_and_heads(model, layout, batch_prompts(tokenizer, PROMPTS, "cpu"), variants)
         for row, prompt in enumerate(PROMPTS):
-            one_logits, one_heads = letter_logits_and_heads(model, layout, batch_prompts(tokenizer, [prompt], "cpu"),
-                                                            [32, 33, 34])
+            _, one_heads = letter_logprobs_and_heads(model, layout, batch_prompts(tokenizer, [prompt], "cpu"), variants)
             torch.testing.assert_close(heads[row], one_heads[0], atol=1e-5, rtol=1e-4)
-            full = model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1, [32, 33, 34]]
-            torch.testing.assert_close(logits[row], full, atol=1e-4, rtol=1e-4)
+            full = torch.log_softmax(model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1], -1)
+            expected = torch.stack([full[v].exp().sum().log() for v in variants])
+            torch.testing.assert_close(letters[row], expected, atol=1e-4, rtol=1e-4)
     assert heads.shape == (3, 2, 4, 16)
 
 
@@ -177,14 +178,16 @@ def test_pruning_cost_matches_finite_difference(tiny_models, tokenizer):
     layout = head_layout(model)
     batch = batch_prompts(tokenizer, PROMPTS, "cpu")
     gold = torch.tensor([0, 2, 1])
-    letter_ids = [tokenizer(" " + x, add_special_tokens=False)["input_ids"][0] for x in LETTERS]
+    from fairforget.choice_scoring import letter_token_ids
+
+    letter_ids = letter_token_ids(tokenizer, LETTERS)
     s = 1e-3
     cost = pruning_cost(model, layout, [batch], [gold], letter_ids, torch.full((2, 4), s, dtype=torch.float64))
 
     def loss(m):
         with torch.no_grad():
-            logits, _ = letter_logits_and_heads(m, None, batch, letter_ids)
-        return torch.nn.functional.cross_entropy(logits.double(), gold).item()
+            logprobs, _ = letter_logprobs_and_heads(m, None, batch, letter_ids)
+        return torch.nn.functional.cross_entropy(logprobs.double(), gold).item()
 
     base_loss = loss(model)
     for layer, head in [(0, 0), (1, 3)]:

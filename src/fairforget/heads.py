@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import FairforgetError
+from .choice_scoring import encode_prompt
 from .scoring import Encoded, backbone_and_head, collate
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -148,20 +149,20 @@ def head_hooks(layout: HeadLayout, gates: torch.Tensor | None = None,
 
 
 def batch_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` of whole prompts, and each row's last position."""
-    encoded = [Encoded(tuple(tokenizer(p, add_special_tokens=True)["input_ids"]), 0) for p in prompts]
-    if any(not e.ids for e in encoded):
-        raise FairforgetError("an empty prompt has no last position to read")
+    """Right-padded ``input_ids`` and ``attention_mask`` of whole prompts (tokenized as the BBQ scorer does),
+    and each row's last position ``last``."""
+    encoded = [Encoded(tuple(encode_prompt(tokenizer, p)), 0) for p in prompts]
     batch = collate(encoded, tokenizer.pad_token_id, device)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "last": batch["attention_mask"].sum(dim=1) - 1}
 
 
-def letter_logits_and_heads(model: Any, layout: HeadLayout | None, batch: dict[str, torch.Tensor],
-                            letter_ids: Sequence[int], gates: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward pass: next-token logits of the option letters at each row's last position [batch, letters],
-    and (with a layout) every head's output there [batch, layers, heads, head_dim]."""
+def letter_logprobs_and_heads(model: Any, layout: HeadLayout | None, batch: dict[str, torch.Tensor],
+                              letter_variants: Sequence[Sequence[int]], gates: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward pass: log p(letter) of the next token at each row's last position [batch, letters] (each
+    letter's token variants summed, as :func:`fairforget.choice_scoring.option_letter_logprobs` does), and
+    (with a layout) every head's output there [batch, layers, heads, head_dim]."""
     body, lm_head = backbone_and_head(model)
     rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
     captured: dict[int, torch.Tensor] = {}
@@ -173,9 +174,10 @@ def letter_logits_and_heads(model: Any, layout: HeadLayout | None, batch: dict[s
     with hooks:
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       use_cache=False).last_hidden_state
-    logits = lm_head(hidden[rows, batch["last"]]).float()[:, list(letter_ids)]
+    logprobs = torch.log_softmax(lm_head(hidden[rows, batch["last"]]).float(), dim=-1)
+    letters = torch.stack([torch.logsumexp(logprobs[:, list(ids)], dim=-1) for ids in letter_variants], dim=1)
     heads = torch.stack([captured[i] for i in range(layout.n_layers)], dim=1) if layout is not None else None
-    return logits, heads
+    return letters, heads
 
 
 def context_influence(p_full: torch.Tensor, p_question: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -219,10 +221,11 @@ def pruning_strengths(r: torch.Tensor, thresholds: Sequence[float] = PRESET_THRE
 
 
 def pruning_cost(model: Any, layout: HeadLayout, batches: Sequence[dict[str, torch.Tensor]],
-                 gold: Sequence[torch.Tensor], letter_ids: Sequence[int], strengths: torch.Tensor) -> torch.Tensor:
+                 gold: Sequence[torch.Tensor], letter_variants: Sequence[Sequence[int]],
+                 strengths: torch.Tensor) -> torch.Tensor:
     """First-order estimate of how much pruning each head alone (by its strength) raises the answer loss.
 
-    The loss is the mean cross-entropy of the gold option letter among the letters. With a gate g[l, h] on
+    The loss is the mean cross-entropy of the gold option letter, renormalised over the letters. With a gate g[l, h] on
     every head's output (1 = unchanged), pruning head (l, h) by s moves g from 1 to 1 - s, so the loss
     changes by about ``-s * dLoss/dg`` (Taylor importance, Michel et al. 2019). One backward pass per batch
     gives every head's estimate. Positive means pruning that head hurts answering.
@@ -231,8 +234,8 @@ def pruning_cost(model: Any, layout: HeadLayout, batches: Sequence[dict[str, tor
     gates = torch.ones(layout.shape, device=device, requires_grad=True)
     total = sum(len(g) for g in gold)
     for batch, answers in zip(batches, gold):
-        logits, _ = letter_logits_and_heads(model, layout, batch, letter_ids, gates=gates)
-        loss = torch.nn.functional.cross_entropy(logits, answers.to(device), reduction="sum") / total
+        logprobs, _ = letter_logprobs_and_heads(model, layout, batch, letter_variants, gates=gates)
+        loss = torch.nn.functional.cross_entropy(logprobs, answers.to(device), reduction="sum") / total
         loss.backward()
     return (-strengths.to(device) * gates.grad.double()).detach().cpu()
 

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .choice_scoring import encode_prompt
 from .errors import FairforgetError
 from .heads import HeadLayout, batch_prompts, decoder_layers, head_hooks, head_layout
 from .scoring import backbone_and_head, length_sorted_batches
@@ -74,8 +75,15 @@ def use_eager_attention(model: Any) -> None:
 
 
 def token_regions(tokenizer: Any, prompt: str, context: str, question: str) -> np.ndarray:
-    """Per token of ``prompt``: 1 inside the context, 2 inside the question, 0 elsewhere (by character offsets)."""
-    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    """Per token of ``prompt``: 1 inside the context, 2 inside the question, 0 elsewhere (by character offsets).
+
+    Tokens are those of :func:`fairforget.choice_scoring.encode_prompt` (no special tokens added when the
+    prompt already starts with BOS text).
+    """
+    bos = tokenizer.bos_token
+    encoding = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)), return_offsets_mapping=True)
+    if list(encoding["input_ids"]) != encode_prompt(tokenizer, prompt):
+        raise FairforgetError("token offsets disagree with the scorer's tokenization of the prompt")
     offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     regions = np.zeros(len(offsets), dtype=np.int64)
     start = 0
