@@ -1,0 +1,103 @@
+"""Template split and recovery fine-tuning (answer loss, LoRA and full modes, pruning kept intact)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from fairforget.choice_scoring import letter_token_ids
+from fairforget.errors import FairforgetError
+from fairforget.heads import batch_prompts, scale_heads
+from fairforget.recovery import answer_loss, finetune_answers, merged, prepare_model, recovery_targets
+from fairforget.template_split import split_by_template
+
+PROMPTS = ["Context: Ann cooked. Question: Who cooked?\nA. Ann\nB. Bob\nC. Unknown\nAnswer:",
+           "Context: Bob ran. Question: Who ran?\nA. Ann\nB. Bob\nC. Unknown\nAnswer:",
+           "Context: Nobody knows. Question: Who sang?\nA. Ann\nB. Bob\nC. Unknown\nAnswer:",
+           "Context: Ann sang. Question: Who sang?\nA. Bob\nB. Ann\nC. Unknown\nAnswer:"]
+GOLD = [0, 1, 2, 1]
+
+
+def examples():
+    rows = []
+    for category, n_templates in (("Age", 7), ("Religion", 2), ("SES", 1)):
+        for q in range(1, n_templates + 1):
+            for i in range(4):
+                rows.append({"category": category, "question_index": str(q), "example_id": len(rows), "i": i})
+    return rows
+
+
+def test_template_split_is_disjoint_seeded_and_complete(shared_data):
+    data = examples()
+    for path in sorted((shared_data / "bbq" / "data").glob("*.jsonl"))[:3]:  # real templates too
+        data += [json.loads(line) for line in path.read_text().splitlines()]
+    mit, held = split_by_template(data, 0.5, seed=3)
+    key = lambda e: (e["category"], str(e["question_index"]))  # noqa: E731
+    assert not ({key(e) for e in mit} & {key(e) for e in held})
+    assert len(mit) + len(held) == len(data)
+    assert {id(e) for e in mit} | {id(e) for e in held} == {id(e) for e in data}
+    for category in {e["category"] for e in data}:
+        n = len({key(e) for e in data if e["category"] == category})
+        if n > 1:
+            assert any(e["category"] == category for e in mit) and any(e["category"] == category for e in held)
+    again, _ = split_by_template(data, 0.5, seed=3)
+    other, _ = split_by_template(data, 0.5, seed=4)
+    assert again == mit and other != mit
+    with pytest.raises(FairforgetError, match="mitigation-fraction"):
+        split_by_template(data, 1.0)
+    with pytest.raises(FairforgetError, match="question_index"):
+        split_by_template([{"category": "Age", "example_id": 5}])
+
+
+def test_answer_loss_is_gold_letter_nll(tiny_models, tokenizer):
+    model = tiny_models["llama"]
+    variants = letter_token_ids(tokenizer, "ABC")
+    with torch.no_grad():
+        loss = answer_loss(model, batch_prompts(tokenizer, PROMPTS, "cpu"), torch.tensor(GOLD), variants)
+        expected = []
+        for prompt, g in zip(PROMPTS, GOLD):
+            logprobs = torch.log_softmax(model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1], -1)
+            expected.append(-torch.logsumexp(logprobs[variants[g]], 0))
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_recovery_lowers_loss_and_keeps_pruned_slices(tiny_models, tokenizer, mode):
+    model = copy.deepcopy(tiny_models["llama"])
+    strengths = torch.zeros(2, 4)
+    strengths[0, 1] = 1.0
+    scale_heads(model, strengths)
+    pruned = {n: p.clone() for n, p in model.named_parameters()}
+    variants = letter_token_ids(tokenizer, "ABC")
+    batch = batch_prompts(tokenizer, PROMPTS, "cpu")
+    with torch.no_grad():
+        before = answer_loss(model, batch, torch.tensor(GOLD), variants).item()
+    trained = prepare_model(model, mode, seed=0)
+    history = finetune_answers(trained, tokenizer, PROMPTS, GOLD, epochs=4, batch_size=2, lr=3e-3, seed=0)
+    final = merged(trained)
+    assert len(history) == 8
+    with torch.no_grad():
+        after = answer_loss(final, batch, torch.tensor(GOLD), variants).item()
+    assert after < before
+    params = dict(final.named_parameters())
+    assert set(params) == set(pruned)  # merged back to a plain model
+    for name, value in pruned.items():
+        if "o_proj" in name:
+            assert torch.equal(params[name], value), name
+    assert not torch.equal(params["model.layers.0.self_attn.q_proj.weight"], pruned["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(params["model.layers.0.self_attn.o_proj.weight"][:, 16:32], torch.zeros(64, 16))
+
+
+def test_recovery_targets_exclude_output_projection(tiny_models):
+    assert "o_proj" not in recovery_targets(tiny_models["llama"])
+    assert "c_proj" not in recovery_targets(tiny_models["gpt2"])
+    with pytest.raises(FairforgetError, match="undo the head pruning"):
+        prepare_model(copy.deepcopy(tiny_models["llama"]), "lora", targets=["q_proj", "o_proj"])
+
+
+def test_recovery_rejects_bad_inputs(tiny_models, tokenizer):
+    with pytest.raises(FairforgetError, match="one gold answer"):
+        finetune_answers(tiny_models["llama"], tokenizer, PROMPTS, GOLD[:2])
+    with pytest.raises(FairforgetError, match="indices"):
+        finetune_answers(tiny_models["llama"], tokenizer, PROMPTS, [0, 1, 2, 3])
