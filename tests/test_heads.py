@@ -154,6 +154,21 @@ def test_correlation_equals_numpy():
             assert r[layer, head].item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_correlation_pvalues_match_scipy():
+    from scipy.stats import pearsonr
+
+    from fairforget.heads import correlation_pvalues
+
+    gen = torch.Generator().manual_seed(1)
+    activity = torch.randn(15, 2, 3, generator=gen)
+    target = torch.randn(15, generator=gen) + 0.5 * activity[:, 1, 2]
+    p = correlation_pvalues(head_correlations(activity, target), 15)
+    for layer in range(2):
+        for head in range(3):
+            expected = pearsonr(activity[:, layer, head].numpy(), target.numpy()).pvalue
+            assert p[layer, head].item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_context_influence_is_kl():
     p = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
     q = torch.tensor([[0.3, 0.3, 0.4], [0.2, 0.3, 0.5]])
@@ -220,3 +235,28 @@ def test_saved_pruned_model_reloads_with_same_outputs(tiny_models, tokenizer, tm
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
         assert not torch.allclose(tiny_models["llama"](ids).logits, model(ids).logits)
+
+
+def test_head_activity_matches_scorer_and_direct_capture(tiny_models, tokenizer):
+    from fairforget.choice_scoring import option_letter_probs
+    from fairforget.heads import head_activity
+
+    model = tiny_models["llama"]
+    full = [p + " (full)" for p in PROMPTS]
+    question = PROMPTS
+    result = head_activity(model, tokenizer, full, question, LETTERS, batch_size=2)
+    torch.testing.assert_close(result.p_full, option_letter_probs(model, tokenizer, full, LETTERS), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.p_question, option_letter_probs(model, tokenizer, question, LETTERS),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.influence, context_influence(result.p_full, result.p_question))
+    layout = head_layout(model)
+    for row in range(len(PROMPTS)):
+        captured = {}
+        for name, text in (("full", full[row]), ("question", question[row])):
+            store = {}
+            with torch.no_grad(), head_hooks(layout, on_heads=lambda l, x: store.__setitem__(l, x[0, -1].clone())):
+                model(torch.tensor([tokenizer(text)["input_ids"]]))
+            captured[name] = torch.stack([store[l] for l in range(2)])
+        torch.testing.assert_close(result.norm[row], captured["full"].norm(dim=-1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.delta[row], (captured["full"] - captured["question"]).norm(dim=-1),
+                                   atol=1e-5, rtol=1e-4)

@@ -187,6 +187,49 @@ def context_influence(p_full: torch.Tensor, p_question: torch.Tensor, eps: float
     return (p_full * (torch.log(p_full.clamp_min(eps)) - torch.log(p_question.clamp_min(eps)))).sum(-1)
 
 
+@dataclass
+class HeadActivity:
+    """Per example: option-letter distributions with and without the context, their KL (context influence),
+    and per head at the answer position the output norm (full prompt) and the distance full vs context-free."""
+
+    p_full: torch.Tensor  # [examples, letters]
+    p_question: torch.Tensor
+    influence: torch.Tensor  # [examples]
+    norm: torch.Tensor  # [examples, layers, heads]
+    delta: torch.Tensor
+
+
+def head_activity(model: Any, tokenizer: Any, full_prompts: Sequence[str], question_prompts: Sequence[str],
+                  letters: Sequence[str] = "ABC", batch_size: int = 16) -> HeadActivity:
+    """One forward pass per prompt variant captures every layer's heads and the option-letter distribution."""
+    from .choice_scoring import letter_token_ids
+    from .scoring import length_sorted_batches
+
+    if len(full_prompts) != len(question_prompts) or not full_prompts:
+        raise FairforgetError(f"need the same non-zero number of full and context-free prompts "
+                              f"({len(full_prompts)} vs {len(question_prompts)})")
+    if batch_size < 1:
+        raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
+    layout = head_layout(model)
+    variants = letter_token_ids(tokenizer, letters)
+    device = next(model.parameters()).device
+    n = len(full_prompts)
+    logp = {"full": torch.empty(n, len(letters)), "question": torch.empty(n, len(letters))}
+    norm, delta = torch.empty(n, *layout.shape), torch.empty(n, *layout.shape)
+    lengths = [len(encode_prompt(tokenizer, p)) for p in full_prompts]
+    with torch.inference_mode():
+        for idx in length_sorted_batches(lengths, batch_size):
+            heads = {}
+            for name, prompts in (("full", full_prompts), ("question", question_prompts)):
+                batch = batch_prompts(tokenizer, [prompts[i] for i in idx], device)
+                letter_logprobs, heads[name] = letter_logprobs_and_heads(model, layout, batch, variants)
+                logp[name][idx] = letter_logprobs.cpu()
+            norm[idx] = heads["full"].norm(dim=-1).cpu()
+            delta[idx] = (heads["full"] - heads["question"]).norm(dim=-1).cpu()
+    p_full, p_question = torch.softmax(logp["full"], -1), torch.softmax(logp["question"], -1)
+    return HeadActivity(p_full, p_question, context_influence(p_full, p_question), norm, delta)
+
+
 def head_correlations(activity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pearson r of every head's scalar with ``target``: ``activity`` [examples, layers, heads] -> r [layers, heads].
 
@@ -200,6 +243,15 @@ def head_correlations(activity: torch.Tensor, target: torch.Tensor) -> torch.Ten
     rows = torch.cat([activity.reshape(n, -1).T, target.reshape(1, n)], dim=0).double()
     r = torch.corrcoef(rows)[:-1, -1]
     return torch.nan_to_num(r, nan=0.0).reshape(layers, heads)
+
+
+def correlation_pvalues(r: torch.Tensor, n: int) -> torch.Tensor:
+    """Two-sided p-values of Pearson r over ``n`` examples under no correlation (t test with n - 2 dof)."""
+    from scipy.stats import t as student_t
+
+    r = r.double().clamp(-1 + 1e-12, 1 - 1e-12)
+    stat = r * ((n - 2) / (1 - r * r)).sqrt()
+    return torch.from_numpy(2 * student_t.sf(stat.abs().numpy(), n - 2))
 
 
 def pruning_strengths(r: torch.Tensor, thresholds: Sequence[float] = PRESET_THRESHOLDS,

@@ -289,3 +289,73 @@ def plot_groups(path: Path | str, means: dict[str, dict[str, np.ndarray]], group
     axes[0].set_ylabel("layer")
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def bbq_prompts(examples: Sequence[Any], chat_tokenizer: Any = None, seed: int = 0) -> list[LocalizationPrompt]:
+    """BBQ evaluation prompts (same option order as the evaluation), grouped as all / category / category|condition."""
+    from .bbq import build_prompt, option_order
+
+    return [LocalizationPrompt(build_prompt(e, option_order(e, seed), True, chat_tokenizer), e.context, e.question,
+                               ("all", e.category, f"{e.category}|{e.context_condition}")) for e in examples]
+
+
+def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict[str, np.ndarray], title: str) -> None:
+    """Layer x head heatmaps of after - before for each head statistic (diverging colours centred on 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .artifacts import save_figure
+
+    fig, axes = plt.subplots(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
+    for ax, name in zip(axes, HEAD_STATS):
+        diff = after[name] - before[name]
+        bound = float(np.abs(diff).max()) or 1.0
+        image = ax.imshow(diff, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower")
+        ax.set_title(f"{name}\nafter - before", fontsize=8)
+        ax.set_xlabel("head")
+        fig.colorbar(image, ax=ax, fraction=0.05)
+    axes[0].set_ylabel("layer")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def run_localization(model: Any, tokenizer: Any, examples: Sequence[Any], folder: Path | str, label: str,
+                     chat_tokenizer: Any = None, seed: int = 0, batch_size: int = 8,
+                     provenance: dict | None = None, compare_to: Path | str | None = None) -> dict:
+    """Localize BBQ ``examples`` and write a run folder: ``arrays.npz`` (means per group), ``summary.json``
+    (with ``provenance``), ``per_group.csv``, ``items.jsonl``, heatmaps, and with ``compare_to`` (an earlier
+    folder) ``difference_heads.png``. The model is switched to eager attention. Returns the summary."""
+    import time
+
+    from .artifacts import write_csv, write_json, write_jsonl
+
+    folder = Path(folder)
+    use_eager_attention(model)
+    prompts = bbq_prompts(examples, chat_tokenizer, seed)
+    start = time.time()
+    aggregate = localize(model, tokenizer, prompts, batch_size)
+    seconds = time.time() - start
+    means, counts = aggregate.means(), dict(aggregate.counts)
+    save_arrays(folder / "arrays.npz", means, counts)
+    write_csv(folder / "per_group.csv", summary_rows(means, counts))
+    write_jsonl(folder / "items.jsonl", [
+        {"category": e.category, "example_id": e.example_id, "context_condition": e.context_condition,
+         "question_polarity": e.question_polarity, "n_tokens": len(r),
+         "n_context_tokens": int((r == REGION_CONTEXT).sum()), "n_question_tokens": int((r == REGION_QUESTION).sum())}
+        for e, r in zip(examples, (token_regions(tokenizer, p.text, p.context, p.question) for p in prompts))])
+    plot_heads(folder / "heads_all.png", means["all"], f"{label}: per-head statistics, all {counts['all']} prompts")
+    categories = sorted({e.category for e in examples})
+    plot_groups(folder / "layers_by_category.png", means, categories, f"{label}: per-layer statistics by category")
+    summary = {"label": label, "n_prompts": len(prompts), "wall_seconds": round(seconds, 1),
+               "statistics": {"layer": list(LAYER_STATS), "head": list(HEAD_STATS)},
+               "groups": group_summary(means, counts)}
+    if compare_to is not None and (Path(compare_to) / "arrays.npz").is_file():
+        before, _ = load_arrays(Path(compare_to) / "arrays.npz")
+        if "all" in before and before["all"]["head_norm_last"].shape == means["all"]["head_norm_last"].shape:
+            plot_difference(folder / "difference_heads.png", before["all"], means["all"], f"{label} vs {compare_to}")
+            summary["compared_to"] = str(compare_to)
+    summary["provenance"] = provenance
+    write_json(folder / "summary.json", summary)
+    return summary
