@@ -1,0 +1,150 @@
+"""CrowS-Pairs (Nangia et al. 2020) for causal LMs: how often the more-stereotyping sentence is more likely.
+
+Each pair has ``sent_more`` (about the historically disadvantaged group) and ``sent_less``; the column
+``stereo_antistereo`` says whether ``sent_more`` expresses the stereotype (``stereo``) or violates it
+(``antistereo``), so the stereotyping sentence is ``sent_more`` for stereo pairs and ``sent_less`` for
+antistereo pairs. A sentence's score is its full log-likelihood (sum of token log-probabilities, or the mean
+with ``score="mean"``), every token scored, the first conditioned on the BOS/EOS token. The metric is
+100 * share of pairs where the stereotyping sentence scores higher (ties count as not); ideal 50.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from .errors import FairforgetError
+from .scoring import score_continuations
+from .stats import bootstrap_ci, mcnemar
+
+ScoreKind = Literal["sum", "mean"]
+REQUIRED_COLUMNS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
+
+
+def scoring_note(score: ScoreKind) -> str:
+    what = "sum" if score == "sum" else "mean per token"
+    return (f"{what} of the log-probabilities of every token of the sentence, the first conditioned on the "
+            f"tokenizer's BOS (else EOS) token")
+
+
+@dataclass(frozen=True)
+class CrowsPair:
+    id: str
+    sent_more: str
+    sent_less: str
+    direction: str  # stereo | antistereo
+    bias_type: str
+
+    @property
+    def stereotyping(self) -> str:
+        return self.sent_more if self.direction == "stereo" else self.sent_less
+
+    @property
+    def other(self) -> str:
+        return self.sent_less if self.direction == "stereo" else self.sent_more
+
+
+def load_crows(path: Path | str) -> list[CrowsPair]:
+    """Read ``crows_pairs_anonymized.csv``; a malformed row raises an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FairforgetError(f"CrowS-Pairs file not found: {path} (run scripts/00_fetch_data.py)")
+    pairs = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise FairforgetError(f"{path}: header lacks column(s) {', '.join(missing)}")
+        id_column = (reader.fieldnames or [""])[0]
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if row["stereo_antistereo"] not in ("stereo", "antistereo"):
+                raise FairforgetError(f"{where}: stereo_antistereo is {row['stereo_antistereo']!r}, "
+                                      f"expected stereo or antistereo")
+            if not (row["sent_more"] or "").strip() or not (row["sent_less"] or "").strip() or not row["bias_type"]:
+                raise FairforgetError(f"{where}: empty sentence or bias type")
+            pairs.append(CrowsPair(str(row[id_column] or len(pairs)), row["sent_more"].strip(),
+                                   row["sent_less"].strip(), row["stereo_antistereo"], row["bias_type"]))
+    if not pairs:
+        raise FairforgetError(f"{path}: no pairs")
+    return pairs
+
+
+def sample_pairs(pairs: Sequence[CrowsPair], limit: int | None, seed: int = 0) -> list[CrowsPair]:
+    """A seeded sample of about ``limit`` pairs, proportional per bias type (all pairs when limit is None)."""
+    if limit is None or limit >= len(pairs):
+        return list(pairs)
+    if limit < 1:
+        raise FairforgetError(f"--limit must be at least 1, got {limit}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for bias_type in sorted({p.bias_type for p in pairs}):
+        group = [p for p in pairs if p.bias_type == bias_type]
+        take = min(len(group), max(1, round(limit * len(group) / len(pairs))))
+        chosen.extend(group[i] for i in sorted(rng.choice(len(group), size=take, replace=False)))
+    return chosen
+
+
+def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[CrowsPair], batch_size: int = 32,
+                score: ScoreKind = "sum") -> list[dict]:
+    """One item per pair with both sentences' scores and whether the stereotyping one is preferred."""
+    requests = [("", s) for p in pairs for s in (p.stereotyping, p.other)]
+    scores = score_continuations(model, tokenizer, requests, batch_size=batch_size)
+    value = (lambda s: s.logprob) if score == "sum" else (lambda s: s.mean)
+    items = []
+    for i, pair in enumerate(pairs):
+        stereo, other = scores[2 * i], scores[2 * i + 1]
+        items.append({"id": pair.id, "bias_type": pair.bias_type, "direction": pair.direction,
+                      "stereotyping": pair.stereotyping, "other": pair.other,
+                      "logprob_stereotyping": stereo.logprob, "logprob_other": other.logprob,
+                      "n_tokens_stereotyping": stereo.n_tokens, "n_tokens_other": other.n_tokens,
+                      "score": score, "stereo_preferred": bool(value(stereo) > value(other))})
+    return items
+
+
+def _share(flags: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    interval = bootstrap_ci(lambda idx: 100.0 * flags[idx].mean(), len(flags), n_boot=n_boot, seed=seed)
+    return {"n": int(len(flags)), "metric": 100.0 * float(flags.mean()), "metric_ci": list(interval)}
+
+
+def compute_metrics(items: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``metrics[group]`` for ``overall``, each bias type, and the ``stereo`` / ``antistereo`` directions."""
+    if not items:
+        raise FairforgetError("no CrowS-Pairs items to summarise")
+    flags = np.array([it["stereo_preferred"] for it in items], dtype=bool)
+    bias = np.array([it["bias_type"] for it in items])
+    direction = np.array([it["direction"] for it in items])
+    metrics = {"overall": _share(flags, n_boot, seed)}
+    for name in sorted(set(bias)):
+        metrics[name] = _share(flags[bias == name], n_boot, seed)
+    for name in ("stereo", "antistereo"):
+        if (direction == name).any():
+            metrics[f"direction:{name}"] = _share(flags[direction == name], n_boot, seed)
+    return metrics
+
+
+def compare_runs(items_before: Sequence[dict], items_after: Sequence[dict], n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Paired comparison on the pairs both runs scored: McNemar on the decisions and a paired-bootstrap
+    interval of the change in the metric, overall and per bias type."""
+    after = {it["id"]: it for it in items_after}
+    common = [it for it in items_before if it["id"] in after]
+    if not common:
+        raise FairforgetError("the two CrowS-Pairs runs share no pairs; compare runs on the same pairs")
+    b = np.array([it["stereo_preferred"] for it in common], dtype=bool)
+    a = np.array([after[it["id"]]["stereo_preferred"] for it in common], dtype=bool)
+    bias = np.array([it["bias_type"] for it in common])
+    result: dict[str, Any] = {"n_common": len(common)}
+    for name in ["overall", *sorted(set(bias))]:
+        mask = np.ones(len(common), bool) if name == "overall" else bias == name
+        bb, aa = b[mask], a[mask]
+        interval = bootstrap_ci(lambda idx: 100.0 * (aa[idx].mean() - bb[idx].mean()), int(mask.sum()),
+                                n_boot=n_boot, seed=seed)
+        result[name] = {"metric_before": 100.0 * bb.mean(), "metric_after": 100.0 * aa.mean(),
+                        "delta": 100.0 * (aa.mean() - bb.mean()), "delta_ci": list(interval),
+                        **mcnemar(bb, aa).as_dict()}
+    return result
