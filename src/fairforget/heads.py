@@ -285,11 +285,19 @@ def pruning_cost(model: Any, layout: HeadLayout, batches: Sequence[dict[str, tor
     device = next(model.parameters()).device
     gates = torch.ones(layout.shape, device=device, requires_grad=True)
     total = sum(len(g) for g in gold)
-    for batch, answers in zip(batches, gold):
-        logprobs, _ = letter_logprobs_and_heads(model, layout, batch, letter_variants, gates=gates)
-        loss = torch.nn.functional.cross_entropy(logprobs, answers.to(device), reduction="sum") / total
-        loss.backward()
-    return (-strengths.to(device) * gates.grad.double()).detach().cpu()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:  # only the gates need gradients
+        param.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for batch, answers in zip(batches, gold):
+                logprobs, _ = letter_logprobs_and_heads(model, layout, batch, letter_variants, gates=gates)
+                loss = torch.nn.functional.cross_entropy(logprobs, answers.to(device), reduction="sum") / total
+                loss.backward()
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+    return (-strengths.to(device).double() * gates.grad.double()).detach().cpu()
 
 
 def protect_heads(strengths: torch.Tensor, cost: torch.Tensor, top_n: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:

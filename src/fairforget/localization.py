@@ -352,10 +352,24 @@ def run_localization(model: Any, tokenizer: Any, examples: Sequence[Any], folder
                "statistics": {"layer": list(LAYER_STATS), "head": list(HEAD_STATS)},
                "groups": group_summary(means, counts)}
     if compare_to is not None and (Path(compare_to) / "arrays.npz").is_file():
-        before, _ = load_arrays(Path(compare_to) / "arrays.npz")
-        if "all" in before and before["all"]["head_norm_last"].shape == means["all"]["head_norm_last"].shape:
-            plot_difference(folder / "difference_heads.png", before["all"], means["all"], f"{label} vs {compare_to}")
-            summary["compared_to"] = str(compare_to)
+        summary["compared_to"] = str(compare_to)
+        summary["comparison"] = _compare(Path(compare_to), folder, examples, means, label)
     summary["provenance"] = provenance
     write_json(folder / "summary.json", summary)
     return summary
+
+
+def _compare(before_dir: Path, folder: Path, examples: Sequence[Any], means: dict, label: str) -> str:
+    """Plot after - before when the earlier run localized the same prompts; say what was done."""
+    import json
+
+    items_path = before_dir / "items.jsonl"
+    before_keys = ({(r["category"], r["example_id"]) for r in map(json.loads, items_path.read_text().splitlines())}
+                   if items_path.is_file() else set())
+    if before_keys != {(e.category, e.example_id) for e in examples}:
+        return "skipped: the earlier run localized a different sample of prompts"
+    before, _ = load_arrays(before_dir / "arrays.npz")
+    if before["all"]["head_norm_last"].shape != means["all"]["head_norm_last"].shape:
+        return "skipped: the earlier run has a different number of layers or heads"
+    plot_difference(folder / "difference_heads.png", before["all"], means["all"], f"{label} vs {before_dir}")
+    return "difference_heads.png: after - before on the same prompts"
