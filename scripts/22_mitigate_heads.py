@@ -322,7 +322,8 @@ def main(cfg: Config) -> None:
     groups = list(metric_groups(metrics["before"]))
     for metric, label in (("s_amb", "s_AMB"), ("s_dis", "s_DIS"), ("acc", "accuracy")):
         series = {stage: ([metric_groups(m)[g][metric] for g in groups],
-                          [tuple(metric_groups(m)[g][f"{metric}_ci"]) for g in groups]) for stage, m in metrics.items()}
+                          [tuple(np.nan_to_num(metric_groups(m)[g][f"{metric}_ci"], nan=metric_groups(m)[g][metric]))
+                           for g in groups]) for stage, m in metrics.items()}
         interval_bars(out / f"stages_{metric}.png", groups, series, f"{name}: held-out BBQ {label} by stage",
                       label, reference=0.0 if metric != "acc" else None)
 
@@ -331,7 +332,8 @@ def main(cfg: Config) -> None:
                "heads_by_strength": {str(s): int((strengths == s).sum()) for s in sorted(set(cfg.strengths))},
                "protected": protected, "context_influence_mean": float(activity.influence.mean()),
                "max_abs_r": {k: float(v.abs().max()) for k, v in r.items()},
-               "heads_p_below_0.05_over_n_heads": {k: int((v < 0.05 / v.numel()).sum()) for k, v in p.items()},
+               "heads_significant_bonferroni_0.05": {k: int((v < 0.05 / v.numel()).sum()) for k, v in p.items()},
+               "heads_p_below_0.05": {k: int((v < 0.05).sum()) for k, v in p.items()},
                "overall": {s: {k: metric_groups(m)["overall"][k] for k in (*METRICS, *[f"{x}_ci" for x in METRICS])}
                            for s, m in metrics.items()},
                "paired_overall": {s: c["overall"] for s, c in comparisons.items()}}
