@@ -49,9 +49,9 @@ MAX_NATIVE_KERNEL = 16  # MAX_KERNEL in the C source
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _NATIVE_SIGNATURES = {
-    "scan_forward": (None, [_i64] * 4 + [_ptr, _i64, _i64] * 2 + [_ptr] + [_ptr, _i64, _i64] * 2
+    "scan_forward": (None, [_i64] * 4 + [_ptr, _i64, _i64] * 2 + [_int, _ptr] + [_ptr, _i64, _i64] * 2
                      + [_ptr] + [_ptr, _i64, _i64] + [_ptr] * 3 + [_int]),
-    "scan_backward": (_int, [_i64] * 4 + [_ptr, _i64, _i64] * 2 + [_ptr] + [_ptr, _i64, _i64] * 2
+    "scan_backward": (_int, [_i64] * 4 + [_ptr, _i64, _i64] * 2 + [_int, _ptr] + [_ptr, _i64, _i64] * 2
                       + [_ptr] + [_ptr, _i64, _i64] + [_ptr] + [_ptr, _i64, _i64] + [_ptr] * 8 + [_int]),
     "conv_silu_forward": (None, [_i64] * 4 + [_ptr, _i64, _i64] + [_ptr] * 3 + [_int]),
     "conv_silu_backward": (None, [_i64] * 4 + [_ptr, _i64, _i64] + [_ptr] * 2 + [_ptr, _i64, _i64]
@@ -148,19 +148,20 @@ def _unit_inner_stride(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _NativeSelectiveScan(torch.autograd.Function):
-    """Fused C scan; channels-last tensors, delta already biased and softplus-ed."""
+    """Fused C scan on channels-last tensors (softplus of delta applied inside when asked)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, initial_state):
+    def forward(ctx, u, delta, A, B, C, D, z, initial_state, delta_softplus):
         batch, length, channels = u.shape
         y = u.new_empty(batch, length, channels)
         last_state = u.new_empty(batch, channels, A.shape[1])
         native_library().scan_forward(
-            batch, length, channels, A.shape[1], *_seq(u), *_seq(delta), A.data_ptr(), *_seq(B), *_seq(C),
-            _ptr_of(D), *_seq(z), _ptr_of(initial_state), y.data_ptr(), last_state.data_ptr(),
-            torch.get_num_threads(),
+            batch, length, channels, A.shape[1], *_seq(u), *_seq(delta), delta_softplus, A.data_ptr(),
+            *_seq(B), *_seq(C), _ptr_of(D), *_seq(z), _ptr_of(initial_state), y.data_ptr(),
+            last_state.data_ptr(), torch.get_num_threads(),
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, initial_state)
+        ctx.delta_softplus = delta_softplus
         ctx.mark_non_differentiable(last_state)
         return y, last_state
 
@@ -175,14 +176,14 @@ class _NativeSelectiveScan(torch.autograd.Function):
         grad_z = None if z is None else torch.empty_like(grad_y)
         grad_initial_state = None if initial_state is None else torch.empty_like(initial_state)
         status = native_library().scan_backward(
-            batch, length, channels, A.shape[1], *_seq(u), *_seq(delta), A.data_ptr(), *_seq(B), *_seq(C),
-            _ptr_of(D), *_seq(z), _ptr_of(initial_state), *_seq(grad_y),
+            batch, length, channels, A.shape[1], *_seq(u), *_seq(delta), ctx.delta_softplus, A.data_ptr(),
+            *_seq(B), *_seq(C), _ptr_of(D), *_seq(z), _ptr_of(initial_state), *_seq(grad_y),
             grad_u.data_ptr(), grad_delta.data_ptr(), grad_A.data_ptr(), grad_B.data_ptr(), grad_C.data_ptr(),
             _ptr_of(grad_D), _ptr_of(grad_z), _ptr_of(grad_initial_state), torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("fairforget: native selective scan backward could not allocate its buffers")
-        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_initial_state
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_initial_state, None
 
 
 def _torch_selective_scan(u, delta, A, B, C, D, z, initial_state):
@@ -223,8 +224,6 @@ def selective_scan_channels_last(
     """
     if delta_bias is not None:
         delta = delta + delta_bias
-    if delta_softplus:
-        delta = F.softplus(delta)
     tensors = [u, delta, A, B, C, D, z, initial_state]
     use_native = (
         _can_use_native(*tensors)
@@ -232,10 +231,10 @@ def selective_scan_channels_last(
         and native_library() is not None
     )
     if not use_native:
-        return _torch_selective_scan(*tensors)
+        return _torch_selective_scan(*tensors[:1], F.softplus(delta) if delta_softplus else delta, *tensors[2:])
     u, delta, B, C, z = map(_unit_inner_stride, (u, delta, B, C, z))
     A, D, initial_state = (t if t is None else t.contiguous() for t in (A, D, initial_state))
-    return _NativeSelectiveScan.apply(u, delta, A, B, C, D, z, initial_state)
+    return _NativeSelectiveScan.apply(u, delta, A, B, C, D, z, initial_state, delta_softplus)
 
 
 def selective_scan(

@@ -7,7 +7,8 @@
  * recurrence over time runs with the whole state block in registers/L1 and the
  * loops over the LANES channels vectorise.
  *
- * Scan:  h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t
+ * Scan:  dt_t = softplus(delta_t) (or delta_t as given)
+ *        h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t
  *        y_t = (C_t . h_t + D * u_t) * silu(z_t)
  * Backward recomputes the states chunk by chunk from checkpoints taken in a
  * forward sweep and runs the adjoint recurrence in reverse time (linear in length).
@@ -46,6 +47,36 @@ INLINE float fast_exp(float x) {
 
 INLINE float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
+/* Cephes-style logf for normal x > 0, written so that it vectorises. */
+INLINE float fast_log(float x) {
+    union { int32_t i; float f; } bits = {.f = x};
+    float exponent = (float)(((bits.i >> 23) & 0xff) - 126);
+    bits.i = (bits.i & 0x807fffff) | 0x3f000000; /* mantissa in [0.5, 1) */
+    const int small = bits.f < 0.707106781186547524f;
+    exponent = small ? exponent - 1.0f : exponent;
+    const float m = small ? bits.f + bits.f - 1.0f : bits.f - 1.0f;
+    const float z = m * m;
+    float p = 7.0376836292e-2f;
+    p = p * m - 1.1514610310e-1f;
+    p = p * m + 1.1676998740e-1f;
+    p = p * m - 1.2420140846e-1f;
+    p = p * m + 1.4249322787e-1f;
+    p = p * m - 1.6668057665e-1f;
+    p = p * m + 2.0000714765e-1f;
+    p = p * m - 2.4999993993e-1f;
+    p = p * m + 3.3333331174e-1f;
+    p = p * m * z - 2.12194440e-4f * exponent - 0.5f * z;
+    return m + p + 0.693359375f * exponent;
+}
+
+/* softplus(x) = log1p(exp(x)) (x beyond 20 passes through, as in torch); the log1p uses
+ * log(w) * e / (w - 1) with w = 1 + e, which cancels the rounding of w for tiny e. */
+INLINE float softplus(float x) {
+    const float e = fast_exp(x), w = 1.0f + e;
+    const float log1p_e = w == 1.0f ? e : fast_log(w) * (e / (w - 1.0f));
+    return x > 20.0f ? x : log1p_e;
+}
+
 /* Pointer to element (batch b, time t, channel/state c) of a [batch, length, *] view. */
 #define AT(ptr, sb, sl, b, t, c) ((ptr) + (int64_t)(b) * (sb) + (int64_t)(t) * (sl) + (c))
 
@@ -56,17 +87,20 @@ typedef struct {
 
 /* ------------------------------------------------------------------ scan */
 
-/* Advance the state block by one time step; optionally accumulate C . h into y. */
+/* Advance the state block by one time step; optionally accumulate C . h into y and keep the decays. */
 INLINE void scan_step(int lanes, int nstate, const float *at, float *h, const float *dt,
-                      const float *dtu, const float *bt, const float *ct, float *y) {
+                      const float *dtu, const float *bt, const float *ct, float *y, float *decay) {
     for (int n = 0; n < nstate; ++n) {
         const float bn = bt[n];
         const float cn = ct ? ct[n] : 0.0f;
 #pragma omp simd
         for (int l = 0; l < lanes; ++l) {
-            float hv = fast_exp(dt[l] * at[n * LANES + l]) * h[n * LANES + l] + dtu[l] * bn;
-            h[n * LANES + l] = hv;
+            const int i = n * LANES + l;
+            const float a = fast_exp(dt[l] * at[i]);
+            const float hv = a * h[i] + dtu[l] * bn;
+            h[i] = hv;
             if (y) y[l] += hv * cn;
+            if (decay) decay[i] = a;
         }
     }
 }
@@ -74,6 +108,17 @@ INLINE void scan_step(int lanes, int nstate, const float *at, float *h, const fl
 INLINE void load_lanes(int lanes, float *dst, const seq_view *v, int64_t b, int64_t t, int64_t d0) {
     const float *src = AT(v->data, v->batch_stride, v->time_stride, b, t, d0);
     for (int l = 0; l < lanes; ++l) dst[l] = src[l];
+}
+
+/* Time steps dt (softplus of the raw input when requested); slope gets d dt / d raw. */
+INLINE void load_dt(int lanes, float *dst, float *slope, const seq_view *v, int use_softplus, int64_t b,
+                    int64_t t, int64_t d0) {
+    const float *src = AT(v->data, v->batch_stride, v->time_stride, b, t, d0);
+#pragma omp simd
+    for (int l = 0; l < lanes; ++l) {
+        dst[l] = use_softplus ? softplus(src[l]) : src[l];
+        if (slope) slope[l] = use_softplus ? sigmoid(src[l]) : 1.0f;
+    }
 }
 
 /* A transposed to [state][LANES] for channels d0 .. d0 + lanes. */
@@ -91,7 +136,7 @@ INLINE void load_state(int lanes, int nstate, const float *h0, int64_t b, int64_
 }
 
 INLINE void scan_forward_block(int lanes, int64_t b, int64_t d0, int64_t length, int64_t channels,
-                               int nstate, seq_view u, seq_view dt, const float *a, seq_view bm,
+                               int nstate, seq_view u, seq_view dt, int use_softplus, const float *a, seq_view bm,
                                seq_view cm, const float *dskip, seq_view z, const float *h0,
                                float *y, float *h_last) {
     float at[MAX_STATE * LANES], h[MAX_STATE * LANES];
@@ -100,14 +145,14 @@ INLINE void scan_forward_block(int lanes, int64_t b, int64_t d0, int64_t length,
     load_state(lanes, nstate, h0, b, channels, d0, h);
     for (int64_t t = 0; t < length; ++t) {
         load_lanes(lanes, ut, &u, b, t, d0);
-        load_lanes(lanes, dtt, &dt, b, t, d0);
+        load_dt(lanes, dtt, NULL, &dt, use_softplus, b, t, d0);
         if (z.data) load_lanes(lanes, zt, &z, b, t, d0);
         for (int l = 0; l < lanes; ++l) {
             dtu[l] = dtt[l] * ut[l];
             acc[l] = dskip ? dskip[d0 + l] * ut[l] : 0.0f;
         }
         scan_step(lanes, nstate, at, h, dtt, dtu, AT(bm.data, bm.batch_stride, bm.time_stride, b, t, 0),
-                  AT(cm.data, cm.batch_stride, cm.time_stride, b, t, 0), acc);
+                  AT(cm.data, cm.batch_stride, cm.time_stride, b, t, 0), acc, NULL);
         float *yt = y + (b * length + t) * channels + d0;
 #pragma omp simd
         for (int l = 0; l < lanes; ++l) yt[l] = z.data ? acc[l] * zt[l] * sigmoid(zt[l]) : acc[l];
@@ -118,7 +163,7 @@ INLINE void scan_forward_block(int lanes, int64_t b, int64_t d0, int64_t length,
 
 void scan_forward(int64_t batch, int64_t length, int64_t channels, int64_t nstate,
                   const float *u, int64_t u_sb, int64_t u_sl,
-                  const float *dt, int64_t dt_sb, int64_t dt_sl,
+                  const float *dt, int64_t dt_sb, int64_t dt_sl, int use_softplus,
                   const float *a,
                   const float *bm, int64_t b_sb, int64_t b_sl,
                   const float *cm, int64_t c_sb, int64_t c_sl,
@@ -133,10 +178,10 @@ void scan_forward(int64_t batch, int64_t length, int64_t channels, int64_t nstat
         const int64_t b = item / blocks, d0 = (item % blocks) * LANES;
         const int lanes = channels - d0 < LANES ? (int)(channels - d0) : LANES;
         if (lanes == LANES)
-            scan_forward_block(LANES, b, d0, length, channels, (int)nstate, vu, vdt, a, vb, vc, dskip,
+            scan_forward_block(LANES, b, d0, length, channels, (int)nstate, vu, vdt, use_softplus, a, vb, vc, dskip,
                                vz, h0, y, h_last);
         else
-            scan_forward_block(lanes, b, d0, length, channels, (int)nstate, vu, vdt, a, vb, vc, dskip,
+            scan_forward_block(lanes, b, d0, length, channels, (int)nstate, vu, vdt, use_softplus, a, vb, vc, dskip,
                                vz, h0, y, h_last);
     }
 }
@@ -147,29 +192,31 @@ typedef struct {
 } partial_grads;
 
 INLINE void scan_backward_block(int lanes, int64_t b, int64_t d0, int64_t length, int64_t channels,
-                                int nstate, seq_view u, seq_view dt, const float *a, seq_view bm,
+                                int nstate, seq_view u, seq_view dt, int use_softplus, const float *a, seq_view bm,
                                 seq_view cm, const float *dskip, seq_view z, const float *h0,
                                 seq_view gy, float *checkpoints, float *chunk_states,
-                                float *chunk_core, float *du, float *ddt, float *dz, float *dh0,
+                                float *chunk_decays, float *chunk_core, float *du, float *ddt, float *dz, float *dh0,
                                 partial_grads acc) {
     float at[MAX_STATE * LANES], h[MAX_STATE * LANES], carry[MAX_STATE * LANES];
     float da_block[MAX_STATE * LANES];
     float ut[LANES], dtt[LANES], dtu[LANES], zt[LANES], gt[LANES];
-    float du_t[LANES], ddt_t[LANES], dd_block[LANES];
+    float du_t[LANES], ddt_t[LANES], dd_block[LANES], dt_slope[LANES];
     const int64_t nchunks = (length + CHUNK - 1) / CHUNK;
     const int64_t block_floats = (int64_t)nstate * LANES;
 
     load_a_block(lanes, nstate, a, d0, at);
     load_state(lanes, nstate, h0, b, channels, d0, h);
-    /* Forward sweep keeping only the state at the start of each chunk. */
-    for (int64_t t = 0; t < length; ++t) {
+    /* Forward sweep keeping only the state at the start of each chunk (the last chunk's
+     * states are recomputed below anyway). */
+    for (int64_t t = 0; t < (nchunks - 1) * CHUNK; ++t) {
         if (t % CHUNK == 0) memcpy(checkpoints + (t / CHUNK) * block_floats, h, sizeof(float) * block_floats);
         load_lanes(lanes, ut, &u, b, t, d0);
-        load_lanes(lanes, dtt, &dt, b, t, d0);
+        load_dt(lanes, dtt, NULL, &dt, use_softplus, b, t, d0);
         for (int l = 0; l < lanes; ++l) dtu[l] = dtt[l] * ut[l];
         scan_step(lanes, nstate, at, h, dtt, dtu, AT(bm.data, bm.batch_stride, bm.time_stride, b, t, 0),
-                  NULL, NULL);
+                  NULL, NULL, NULL);
     }
+    if (nchunks > 0) memcpy(checkpoints + (nchunks - 1) * block_floats, h, sizeof(float) * block_floats);
 
     memset(carry, 0, sizeof(float) * block_floats);
     memset(da_block, 0, sizeof(float) * block_floats);
@@ -177,25 +224,27 @@ INLINE void scan_backward_block(int lanes, int64_t b, int64_t d0, int64_t length
     for (int64_t chunk = nchunks - 1; chunk >= 0; --chunk) {
         const int64_t t0 = chunk * CHUNK;
         const int64_t t1 = t0 + CHUNK < length ? t0 + CHUNK : length;
-        /* Recompute the chunk's states: chunk_states[k] is h_{t0 + k - 1}. */
+        /* Recompute the chunk: chunk_states[k] is h_{t0 + k - 1}, chunk_decays[k] exp(dt A) at t0 + k. */
         memcpy(chunk_states, checkpoints + chunk * block_floats, sizeof(float) * block_floats);
         for (int64_t t = t0; t < t1; ++t) {
             float *hk = chunk_states + (t - t0 + 1) * block_floats;
             float *core = chunk_core + (t - t0) * LANES;
             memcpy(hk, hk - block_floats, sizeof(float) * block_floats);
             load_lanes(lanes, ut, &u, b, t, d0);
-            load_lanes(lanes, dtt, &dt, b, t, d0);
+            load_dt(lanes, dtt, NULL, &dt, use_softplus, b, t, d0);
             for (int l = 0; l < lanes; ++l) {
                 dtu[l] = dtt[l] * ut[l];
                 core[l] = dskip ? dskip[d0 + l] * ut[l] : 0.0f;
             }
             scan_step(lanes, nstate, at, hk, dtt, dtu, AT(bm.data, bm.batch_stride, bm.time_stride, b, t, 0),
-                      AT(cm.data, cm.batch_stride, cm.time_stride, b, t, 0), core);
+                      AT(cm.data, cm.batch_stride, cm.time_stride, b, t, 0), core,
+                      chunk_decays + (t - t0) * block_floats);
         }
         /* Adjoint recurrence in reverse time. */
         for (int64_t t = t1 - 1; t >= t0; --t) {
             const float *h_cur = chunk_states + (t - t0 + 1) * block_floats;
             const float *h_prev = h_cur - block_floats;
+            const float *decays = chunk_decays + (t - t0) * block_floats;
             const float *core = chunk_core + (t - t0) * LANES;
             const float *bt = AT(bm.data, bm.batch_stride, bm.time_stride, b, t, 0);
             const float *ct = AT(cm.data, cm.batch_stride, cm.time_stride, b, t, 0);
@@ -203,7 +252,7 @@ INLINE void scan_backward_block(int lanes, int64_t b, int64_t d0, int64_t length
             float *dc_t = acc.dc + (b * length + t) * nstate;
             const int64_t row = (b * length + t) * channels + d0;
             load_lanes(lanes, ut, &u, b, t, d0);
-            load_lanes(lanes, dtt, &dt, b, t, d0);
+            load_dt(lanes, dtt, dt_slope, &dt, use_softplus, b, t, d0);
             load_lanes(lanes, gt, &gy, b, t, d0);
             if (z.data) {
                 load_lanes(lanes, zt, &z, b, t, d0);
@@ -226,7 +275,7 @@ INLINE void scan_backward_block(int lanes, int64_t b, int64_t d0, int64_t length
 #pragma omp simd reduction(+ : db_sum, dc_sum)
                 for (int l = 0; l < lanes; ++l) {
                     const int i = n * LANES + l;
-                    const float decay = fast_exp(dtt[l] * at[i]);
+                    const float decay = decays[i];
                     const float gh = carry[i] + gt[l] * cn; /* dL/dh_t */
                     const float g_decay = gh * h_prev[i] * decay;
                     dc_sum += gt[l] * h_cur[i];
@@ -241,7 +290,7 @@ INLINE void scan_backward_block(int lanes, int64_t b, int64_t d0, int64_t length
             }
             for (int l = 0; l < lanes; ++l) {
                 du[row + l] = du_t[l];
-                ddt[row + l] = ddt_t[l];
+                ddt[row + l] = ddt_t[l] * dt_slope[l];
             }
         }
     }
@@ -268,7 +317,7 @@ static void reduce_partials(float *out, const float *partials, int64_t size, int
  * (dz, dd, dh0 may be NULL when the corresponding input is absent). Returns 0, or -1 on OOM. */
 int scan_backward(int64_t batch, int64_t length, int64_t channels, int64_t nstate,
                   const float *u, int64_t u_sb, int64_t u_sl,
-                  const float *dt, int64_t dt_sb, int64_t dt_sl,
+                  const float *dt, int64_t dt_sb, int64_t dt_sl, int use_softplus,
                   const float *a,
                   const float *bm, int64_t b_sb, int64_t b_sl,
                   const float *cm, int64_t c_sb, int64_t c_sl,
@@ -296,8 +345,9 @@ int scan_backward(int64_t batch, int64_t length, int64_t channels, int64_t nstat
         partial_grads acc = {own, own + da_size, own + da_size + dd_size, own + da_size + dd_size + bc_size};
         float *checkpoints = malloc(sizeof(float) * nchunks * block_floats);
         float *chunk_states = malloc(sizeof(float) * (CHUNK + 1) * block_floats);
+        float *chunk_decays = malloc(sizeof(float) * CHUNK * block_floats);
         float *chunk_core = malloc(sizeof(float) * CHUNK * LANES);
-        const int ok = checkpoints && chunk_states && chunk_core;
+        const int ok = checkpoints && chunk_states && chunk_decays && chunk_core;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -308,14 +358,15 @@ int scan_backward(int64_t batch, int64_t length, int64_t channels, int64_t nstat
             const int64_t b = item / blocks, d0 = (item % blocks) * LANES;
             const int lanes = channels - d0 < LANES ? (int)(channels - d0) : LANES;
             if (lanes == LANES)
-                scan_backward_block(LANES, b, d0, length, channels, (int)nstate, vu, vdt, a, vb, vc, dskip,
-                                    vz, h0, vg, checkpoints, chunk_states, chunk_core, du, ddt, dz, dh0, acc);
+                scan_backward_block(LANES, b, d0, length, channels, (int)nstate, vu, vdt, use_softplus, a, vb, vc, dskip,
+                                    vz, h0, vg, checkpoints, chunk_states, chunk_decays, chunk_core, du, ddt, dz, dh0, acc);
             else
-                scan_backward_block(lanes, b, d0, length, channels, (int)nstate, vu, vdt, a, vb, vc, dskip,
-                                    vz, h0, vg, checkpoints, chunk_states, chunk_core, du, ddt, dz, dh0, acc);
+                scan_backward_block(lanes, b, d0, length, channels, (int)nstate, vu, vdt, use_softplus, a, vb, vc, dskip,
+                                    vz, h0, vg, checkpoints, chunk_states, chunk_decays, chunk_core, du, ddt, dz, dh0, acc);
         }
         free(checkpoints);
         free(chunk_states);
+        free(chunk_decays);
         free(chunk_core);
     }
     if (!failed) {
