@@ -4,6 +4,9 @@ Targets are chosen per architecture (``fairforget.lora.TARGET_MODULES``, overrid
 ``--target-modules``). The adapter is saved with peft ``save_pretrained`` to ``--out`` (atomically), naming
 ``--model`` as its base, so ``fairforget.models.load_model(out)`` rebuilds the fine-tuned model. A loss log
 (CSV and PNG) and a summary with the loss before and after on the training sentences are written beside it.
+The training state is saved every ``--checkpoint-every`` steps to ``<out>_resume/``: a killed run started
+again resumes there and ends with the same adapter. Under ``torchrun`` / ``accelerate launch`` it trains
+data-parallel (``fairforget.distributed``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fairforget import distributed
 from fairforget.artifacts import provenance, save_figure, write_csv, write_json
-from fairforget.config import run_script
+from fairforget.checkpoint import Checkpointer
+from fairforget.config import config_to_dict, run_script
 from fairforget.errors import FairforgetError
 from fairforget.lora import add_lora, finetune, kernel_bypass_warning, mean_loss, save_adapter, target_modules
 from fairforget.models import DEFAULT_EMBEDDED, load_model
@@ -34,6 +39,8 @@ class Config:
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list, metadata={"help": "override the per-architecture targets"})
     limit: int = field(default=0, metadata={"help": "train on the first N sentences only (0: all)"})
+    checkpoint_every: int = field(default=20, metadata={"help": "save the training state every N steps to "
+                                                                "<out>_resume/ so a killed run resumes (0: off)"})
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -43,11 +50,12 @@ class Config:
                 raise FairforgetError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.lr > 0:
             raise FairforgetError("--lr must be positive")
-        if self.limit < 0:
-            raise FairforgetError("--limit must be >= 0")
+        if self.limit < 0 or self.checkpoint_every < 0:
+            raise FairforgetError("--limit and --checkpoint-every must be >= 0")
 
 
 def main(cfg: Config) -> None:
+    distributed.init(cfg.device)  # data-parallel under torchrun / accelerate launch; nothing otherwise
     texts = load_winogender_sentences(cfg.sentences)
     if cfg.limit:
         texts = texts[: cfg.limit]
@@ -60,10 +68,14 @@ def main(cfg: Config) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loss_before = mean_loss(model, loaded.tokenizer, texts)
     start = time.perf_counter()
-    history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed)
+    checkpoint = Checkpointer(cfg.out.parent / f"{cfg.out.name}_resume", cfg.checkpoint_every,
+                              fingerprint=config_to_dict(cfg))
+    history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
+                       checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     loss_after = mean_loss(model, loaded.tokenizer, texts)
     save_adapter(model, loaded.tokenizer, cfg.out, cfg.model)
+    checkpoint.clear()
     log_dir = cfg.out.parent / f"{cfg.out.name}_log"
     write_csv(log_dir / "loss.csv", [asdict(h) for h in history])
     _plot(history, log_dir / "loss.png")

@@ -12,7 +12,9 @@ k = 10,000, batch 16, 5 epochs; ``aggressive`` takes 10x the learning rate (2e-4
 (50,000) to show what a clearly visible change does to bias and language modelling.
 
 Writes ``<log-dir>/unlearning_log.csv`` (per step: f(adv), f(dis), their gap, partitions selected per module
-type and per layer), ``epochs.csv``, ``summary.json`` (with provenance) and ``unlearning.png``.
+type and per layer), ``epochs.csv``, ``summary.json`` (with provenance) and ``unlearning.png``. The training
+state is saved at each epoch's end and every ``--checkpoint-every`` steps (``<out>_checkpoints/resume/``): a
+killed run started again resumes there and ends with the same model.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any, Literal
 import torch
 
 from fairforget.artifacts import atomic_dir, provenance, save_figure, write_csv, write_json
-from fairforget.config import run_script
+from fairforget.checkpoint import Checkpointer
+from fairforget.config import config_to_dict, run_script
 from fairforget.errors import FairforgetError
 from fairforget.models import load_model
 from fairforget.pcgu import encode_pairs, nonfinite_parameters, pair_gap, partition_tensors, pcgu_step
@@ -63,12 +66,17 @@ class Config:
     half_seed: int = 0
     eval_batch_size: int = 32
     n_boot: int = 200
+    checkpoint_every: int = field(default=10, metadata={"help": "also save the training state every N steps "
+                                                                "(besides each epoch's end) so a killed run "
+                                                                "resumes (0: epoch ends only)"})
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise FairforgetError("--batch-size must be at least 1")
+        if self.checkpoint_every < 0:
+            raise FairforgetError("--checkpoint-every must be >= 0")
         if self.lr is not None and not self.lr > 0:
             raise FairforgetError("--lr must be positive")
         if self.k is not None and self.k < 1:
@@ -142,21 +150,26 @@ def main(cfg: Config) -> None:
               f"adv preferred {100 * row['share_adv_preferred']:.1f}%", flush=True)
         return row
 
-    epochs = [evaluate(0, 0.0)]
-    steps: list[dict] = []
+    # a killed run resumes from its last training state (replaying the seeded shuffles, skipping done steps)
+    resume = Checkpointer(ckpt_dir / "resume", cfg.checkpoint_every, fingerprint=config_to_dict(cfg))
+    saved = resume.resume([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    epochs = saved.get("epochs") or [evaluate(0, 0.0)]
+    steps: list[dict] = saved.get("steps", [])
     rng = random.Random(cfg.seed)
-    last_good = cfg.model
+    last_good = saved.get("last_good", cfg.model)
     step = 0
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         order = list(range(len(pairs)))
         rng.shuffle(order)
         for first in range(0, len(order), cfg.batch_size):
+            step += 1
+            if resume.done(step):
+                continue
             idx = order[first: first + cfg.batch_size]
             t0 = time.perf_counter()
             result = pcgu_step(model, tensors, [adv[i] for i in idx], [dis[i] for i in idx], pad, k, cfg.lr,
                                cfg.direction)
-            step += 1
             bad = nonfinite_parameters([t for t, n in zip(tensors, result.selected) if n])
             values = torch.tensor(result.f_adv + result.f_dis)
             if bad or not torch.isfinite(values).all():
@@ -170,11 +183,15 @@ def main(cfg: Config) -> None:
                           "max_cos": result.max_selected_cosine, "seconds": round(time.perf_counter() - t0, 3),
                           **{f"sel_{m}": result.by_module.get(m, 0) for m in module_types},
                           **{f"sel_layer_{layer}": result.by_layer.get(layer, 0) for layer in layers}})
+            resume.after_step(step, lambda: {"epochs": epochs, "steps": steps, "last_good": last_good})
+        if len(epochs) > epoch:  # finished and evaluated before the resume
+            continue
         save_checkpoint(model, tokenizer, ckpt_dir / f"epoch-{epoch}")
         last_good = str(ckpt_dir / f"epoch-{epoch}")
         epochs.append(evaluate(epoch, time.perf_counter() - start))
         write_csv(log_dir / "unlearning_log.csv", steps)
         write_csv(log_dir / "epochs.csv", epochs)
+        resume.save(step, {"epochs": epochs, "steps": steps, "last_good": last_good})
 
     best = min(epochs[1:], key=lambda e: e["distance_from_50"])
     with atomic_dir(cfg.out) as tmp:
@@ -187,6 +204,7 @@ def main(cfg: Config) -> None:
                "provenance": provenance(cfg, [cfg.pairs, cfg.stereoset])}
     write_json(log_dir / "summary.json", summary)
     _plot(steps, epochs, log_dir / "unlearning.png")
+    resume.clear()
     print(f"kept epoch {best['epoch']} (selection SS {best['ss']:.2f}) -> {cfg.out}; logs in {log_dir}")
 
 

@@ -32,10 +32,20 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
-        os.replace(tmp, path)
+        if _writes_results():
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _writes_results() -> bool:
+    """Only rank 0 of a multi-process run puts results in place (see fairforget.distributed)."""
+    from .distributed import is_main
+
+    return is_main()
 
 
 def _umask() -> int:
@@ -53,7 +63,9 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
+        if not _writes_results():
+            shutil.rmtree(tmp)
+        elif path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)

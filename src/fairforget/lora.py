@@ -9,6 +9,7 @@ conditioned on the BOS/EOS token, computed with the shared differentiable scorer
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
+from . import distributed
+from .checkpoint import Checkpointer
 from .errors import FairforgetError
 from .scoring import collate, encode, token_logprobs
 
@@ -75,10 +78,11 @@ def add_lora(model: Any, targets: Sequence[str], r: int = 8, alpha: int = 16, dr
     return get_peft_model(model, config)
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood per scored token of a collated batch."""
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], n_tokens: float | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood per scored token of a collated batch (divided by ``n_tokens`` instead of
+    the batch's own token count when given, e.g. the count of a batch split over processes)."""
     sums, counts = token_logprobs(model, **batch)
-    return -sums.sum() / counts.sum().clamp(min=1)
+    return -sums.sum() / (counts.sum().clamp(min=1) if n_tokens is None else max(n_tokens, 1))
 
 
 @dataclass
@@ -90,35 +94,52 @@ class StepLog:
 
 
 def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, batch_size: int = 8,
-             lr: float = 5e-5, weight_decay: float = 0.0, seed: int = 0) -> list[StepLog]:
-    """Train the trainable parameters of ``model`` with AdamW on ``texts`` (shuffled each epoch, seeded)."""
+             lr: float = 5e-5, weight_decay: float = 0.0, seed: int = 0,
+             checkpoint: Checkpointer | None = None) -> list[StepLog]:
+    """Train the trainable parameters of ``model`` with AdamW on ``texts`` (shuffled each epoch, seeded).
+
+    ``checkpoint`` saves the training state regularly and resumes a killed run where it stopped. Under
+    several processes (``fairforget.distributed``) each takes a share of every batch and the gradients of
+    the batch's token-mean loss are summed: the same step as one process.
+    """
     if not texts:
         raise FairforgetError("no training sentences")
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, "", text) for text in texts]
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise FairforgetError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    history: list[StepLog] = []
+    checkpoint = checkpoint or Checkpointer(None)
+    history = [StepLog(**h) for h in checkpoint.resume(named, optimizer).get("history", [])]
     model.train()
     step = 0
     for epoch in range(1, epochs + 1):
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
-            batch = collate([encoded[i] for i in order[start: start + batch_size]], tokenizer.pad_token_id, device)
-            loss = lm_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FairforgetError(f"the training loss became non-finite at epoch {epoch}, step {step + 1}; "
+            step += 1
+            if checkpoint.done(step):
+                continue
+            mine = distributed.shard(order[start: start + batch_size])  # all of it in one process
+            batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id, device) if mine else None
+            n_tokens = distributed.all_sum(int(batch["target_mask"].sum()) if mine else 0)
+            # fewer examples than processes: this process contributes zero loss and zero gradients
+            loss = lm_loss(model, batch, n_tokens) if mine else torch.zeros((), device=device)
+            batch_loss = distributed.all_sum(float(loss.detach()))
+            if not math.isfinite(batch_loss):
+                raise FairforgetError(f"the training loss became non-finite at epoch {epoch}, step {step}; "
                                       f"lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if mine:
+                loss.backward()
+            distributed.sum_gradients(params)
             optimizer.step()
-            step += 1
-            history.append(StepLog(epoch, step, float(loss), int(batch["target_mask"].sum())))
+            history.append(StepLog(epoch, step, batch_loss, n_tokens))
+            checkpoint.after_step(step, lambda: {"history": [vars(h) for h in history]})
     model.eval()
     return history
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from .checkpoint import Checkpointer
 from .choice_scoring import letter_token_ids
 from .errors import FairforgetError
 from .heads import batch_prompts, head_layout, letter_logprobs_and_heads
@@ -66,8 +67,10 @@ def prepare_model(model: Any, mode: Mode = "lora", targets: Sequence[str] | None
 
 def finetune_answers(model: Any, tokenizer: Any, prompts: Sequence[str], gold: Sequence[int],
                      letters: Sequence[str] = "ABC", epochs: int = 2, batch_size: int = 8, lr: float = 1e-4,
-                     seed: int = 0) -> list[StepLog]:
-    """AdamW on the answer loss over (prompt, gold index) pairs, shuffled each epoch (seeded); model ends in eval."""
+                     seed: int = 0, checkpoint: Checkpointer | None = None) -> list[StepLog]:
+    """AdamW on the answer loss over (prompt, gold index) pairs, shuffled each epoch (seeded); model ends in eval.
+
+    ``checkpoint`` saves the training state regularly and resumes a killed run where it stopped."""
     if not prompts or len(prompts) != len(gold):
         raise FairforgetError(f"recovery needs prompts with one gold answer each (got {len(prompts)} prompts, "
                               f"{len(gold)} answers)")
@@ -75,7 +78,8 @@ def finetune_answers(model: Any, tokenizer: Any, prompts: Sequence[str], gold: S
         raise FairforgetError(f"gold answer indices must lie in 0..{len(letters) - 1}")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise FairforgetError(f"recovery needs epochs >= 1, batch size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise FairforgetError("the model has no trainable parameters")
     device = next(model.parameters()).device
@@ -83,23 +87,27 @@ def finetune_answers(model: Any, tokenizer: Any, prompts: Sequence[str], gold: S
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    history: list[StepLog] = []
+    checkpoint = checkpoint or Checkpointer(None)
+    history = [StepLog(**h) for h in checkpoint.resume(named, optimizer).get("history", [])]
     model.train()
     step = 0
     for epoch in range(1, epochs + 1):
         order = list(range(len(prompts)))
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
+            step += 1
+            if checkpoint.done(step):
+                continue
             idx = order[start: start + batch_size]
             batch = batch_prompts(tokenizer, [prompts[i] for i in idx], device)
             loss = answer_loss(model, batch, torch.tensor([gold[i] for i in idx]), variants)
             if not torch.isfinite(loss):
-                raise FairforgetError(f"the recovery loss became non-finite at epoch {epoch}, step {step + 1}; lower --lr")
+                raise FairforgetError(f"the recovery loss became non-finite at epoch {epoch}, step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
             history.append(StepLog(epoch, step, float(loss.detach()), len(idx)))
+            checkpoint.after_step(step, lambda: {"history": [vars(h) for h in history]})
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

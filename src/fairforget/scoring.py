@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import distributed
 from .errors import FairforgetError
 
 
@@ -121,12 +122,15 @@ def score_encoded(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_siz
         raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
     device = device or next(model.parameters()).device
     scores: list[Score | None] = [None] * len(encoded)
+    done = []
     with torch.inference_mode():
-        for batch_idx in length_sorted_batches([len(e.ids) for e in encoded], batch_size):
+        for batch_idx in distributed.my_batches(length_sorted_batches([len(e.ids) for e in encoded], batch_size)):
             batch = collate([encoded[i] for i in batch_idx], pad_id, device)
             sums, counts = token_logprobs(model, **batch)
-            for i, s, n in zip(batch_idx, sums.tolist(), counts.tolist()):
-                scores[i] = Score(s, int(n))
+            done.append((batch_idx, (sums.tolist(), counts.tolist())))
+    for batch_idx, (sums, counts) in distributed.gather_batches(done):
+        for i, s, n in zip(batch_idx, sums, counts):
+            scores[i] = Score(s, int(n))
     return scores  # type: ignore[return-value]
 
 
