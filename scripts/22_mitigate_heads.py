@@ -143,6 +143,7 @@ def plot_correlation(path: Path, r: dict[str, torch.Tensor], strengths: torch.Te
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from fairforget.artifacts import save_figure
 
@@ -155,6 +156,7 @@ def plot_correlation(path: Path, r: dict[str, torch.Tensor], strengths: torch.Te
                           origin="lower")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("head")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=ax, fraction=0.05)
     axes[0].set_ylabel("layer")
     fig.suptitle(title)

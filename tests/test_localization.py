@@ -123,3 +123,20 @@ def test_arrays_round_trip_and_rows(tiny_models, tokenizer, tmp_path):
     (tmp_path / "bad.npz").write_text("not a zip")
     with pytest.raises(FairforgetError, match="malformed"):
         load_arrays(tmp_path / "bad.npz")
+
+
+def test_run_localization_writes_a_run_folder_and_compares_same_prompts(tiny_models, tokenizer, tmp_path):
+    from fairforget.bbq import Example
+    from fairforget.localization import run_localization
+
+    examples = [Example(cat, i, 1, "neg", cond, c, q, ("the old man", "the boy", "Unknown"), ("old", "nonOld", "unknown"),
+                        2, 0, 2) for i, (c, q, cat), cond in zip(range(3), PIECES, ("ambig", "disambig", "ambig"))]
+    model = copy.deepcopy(tiny_models["llama"])
+    before = run_localization(model, tokenizer, examples, tmp_path / "before", "tiny", provenance={"x": 1})
+    assert before["n_prompts"] == 3 and before["groups"]["all"]["n"] == 3 and before["groups"]["age|ambig"]["n"] == 2
+    for name in ("arrays.npz", "per_group.csv", "items.jsonl", "summary.json", "heads_all.png", "layers_by_category.png"):
+        assert (tmp_path / "before" / name).is_file(), name
+    after = run_localization(model, tokenizer, examples, tmp_path / "after", "tiny", compare_to=tmp_path / "before")
+    assert after["comparison"].startswith("difference_heads.png") and (tmp_path / "after" / "difference_heads.png").is_file()
+    other = run_localization(model, tokenizer, examples[:2], tmp_path / "other", "tiny", compare_to=tmp_path / "before")
+    assert other["comparison"].startswith("skipped")

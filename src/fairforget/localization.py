@@ -252,6 +252,7 @@ def plot_heads(path: Path | str, stats: dict[str, np.ndarray], title: str) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from .artifacts import save_figure
 
@@ -260,6 +261,7 @@ def plot_heads(path: Path | str, stats: dict[str, np.ndarray], title: str) -> No
         image = ax.imshow(stats[name], aspect="auto", cmap="viridis", origin="lower")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("head")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=ax, fraction=0.05)
     axes[0].set_ylabel("layer")
     fig.suptitle(title)
@@ -305,6 +307,7 @@ def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from .artifacts import save_figure
 
@@ -315,6 +318,7 @@ def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict
         image = ax.imshow(diff, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower")
         ax.set_title(f"{name}\nafter - before", fontsize=8)
         ax.set_xlabel("head")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=ax, fraction=0.05)
     axes[0].set_ylabel("layer")
     fig.suptitle(title)
