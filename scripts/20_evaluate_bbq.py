@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fairforget import distributed
 from fairforget.artifacts import provenance, sha256_text
 from fairforget.bbq import (CATEGORIES, PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, evaluate_bbq, load_bbq,
                             sample_per_category, write_bbq_run)
@@ -58,6 +59,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     data = load_bbq(cfg.data_dir, cfg.categories or None)
     examples = sample_per_category(data.examples, cfg.per_category, cfg.seed)
     out = cfg.out or Path("outputs/bbq") / model_name(cfg.model)
@@ -67,7 +69,7 @@ def main(cfg: Config) -> None:
     metrics, items = evaluate_bbq(loaded.model, loaded.tokenizer, examples, cfg.mode, cfg.chat_template,
                                   cfg.batch_size, cfg.n_boot, cfg.seed, cfg.answer_norm)
     seconds = time.time() - start
-    chat = metrics["setup"]["chat_template"]
+    chat = metrics["chat_template"]
     chat_source = loaded.tokenizer.chat_template if chat else None
     metrics["excluded_na"] = data.excluded_na
     metrics["duplicate_metadata_keys_dropped"] = data.duplicate_metadata_keys

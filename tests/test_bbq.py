@@ -246,7 +246,7 @@ def test_pred_maps_back_to_the_original_answer(tiny_models, tokenizer, chat):
         total = sum(letter_p.values())
         for j, letter in enumerate("ABC"):
             assert item["option_probs"][order[j]] == pytest.approx(letter_p[letter] / total, abs=1e-5)
-    assert metrics["setup"]["chat_template"] == (chat == "on")
+    assert metrics["chat_template"] == (chat == "on") and metrics["mode"] == "letter"
 
 
 # --------------------------------------------------------------------------- shared-prompt scoring
@@ -326,7 +326,7 @@ def test_script_writes_a_run_folder(tmp_path, tokenizer, capsys):
                                               "Age", "--per-category", "8", "--n-boot", "30", "--out", str(out),
                                               "--device", "cpu"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) >= {"Age", "overall", "provenance", "excluded_na", "setup", "definition"}
+    assert set(metrics) >= {"Age", "overall", "provenance", "excluded_na", "mode", "chat_template", "definition"}
     assert metrics["excluded_na"] == {"Age": 1} and metrics["Age"]["n"] == 8
     assert metrics["provenance"]["prompt_template_sha256"]
     for name in ("acc", "acc_ambig", "acc_disambig", "s_dis", "s_amb"):

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
+
+import torch
 
 from .bbq_metrics import bbq_metrics, format_table, metric_groups, metrics_rows
 from .errors import FairforgetError
@@ -246,11 +249,11 @@ def option_order(example: Example, seed: int = 0) -> tuple[int, ...]:
 
 def use_chat_template(tokenizer: Any, mode: ChatMode) -> bool:
     """``auto``: the tokenizer's chat template when it has one; ``on`` requires one; ``off`` plain text."""
+    if mode not in ("auto", "on", "off"):
+        raise FairforgetError(f"--chat-template must be auto, on or off, got {mode!r}")
     has = bool(getattr(tokenizer, "chat_template", None))
     if mode == "on" and not has:
         raise FairforgetError("--chat-template on, but the tokenizer has no chat template")
-    if mode not in ("auto", "on", "off"):
-        raise FairforgetError(f"--chat-template must be auto, on or off, got {mode!r}")
     return has and mode != "off"
 
 
@@ -279,7 +282,9 @@ def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: 
 
     ``letter``: the option letter with the highest next-token probability. ``answer``: the option whose
     text has the highest log-likelihood after the prompt, per token (``answer_norm="mean"``) or summed;
-    items record both choices. ``pred`` is an index into the original ans0..ans2.
+    items record both choices. ``pred`` is an index into the original ans0..ans2; ``option_probs`` (also
+    by original index) are the letter probabilities renormalised over A/B/C, or in answer mode the
+    softmax of the chosen scores. ``metrics`` also holds ``mode``, ``answer_norm``, ``chat_template``.
     """
     from .choice_scoring import option_letter_logprobs, option_logprobs
 
@@ -290,8 +295,6 @@ def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: 
     prompts = [build_prompt(e, o, True, tokenizer if chat else None) for e, o in zip(examples, orders)]
     items = []
     if mode == "letter":
-        import torch
-
         logprobs = option_letter_logprobs(model, tokenizer, prompts, LETTERS, batch_size)
         shown = torch.softmax(logprobs, dim=-1).tolist()
         for e, order, probs, mass in zip(examples, orders, shown, logprobs.exp().sum(-1).tolist()):
@@ -315,8 +318,8 @@ def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: 
         alt = [dict(it, pred=it[f"pred_{other}"]) for it in items]
         metrics["alternative_rule"] = {"answer_norm": other,
                                        "overall": bbq_metrics(annotate_items(alt), n_boot=n_boot, seed=seed)["overall"]}
-    metrics["setup"] = {"mode": mode, "answer_norm": answer_norm if mode == "answer" else None,
-                        "chat_template": chat, "letters": LETTERS, "n_items": len(items)}
+    metrics.update(mode=mode, answer_norm=answer_norm if mode == "answer" else None, chat_template=chat,
+                   letters=LETTERS, n_items=len(items))
     return metrics, items
 
 
@@ -332,8 +335,6 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def _softmax(values: Sequence[float]) -> list[float]:
-    import math
-
     top = max(values)
     exps = [math.exp(v - top) for v in values]
     return [x / sum(exps) for x in exps]
@@ -367,8 +368,8 @@ def write_bbq_run(out_dir: Path | str, metrics: dict, items: Sequence[dict], pro
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "items.jsonl", items)
     write_csv(out_dir / "metrics.csv", metrics_rows(metrics))
-    setup = metrics.get("setup", {})
-    title = f"BBQ bias scores ({setup.get('mode', '?')} mode, chat template {'on' if setup.get('chat_template') else 'off'})"
+    title = (f"BBQ bias scores ({metrics.get('mode', '?')} mode, "
+             f"chat template {'on' if metrics.get('chat_template') else 'off'})")
     write_text(out_dir / "bias_scores.txt", f"{title}\n{metrics['definition']}\n\n{format_table(metrics)}")
     groups = metric_groups(metrics)
 

@@ -6,13 +6,15 @@ Two modes:
   probability is p("A") + p(" A"), the bare and the space-prefixed token together: after a plain
   "Answer:" a model writes " A", at the start of a chat assistant turn it writes "A", and summing both
   makes the score independent of that formatting. A variant that is not a single token is skipped.
-* **answer**: the log-likelihood of each option text after the prompt. The prompt runs once with the
-  cache on and every option continues from that cached state: attention models (Llama, GPT-2) get
-  right-padded prompts and continuations placed, by position ids and attention mask, right after each
-  prompt's real tokens; recurrent models (Mamba) get left-padded prompts (masked pads leave the state at
-  zero) and the options fed one token at a time (transformers' multi-token Mamba scan ignores the cached
-  state). :func:`score_options_separately` scores each option as its own full sequence, the reference
-  the shared computation is tested and benchmarked against.
+* **answer**: the log-likelihood of each option text after the prompt, the prompt computed once per
+  example. Attention models (Llama, GPT-2): one forward pass per row holding the prompt followed by all
+  its options, with a 4-D attention mask (an option sees the prompt and its own earlier tokens, never
+  another option) and position ids that restart each option at the prompt's end, so every option gets
+  the inputs it would get alone, without copying a KV cache per option. Recurrent models (Mamba): the
+  prompt runs once with the cache on (left-padded: masked pads leave the state at zero), the state is
+  copied per option and the options are fed one token at a time (transformers' multi-token Mamba scan
+  ignores a cached state). :func:`score_options_separately` scores each option as its own full
+  sequence: the reference the shared computation is tested (equal within 1e-4) and benchmarked against.
 
 A prompt that already starts with the tokenizer's BOS text (a rendered chat template) is tokenized
 without special tokens, so BOS is never doubled; other prompts get the tokenizer's special tokens.
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import distributed
 from .errors import FairforgetError
 from .scoring import Encoded, Score, backbone_and_head, collate, hidden_states, length_sorted_batches, score_encoded
 
@@ -83,11 +86,14 @@ def option_letter_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], l
     variants = letter_token_ids(tokenizer, letters)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     out = torch.empty(len(prompts), len(variants))
+    done = []
     with torch.inference_mode():
-        for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+        for idx in distributed.my_batches(length_sorted_batches([len(e) for e in encoded], batch_size)):
             logprobs = _last_logprobs(model, [encoded[i] for i in idx], tokenizer.pad_token_id, device)
             columns = [torch.logsumexp(logprobs[:, ids], dim=-1) for ids in variants]
-            out[idx] = torch.stack(columns, dim=1).cpu()
+            done.append((idx, torch.stack(columns, dim=1).cpu()))
+    for idx, rows in distributed.gather_batches(done):
+        out[idx] = rows
     return out
 
 
@@ -113,44 +119,82 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.
     return ids, mask
 
 
-def _shared_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Sequence[Sequence[Sequence[int]]],
-                  pad_id: int, device: torch.device) -> list[list[Score]]:
-    """Scores of every option of a batch of prompts, each prompt run once and its cache shared."""
-    body, head = backbone_and_head(model)
-    recurrent = _is_recurrent(body)
-    ids, mask = (t.to(device) for t in _pad(prompt_ids, pad_id, left=recurrent))
-    lengths = mask.sum(dim=1)
-    out = body(input_ids=ids, attention_mask=mask, use_cache=True)
-    cache = out.cache_params if recurrent else out.past_key_values
-    last = torch.full_like(lengths, ids.shape[1] - 1) if recurrent else lengths - 1
-    first_logprobs = torch.log_softmax(head(out.last_hidden_state[torch.arange(len(ids), device=device), last]).float(), -1)
-
-    owner = torch.tensor([p for p, opts in enumerate(option_ids) for _ in opts], device=device)
-    flat = [o for opts in option_ids for o in opts]
-    cont, cont_mask = (t.to(device) for t in _pad(flat, pad_id, left=False))
-    sums = first_logprobs[owner, cont[:, 0]]
-    if cont.shape[1] > 1:
-        cache.reorder_cache(owner)  # one row of cached state per option (index_select)
-        feed = cont[:, :-1]  # the last token of an option predicts nothing that is scored
-        if recurrent:
-            hidden = torch.cat([body(input_ids=feed[:, t: t + 1], cache_params=cache, use_cache=True).last_hidden_state
-                                for t in range(feed.shape[1])], dim=1)
-        else:
-            positions = lengths[owner, None] + torch.arange(feed.shape[1], device=device)
-            attention = torch.cat([mask[owner], cont_mask[:, :-1]], dim=1)
-            hidden = body(input_ids=feed, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                          use_cache=True).last_hidden_state
-        predicts = cont_mask[:, 1:].bool()
-        rows = torch.nonzero(predicts, as_tuple=True)[0]
-        picked = torch.log_softmax(head(hidden[predicts]).float(), -1).gather(-1, cont[:, 1:][predicts][:, None])
-        sums = sums.index_add(0, rows, picked.squeeze(-1))
-    counts = cont_mask.sum(dim=1)
-    scores = [Score(s, int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
+def _split(scores: list[Score], option_ids: Sequence[Sequence[Any]]) -> list[list[Score]]:
     result, start = [], 0
     for opts in option_ids:
         result.append(scores[start: start + len(opts)])
         start += len(opts)
     return result
+
+
+def _tree_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Sequence[Sequence[Sequence[int]]],
+                pad_id: int, device: torch.device) -> list[list[Score]]:
+    """Attention models: each row is a prompt followed by all its options, in one forward pass.
+
+    A 4-D attention mask lets a prompt token see the earlier prompt tokens and an option token see the prompt
+    and its own option's earlier tokens; each option's position ids continue from the prompt's end. Every
+    option therefore gets exactly the attention inputs it would get as ``prompt + option`` alone, while the
+    prompt is computed once.
+    """
+    body, head = backbone_and_head(model)
+    rows, segments, positions, targets = [], [], [], []  # targets: (row, predicting position, token id)
+    for r, (prompt, opts) in enumerate(zip(prompt_ids, option_ids)):
+        ids, seg, pos = list(prompt), [0] * len(prompt), list(range(len(prompt)))
+        for k, opt in enumerate(opts, start=1):
+            start = len(ids)
+            targets += [(r, len(prompt) - 1 if j == 0 else start + j - 1, t) for j, t in enumerate(opt)]
+            ids += opt
+            seg += [k] * len(opt)
+            pos += range(len(prompt), len(prompt) + len(opt))
+        rows.append(ids)
+        segments.append(seg)
+        positions.append(pos)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, s, p) in enumerate(zip(rows, segments, positions)):
+        input_ids[i, : len(ids)], seg[i, : len(ids)], position_ids[i, : len(ids)] = (
+            torch.tensor(ids), torch.tensor(s), torch.tensor(p))
+    index = torch.arange(width)
+    same_branch = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    allowed = (index[None, :, None] >= index[None, None, :]) & same_branch & (seg[:, None, :] >= 0)
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves only (no fully masked row)
+    dtype = head.weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    hidden = body(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                  position_ids=position_ids.to(device), use_cache=False).last_hidden_state
+    t = torch.tensor(targets, device=device)
+    picked = torch.log_softmax(head(hidden[t[:, 0], t[:, 1]]).float(), -1).gather(-1, t[:, 2:3]).squeeze(-1)
+    lengths = [len(o) for opts in option_ids for o in opts]
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    sums = torch.zeros(len(lengths), dtype=picked.dtype, device=device).index_add(0, owner, picked)
+    return _split([Score(s, n) for s, n in zip(sums.tolist(), lengths)], option_ids)
+
+
+def _recurrent_batch(model: Any, prompt_ids: Sequence[Sequence[int]],
+                     option_ids: Sequence[Sequence[Sequence[int]]], pad_id: int,
+                     device: torch.device) -> list[list[Score]]:
+    """Recurrent models (Mamba): the prompts run once with the cache on (left-padded: masked pads leave
+    the state at zero), the state is copied per option, and the options are fed one token at a time."""
+    body, head = backbone_and_head(model)
+    ids, mask = (t.to(device) for t in _pad(prompt_ids, pad_id, left=True))
+    out = body(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = out.cache_params
+    first_logprobs = torch.log_softmax(head(out.last_hidden_state[:, -1]).float(), -1)
+    owner = torch.tensor([p for p, opts in enumerate(option_ids) for _ in opts], device=device)
+    cont, cont_mask = (t.to(device) for t in _pad([o for opts in option_ids for o in opts], pad_id, left=False))
+    sums = first_logprobs[owner, cont[:, 0]]
+    if cont.shape[1] > 1:
+        cache.reorder_cache(owner)  # one copy of the state per option (index_select)
+        hidden = torch.cat([body(input_ids=cont[:, t: t + 1], cache_params=cache, use_cache=True).last_hidden_state
+                            for t in range(cont.shape[1] - 1)], dim=1)
+        predicts = cont_mask[:, 1:].bool()
+        rows = torch.nonzero(predicts, as_tuple=True)[0]
+        picked = torch.log_softmax(head(hidden[predicts]).float(), -1).gather(-1, cont[:, 1:][predicts][:, None])
+        sums = sums.index_add(0, rows, picked.squeeze(-1))
+    counts = cont_mask.sum(dim=1).tolist()
+    return _split([Score(s, int(n)) for s, n in zip(sums.tolist(), counts)], option_ids)
 
 
 def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]],
@@ -168,12 +212,15 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     option_ids = [[encode_option(tokenizer, o) for o in opts] for opts in options]
     results: list[list[Score] | None] = [None] * len(prompts)
+    run_batch = _recurrent_batch if _is_recurrent(backbone_and_head(model)[0]) else _tree_batch
+    done = []
     with torch.inference_mode():
-        for idx in length_sorted_batches([len(p) for p in prompt_ids], batch_size):
-            scores = _shared_batch(model, [prompt_ids[i] for i in idx], [option_ids[i] for i in idx],
-                                   tokenizer.pad_token_id, device)
-            for i, s in zip(idx, scores):
-                results[i] = s
+        for idx in distributed.my_batches(length_sorted_batches([len(p) for p in prompt_ids], batch_size)):
+            done.append((idx, run_batch(model, [prompt_ids[i] for i in idx], [option_ids[i] for i in idx],
+                                        tokenizer.pad_token_id, device)))
+    for idx, scores in distributed.gather_batches(done):
+        for i, s in zip(idx, scores):
+            results[i] = s
     return results  # type: ignore[return-value]
 
 
@@ -187,9 +234,4 @@ def score_options_separately(model: Any, tokenizer: Any, prompts: Sequence[str],
     for prompt, opts in zip(prompts, options):
         prompt_ids = tuple(encode_prompt(tokenizer, prompt))
         encoded += [Encoded(prompt_ids + tuple(encode_option(tokenizer, o)), len(prompt_ids)) for o in opts]
-    flat = score_encoded(model, encoded, tokenizer.pad_token_id, batch_size, device)
-    result, start = [], 0
-    for opts in options:
-        result.append(flat[start: start + len(opts)])
-        start += len(opts)
-    return result
+    return _split(score_encoded(model, encoded, tokenizer.pad_token_id, batch_size, device), options)
