@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fairforget import distributed
 from fairforget.artifacts import provenance, read_jsonl, write_csv, write_json, write_jsonl, write_text
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
@@ -82,6 +83,7 @@ def comparison_markdown(comparison: dict, before: Path, after: str) -> str:
 
 
 def main(cfg: Config) -> None:
+    distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     examples = stratified_limit(select_half(load_stereoset(cfg.data), cfg.half, cfg.half_seed), cfg.limit, cfg.seed)
     out = cfg.out or default_out(cfg)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fairforget import distributed
 from fairforget.artifacts import provenance, read_jsonl, write_csv, write_json, write_jsonl, write_text
 from fairforget.config import run_script
 from fairforget.crows import compare_runs, compute_metrics, load_crows, sample_pairs, score_pairs, scoring_note
@@ -60,6 +61,7 @@ def comparison_markdown(comparison: dict, before: Path, after: str) -> str:
 
 
 def main(cfg: Config) -> None:
+    distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     out = cfg.out or Path("outputs/crows") / model_name(cfg.model)
     pairs = sample_pairs(load_crows(cfg.data), cfg.limit, cfg.seed)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
