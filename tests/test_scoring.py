@@ -48,6 +48,7 @@ def test_empty_prefix_is_conditioned_on_a_special_token(tokenizer):
 
 def test_token_logprobs_gradient_matches_autograd_of_hand_written_loss(tiny_models, tokenizer):
     model = tiny_models["llama"]
+    model.zero_grad(set_to_none=True)
     batch = collate([encode(tokenizer, p, c) for p, c in REQUESTS[:3]], tokenizer.pad_token_id)
     sums, counts = token_logprobs(model, **batch)
     (sums / counts).sum().backward()
