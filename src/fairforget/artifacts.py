@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -36,9 +37,18 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             os.replace(tmp, path)
         else:
             tmp.unlink()
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path)
         raise
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    """A full disk becomes one clear error; the temporary copy is already gone and ``path`` untouched."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        kept = "the earlier version was left as it was" if path.exists() else "nothing was written"
+        raise FairforgetError(f"no space left on the device while writing {path}; {kept}. Free some space "
+                              f"and run the stage again") from exc
 
 
 def _writes_results() -> bool:
@@ -72,8 +82,9 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(exc, path)
         raise
 
 

@@ -1,0 +1,368 @@
+"""The whole study as a list of stage runs: presets, skip-if-done records, and running each stage script.
+
+Each stage is exactly the command a user would type (``python scripts/NN_*.py --flag value ...``), run as a
+subprocess. After it succeeds, a record ``.stage.json`` goes next to its outputs: the stage's fingerprint
+(sha256 of the script, its resolved arguments and the sha256 of every input file; folders hash every file in
+them) and the sha256 of what it wrote. A later run skips a stage whose record matches the current fingerprint
+and whose outputs are still there unchanged; any change in arguments, inputs (e.g. a re-trained model
+upstream) or the script runs it again. ``force`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from .artifacts import read_json, sha256_file, write_json
+from .errors import FairforgetError
+from .models import DEFAULT_EMBEDDED, EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts"
+PIPELINES = ("pcgu", "bbq")
+Preset = Literal["quick", "full"]
+DISTRIBUTED_SCRIPTS = ("11_finetune_lora.py", "13_evaluate_stereoset.py", "15_evaluate_crows.py",
+                       "20_evaluate_bbq.py")
+
+
+@dataclass
+class Stage:
+    """One stage run: a script with its flags, the files it reads and the paths it writes."""
+
+    name: str
+    script: str
+    args: dict[str, Any]
+    inputs: list[Path] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+    pipeline: str = "common"
+
+    @property
+    def record(self) -> Path:
+        """Where the stage's ``.stage.json`` lives: inside its first output folder, or beside its first file."""
+        first = self.outputs[0]
+        return first / ".stage.json" if first.suffix == "" else first.parent / f".{first.name}.stage.json"
+
+    def argv(self) -> list[str]:
+        """The flags as the script's command line (``None`` values are left out; booleans as --x/--no-x)."""
+        words: list[str] = []
+        for key, value in self.args.items():
+            flag = "--" + key.replace("_", "-")
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                words.append(flag if value else "--no-" + key.replace("_", "-"))
+            elif isinstance(value, (list, tuple)):
+                words += [flag, *map(str, value)]
+            else:
+                words += [flag, str(value)]
+        return words
+
+    def command(self, nproc: int = 1) -> list[str]:
+        script = str(SCRIPTS / self.script)
+        if nproc > 1 and self.script in DISTRIBUTED_SCRIPTS:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                    script, *self.argv()]
+        return [sys.executable, script, *self.argv()]
+
+
+# ---- content hashes -----------------------------------------------------------------------------------------
+
+class Hasher:
+    """sha256 of files and folders, cached by (path, size, mtime) for the length of a run."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int, int], str] = {}
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._cache:
+            self._cache[key] = sha256_file(path)
+        return self._cache[key]
+
+    def path(self, path: Path) -> str | None:
+        """A file's sha256; a folder's: sha256 of its non-hidden files' relative names and hashes; None if absent."""
+        if path.is_file():
+            return self.file(path)
+        if not path.is_dir():
+            return None
+        digest = hashlib.sha256()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            relative = item.relative_to(path)
+            if any(part.startswith(".") for part in relative.parts):
+                continue
+            digest.update(f"{relative.as_posix()}\0{self.file(item)}\n".encode())
+        return digest.hexdigest()
+
+
+def fingerprint(stage: Stage, hasher: Hasher) -> dict[str, Any]:
+    """What the stage's result depends on: its script, its resolved arguments and its input files."""
+    script = SCRIPTS / stage.script
+    return {"script": stage.script, "script_sha256": hasher.file(script), "args": stage.argv(),
+            "inputs": {str(p): hasher.path(p) for p in stage.inputs}}
+
+
+def fingerprint_hash(print_: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(print_, sort_keys=True).encode()).hexdigest()
+
+
+def why_not_done(stage: Stage, hasher: Hasher) -> str | None:
+    """None when the stage's outputs exist and match its record for the current fingerprint; else the reason."""
+    if not stage.record.is_file():
+        return "not run yet"
+    try:
+        record = read_json(stage.record, "stage record")
+    except FairforgetError:
+        return "its stage record is unreadable"
+    current = fingerprint(stage, hasher)
+    if record.get("fingerprint_sha256") != fingerprint_hash(current):
+        old = record.get("fingerprint", {})
+        changed = [k for k in ("script_sha256", "args") if old.get(k) != current[k]]
+        changed += [f"input {p}" for p, h in current["inputs"].items() if old.get("inputs", {}).get(p) != h]
+        return "changed: " + (", ".join(changed) if changed else "fingerprint")
+    for path, digest in record.get("outputs", {}).items():
+        if hasher.path(Path(path)) != digest:
+            return f"output {path} is missing or was modified"
+    return None
+
+
+def write_record(stage: Stage, hasher: Hasher, seconds: float) -> None:
+    current = fingerprint(stage, hasher)
+    write_json(stage.record, {"stage": stage.name, "fingerprint_sha256": fingerprint_hash(current),
+                              "fingerprint": current, "outputs": {str(p): hasher.path(p) for p in stage.outputs},
+                              "wall_seconds": round(seconds, 1),
+                              "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageResult:
+    name: str
+    pipeline: str
+    status: Literal["ran", "skipped", "failed", "missing"]
+    seconds: float
+    note: str = ""
+    command: str = ""
+
+
+def run_stages(stages: Sequence[Stage], force: bool = False, nproc: int = 1, cwd: Path | None = None,
+               log: Callable[[str], None] = print, env: dict[str, str] | None = None) -> list[StageResult]:
+    """Run ``stages`` in order, skipping those already done; stop at the first failure (its error printed)."""
+    hasher = Hasher()
+    results: list[StageResult] = []
+    for k, stage in enumerate(stages, start=1):
+        head = f"[{k}/{len(stages)}] {stage.name}"
+        command = stage.command(nproc)
+        shown = " ".join(command[1:]).replace(str(REPO) + "/", "")
+        if not (SCRIPTS / stage.script).is_file():
+            log(f"{head}: skipped, scripts/{stage.script} is not in this checkout yet")
+            results.append(StageResult(stage.name, stage.pipeline, "missing", 0.0, "script not present", shown))
+            continue
+        absent = [str(p) for p in stage.inputs if not p.exists()]
+        if absent:
+            log(f"{head}: skipped, its inputs are missing: {', '.join(absent)}")
+            results.append(StageResult(stage.name, stage.pipeline, "missing", 0.0,
+                                       "inputs missing: " + ", ".join(absent), shown))
+            continue
+        reason = "forced" if force else why_not_done(stage, hasher)
+        if reason is None:
+            log(f"{head}: done before with the same config and inputs, skipped")
+            record = read_json(stage.record, "stage record")
+            results.append(StageResult(stage.name, stage.pipeline, "skipped", record.get("wall_seconds", 0.0),
+                                       "up to date", shown))
+            continue
+        log(f"{head} ({reason}): {shown}")
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=cwd, env=dict(os.environ, **(env or {})), capture_output=True,
+                              text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            log(f"{head} FAILED after {seconds:.0f} s (exit {done.returncode}):\n" + "\n".join(lines[-15:]))
+            results.append(StageResult(stage.name, stage.pipeline, "failed", seconds,
+                                       lines[-1] if lines else f"exit {done.returncode}", shown))
+            break
+        summary = [line for line in done.stdout.strip().splitlines() if line.strip()][-3:]
+        for line in summary:
+            log(f"    {line}")
+        write_record(stage, hasher, seconds)
+        log(f"    ({seconds:.0f} s)")
+        results.append(StageResult(stage.name, stage.pipeline, "ran", seconds, "", shown))
+    return results
+
+
+# ---- presets ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each dataset and how much training a preset uses (None: everything / the stage default)."""
+
+    stereoset_limit: int | None
+    crows_limit: int | None
+    lora_limit: int | None
+    lora_epochs: int | None
+    pcgu_epochs: int | None
+    pcgu_selection_limit: int | None
+    prompt_tokens: int | None
+    bbq_per_category: int | None
+    localize_per_category: int | None
+    mitigation_per_category: int | None
+    mitigation_eval_per_category: int | None
+    recovery_epochs: int | None
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # about 15 minutes on a quiet 2-core CPU with the embedded SmolLM2-135M
+    "quick": {"pcgu_model": DEFAULT_EMBEDDED, "bbq_model": DEFAULT_EMBEDDED,
+              "sizes": Sizes(stereoset_limit=300, crows_limit=200, lora_limit=240, lora_epochs=1, pcgu_epochs=2,
+                             pcgu_selection_limit=200, prompt_tokens=20, bbq_per_category=8,
+                             localize_per_category=3, mitigation_per_category=8, mitigation_eval_per_category=8,
+                             recovery_epochs=1)},
+    # every example, the predecessors' models: a GPU job
+    "full": {"pcgu_model": "state-spaces/mamba-130m-hf", "bbq_model": "meta-llama/Llama-3.2-1B-Instruct",
+             "sizes": Sizes(stereoset_limit=None, crows_limit=None, lora_limit=None, lora_epochs=None,
+                            pcgu_epochs=None, pcgu_selection_limit=None, prompt_tokens=None, bbq_per_category=None,
+                            localize_per_category=None, mitigation_per_category=100,
+                            mitigation_eval_per_category=10**6, recovery_epochs=None)},
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the stages read and write (relative to the working folder, as the scripts' defaults are)."""
+
+    data: Path = Path("data")
+    outputs: Path = Path("outputs")
+    models: Path = Path("models")
+
+
+def model_inputs(spec: str, layout: Layout) -> list[Path]:
+    """The files a model spec stands for: the converted folder of an embedded model, a local folder itself
+    (an adapter's base is covered by the stage that made it), nothing for a hub id (named in the args)."""
+    if spec.startswith(EMBEDDED_PREFIX):
+        return [embedded_folder(spec, layout.models / EMBEDDED_DIR.name)]
+    return [Path(spec)] if Path(spec).exists() else []
+
+
+def dataset_inputs(dataset: str, layout: Layout, only: Sequence[str] = ()) -> list[Path]:
+    from .datasets import dataset_files
+
+    return [layout.data / spec.file for spec in dataset_files(dataset)
+            if not only or any(part in spec.file for part in only)]
+
+
+def build_plan(preset: Preset, pipelines: Sequence[str] = PIPELINES, data_source: Path | None = None,
+               device: str = "auto", seed: int = 0, layout: Layout = Layout(), pcgu_model: str | None = None,
+               bbq_model: str | None = None) -> list[Stage]:
+    """The stages of ``preset`` for the chosen pipelines, in order."""
+    if preset not in PRESETS:
+        raise FairforgetError(f"unknown preset {preset!r}: use quick or full")
+    unknown = [p for p in pipelines if p not in PIPELINES]
+    if unknown or not pipelines:
+        raise FairforgetError(f"--pipelines takes one or more of {', '.join(PIPELINES)}; got {list(pipelines)}")
+    chosen = PRESETS[preset]
+    sizes: Sizes = chosen["sizes"]
+    out, data = layout.outputs, layout.data
+    stages = [Stage("00 fetch data", "00_fetch_data.py", {"out": data, "source": data_source},
+                    outputs=[data / "MANIFEST.json"])]
+    models = [pcgu_model or chosen["pcgu_model"]] if "pcgu" in pipelines else []
+    if "bbq" in pipelines:
+        models.append(bbq_model or chosen["bbq_model"])
+    for spec in dict.fromkeys(models):
+        name = model_name(spec)
+        folder = embedded_folder(spec, layout.models / EMBEDDED_DIR.name) if spec.startswith(EMBEDDED_PREFIX) else None
+        stages.append(Stage(f"01 prepare {name}", "01_prepare_model.py",
+                            {"model": spec, "models_dir": layout.models / EMBEDDED_DIR.name, "device": "cpu"},
+                            outputs=[folder or out / "prepared" / name]))
+    common = {"seed": seed, "device": device}
+    if "pcgu" in pipelines:
+        stages += _pcgu_stages(pcgu_model or chosen["pcgu_model"], sizes, layout, common)
+    if "bbq" in pipelines:
+        stages += _bbq_stages(bbq_model or chosen["bbq_model"], sizes, layout, common)
+    return stages
+
+
+def _pcgu_stages(spec: str, sizes: Sizes, layout: Layout, common: dict) -> list[Stage]:
+    name, out, data = model_name(spec), layout.outputs, layout.data
+    base_in = model_inputs(spec, layout)
+    mdir = layout.models / name
+    finetuned, debiased = mdir / "finetuned_lora", mdir / "debiased"
+    stereo, crows = data / "stereoset" / "dev.json", data / "crows_pairs" / "data" / "crows_pairs_anonymized.csv"
+    wino = data / "winogender" / "data"
+    pairs = data / "processed" / "pairs.tsv"
+    stages = [Stage("10 WinoGender pairs", "10_preprocess_winogender.py",
+                    {"winogender_dir": wino, "out_dir": data / "processed"},
+                    [wino / "all_sentences.tsv", wino / "occupations-stats.tsv"],
+                    [data / "processed"], "pcgu")]
+
+    def stereoset(label: str, model: str, inputs: list[Path], before: str | None) -> Stage:
+        run = out / "stereoset" / f"{name}-{label}"
+        compare = out / "stereoset" / f"{name}-{before}" if before else None
+        return Stage(f"13 StereoSet {label}", "13_evaluate_stereoset.py",
+                     {"model": model, "data": stereo, "half": "heldout", "limit": sizes.stereoset_limit,
+                      "out": run, "compare_to": compare, **common},
+                     [stereo, *inputs, *([compare / "items.jsonl"] if compare else [])], [run], "pcgu")
+
+    def crows_pairs(label: str, model: str, inputs: list[Path], before: str | None) -> Stage:
+        run = out / "crows" / f"{name}-{label}"
+        compare = out / "crows" / f"{name}-{before}" if before else None
+        return Stage(f"15 CrowS-Pairs {label}", "15_evaluate_crows.py",
+                     {"model": model, "data": crows, "limit": sizes.crows_limit, "out": run, "compare_to": compare,
+                      **common},
+                     [crows, *inputs, *([compare / "items.jsonl"] if compare else [])], [run], "pcgu")
+
+    stages += [stereoset("base", spec, base_in, None), crows_pairs("base", spec, base_in, None)]
+    stages.append(Stage("11 LoRA fine-tuning", "11_finetune_lora.py",
+                        {"model": spec, "sentences": wino / "all_sentences.tsv", "out": finetuned,
+                         "epochs": sizes.lora_epochs, "limit": sizes.lora_limit, **common},
+                        [wino / "all_sentences.tsv", *base_in], [finetuned, mdir / "finetuned_lora_log"], "pcgu"))
+    stages += [stereoset("finetuned", str(finetuned), [finetuned], "base"),
+               crows_pairs("finetuned", str(finetuned), [finetuned], "base")]
+    stages.append(Stage("12 PCGU unlearning", "12_pcgu_unlearn.py",
+                        {"model": finetuned, "pairs": pairs, "stereoset": stereo, "out": debiased,
+                         "log_dir": out / "pcgu" / name, "epochs": sizes.pcgu_epochs,
+                         "selection_limit": sizes.pcgu_selection_limit, **common},
+                        [finetuned, pairs, stereo], [debiased, out / "pcgu" / name], "pcgu"))
+    stages += [stereoset("debiased", str(debiased), [debiased], "finetuned"),
+               crows_pairs("debiased", str(debiased), [debiased], "finetuned")]
+    stages.append(Stage("14 prompt completions", "14_compare_prompts.py",
+                        {"models": [f"base={spec}", f"finetuned={finetuned}", f"debiased={debiased}"],
+                         "max_new_tokens": sizes.prompt_tokens, "out": out / "prompts" / name, **common},
+                        [*base_in, finetuned, debiased], [out / "prompts" / name], "pcgu"))
+    return stages
+
+
+def _bbq_stages(spec: str, sizes: Sizes, layout: Layout, common: dict) -> list[Stage]:
+    name, out = model_name(spec), layout.outputs
+    base_in = model_inputs(spec, layout)
+    bbq_dir = layout.data / "bbq"
+    bbq_files = dataset_inputs("bbq", layout)
+    localization = out / "localization"
+    return [
+        Stage("20 BBQ before", "20_evaluate_bbq.py",
+              {"model": spec, "data_dir": bbq_dir, "per_category": sizes.bbq_per_category,
+               "out": out / "bbq" / name, **common},
+              [*bbq_files, *base_in], [out / "bbq" / name], "bbq"),
+        Stage("21 localization before", "21_localize_bias.py",
+              {"model": spec, "data_dir": bbq_dir, "per_category": sizes.localize_per_category, "stage": "before",
+               "name": name, "out_root": localization, **common},
+              [*bbq_files, *base_in], [localization / name / "before"], "bbq"),
+        Stage("22 head pruning + recovery", "22_mitigate_heads.py",
+              {"model": spec, "data_dir": bbq_dir, "mitigation_per_category": sizes.mitigation_per_category,
+               "eval_per_category": sizes.mitigation_eval_per_category, "recovery_epochs": sizes.recovery_epochs,
+               "localize_per_category": sizes.localize_per_category, "localization_root": localization,
+               "models_dir": layout.models, "out": out / "mitigation" / name, **common},
+              [*bbq_files, *base_in, localization / name / "before"],
+              [out / "mitigation" / name, layout.models / "pruned" / name, layout.models / "recovered" / name,
+               localization / name / "after"],
+              "bbq"),
+    ]
+

@@ -1,0 +1,164 @@
+"""The pipeline runner: the presets' plans, skip-if-done records, failures, and the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_script
+from fairforget import pipeline
+from fairforget.errors import FairforgetError
+from fairforget.pipeline import Stage, build_plan, run_stages, why_not_done
+
+FAKE_STAGE = '''
+import argparse, pathlib, sys
+p = argparse.ArgumentParser()
+p.add_argument("--src"); p.add_argument("--dst"); p.add_argument("--suffix", default=""); p.add_argument("--fail", action="store_true")
+a = p.parse_args()
+if a.fail:
+    print("error: the input is broken", file=sys.stderr); sys.exit(2)
+dst = pathlib.Path(a.dst); dst.mkdir(parents=True, exist_ok=True)
+(dst / "out.txt").write_text(pathlib.Path(a.src).read_text().upper() + a.suffix)
+with open(dst.parent / "calls.log", "a") as h: h.write(dst.name + "\\n")
+print("fake stage done")
+'''
+
+
+def test_quick_plan_chains_the_stages(tmp_path):
+    stages = build_plan("quick", data_source=tmp_path)
+    names = [s.name for s in stages]
+    assert names[:3] == ["00 fetch data", "01 prepare smollm2-135m-instruct", "10 WinoGender pairs"]
+    assert names.index("11 LoRA fine-tuning") < names.index("12 PCGU unlearning") < names.index("13 StereoSet debiased")
+    assert names[-3:] == ["20 BBQ before", "21 localization before", "22 head pruning + recovery"]
+    by = {s.name: s for s in stages}
+    fetch = by["00 fetch data"].argv()
+    assert fetch[fetch.index("--source") + 1] == str(tmp_path)
+    lora_out = Path(by["11 LoRA fine-tuning"].args["out"])
+    assert lora_out in by["12 PCGU unlearning"].inputs and lora_out in by["13 StereoSet finetuned"].inputs
+    argv = by["13 StereoSet debiased"].argv()
+    assert argv[argv.index("--half") + 1] == "heldout" and argv[argv.index("--limit") + 1] == "300"
+    assert argv[argv.index("--compare-to") + 1].endswith("smollm2-135m-instruct-finetuned")
+    # under --nproc 2 the evaluations and the fine-tuning go through torchrun, PCGU does not
+    assert by["13 StereoSet base"].command(2)[1:3] == ["-m", "torch.distributed.run"]
+    assert by["11 LoRA fine-tuning"].command(2)[1:3] == ["-m", "torch.distributed.run"]
+    assert by["12 PCGU unlearning"].command(2)[1].endswith("12_pcgu_unlearn.py")
+
+
+def test_full_plan_uses_the_predecessors_models_and_every_example():
+    stages = build_plan("full", ["pcgu", "bbq"])
+    by = {s.name: s for s in stages}
+    assert by["11 LoRA fine-tuning"].args["model"] == "state-spaces/mamba-130m-hf"
+    assert by["20 BBQ before"].args["model"] == "meta-llama/Llama-3.2-1B-Instruct"
+    assert "--limit" not in by["13 StereoSet base"].argv() and "--per-category" not in by["20 BBQ before"].argv()
+    only_bbq = [s.pipeline for s in build_plan("full", ["bbq"])]
+    assert "pcgu" not in only_bbq and "bbq" in only_bbq
+    with pytest.raises(FairforgetError, match="--pipelines"):
+        build_plan("quick", ["pcgu", "heads"])
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "fake.py").write_text(FAKE_STAGE)
+    monkeypatch.setattr(pipeline, "SCRIPTS", scripts)
+    (tmp_path / "in.txt").write_text("hello")
+    return tmp_path
+
+
+def _stage(root: Path, **args) -> Stage:
+    return Stage("fake", "fake.py", {"src": root / "in.txt", "dst": root / "run", **args}, [root / "in.txt"],
+                 [root / "run"])
+
+
+def _calls(root: Path) -> int:
+    log = root / "calls.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_stage_is_skipped_only_while_config_inputs_and_outputs_match(fake):
+    lines: list[str] = []
+    run = lambda stage, force=False: run_stages([stage], force=force, log=lines.append)[0].status  # noqa: E731
+    assert run(_stage(fake)) == "ran" and _calls(fake) == 1
+    record = json.loads((fake / "run" / ".stage.json").read_text())
+    assert record["fingerprint"]["inputs"][str(fake / "in.txt")] == __import__("hashlib").sha256(b"hello").hexdigest()
+    assert run(_stage(fake)) == "skipped" and _calls(fake) == 1
+
+    (fake / "in.txt").write_text("changed")
+    assert why_not_done(_stage(fake), pipeline.Hasher()).startswith("changed: input")
+    assert run(_stage(fake)) == "ran" and (fake / "run" / "out.txt").read_text() == "CHANGED"
+    assert run(_stage(fake, suffix="!")) == "ran"  # other arguments
+    assert run(_stage(fake, suffix="!")) == "skipped"
+    (fake / "run" / "out.txt").write_text("edited by hand")
+    assert "modified" in why_not_done(_stage(fake, suffix="!"), pipeline.Hasher())
+    assert run(_stage(fake, suffix="!")) == "ran"
+    assert run(_stage(fake, suffix="!"), force=True) == "ran"
+    assert _calls(fake) == 5
+    assert any("(not run yet)" in line for line in lines) and any("skipped" in line for line in lines)
+
+
+def test_failure_stops_the_run_and_missing_stages_are_skipped(fake):
+    lines: list[str] = []
+    stages = [Stage("not landed", "nope.py", {}, [], [fake / "a"]),
+              Stage("needs input", "fake.py", {"src": fake / "absent.txt", "dst": fake / "b"}, [fake / "absent.txt"],
+                    [fake / "b"]),
+              _stage(fake, fail=True),
+              _stage(fake)]
+    results = run_stages(stages, log=lines.append)
+    assert [r.status for r in results] == ["missing", "missing", "failed"]
+    assert "not in this checkout" in lines[0] and "inputs are missing" in lines[1]
+    assert results[2].note == "error: the input is broken"
+    assert _calls(fake) == 0 and not (fake / "run" / ".stage.json").exists()
+
+
+def test_real_stage_runs_once_then_is_skipped(tmp_path, shared_data):
+    wino = shared_data / "winogender" / "data"
+    stage = Stage("10 pairs", "10_preprocess_winogender.py", {"winogender_dir": wino, "out_dir": tmp_path / "p"},
+                  [wino / "all_sentences.tsv", wino / "occupations-stats.tsv"], [tmp_path / "p"])
+    first = run_stages([stage], log=lambda _: None, cwd=tmp_path)
+    assert first[0].status == "ran", first[0].note
+    assert len((tmp_path / "p" / "pairs.tsv").read_text().splitlines()) == 241  # 240 pairs and a header
+    assert run_stages([stage], log=lambda _: None, cwd=tmp_path)[0].status == "skipped"
+
+
+def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer, shared_data, monkeypatch):
+    from fairforget.report import build_report
+    from fairforget.tiny import save_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    ss, cr = load_script("13_evaluate_stereoset.py"), load_script("15_evaluate_crows.py")
+    stages = []
+    for label, seed in (("base", 0), ("debiased", 1)):
+        model = str(save_tiny_model("gpt2", tokenizer, tmp_path / f"m{seed}", seed=seed))
+        for module, script, out, data, size in (
+                (ss, "13_evaluate_stereoset.py", tmp_path / "outputs/stereoset" / label, shared_data / "stereoset/dev.json",
+                 {"limit": 24}),
+                (cr, "15_evaluate_crows.py", tmp_path / "outputs/crows" / label,
+                 shared_data / "crows_pairs/data/crows_pairs_anonymized.csv", {"limit": 20})):
+            module.main(module.Config(model=model, data=data, out=out, n_boot=50, device="cpu", **size))
+            stages.append(Stage(f"{script[:2]} x {label}", script, {"out": out}, [], [out], "pcgu"))
+    results = [pipeline.StageResult(s.name, s.pipeline, "ran", 1.0, "", f"scripts/{s.script}") for s in stages]
+    report = tmp_path / "outputs" / "report.md"
+    text = build_report(stages, results, report, "test", 12.0, shared_data)
+    assert report.read_text() == text
+    assert "### StereoSet" in text and "### CrowS-Pairs" in text and "## Provenance" in text
+    ss_base = json.loads((tmp_path / "outputs/stereoset/base/metrics.json").read_text())["overall"]["all"]
+    assert f"{ss_base['ss']:.2f} [{ss_base['ss_ci'][0]:.2f}, {ss_base['ss_ci'][1]:.2f}]" in text
+    assert "| base -> debiased | overall |" in text  # the paired comparison, computed from items
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((report.parent / link).is_file() for link in links)
+    assert all(not Path(link).is_absolute() for link in links)
+    assert "Pipeline 2" not in text  # no bbq stages in this plan
+
+
+def test_cli_rejects_a_bad_flag_value(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(pipeline.SCRIPTS / "run_pipeline.py"), "--nproc", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--nproc must be at least 1" in done.stderr
+    assert not (tmp_path / "outputs").exists()
