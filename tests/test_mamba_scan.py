@@ -173,7 +173,8 @@ def test_lora_gradients_match_reference(backend):
         for name, param in model.named_parameters():
             if "lora_" in name:
                 torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    reference.train(), fast.train()
+    reference.train()
+    fast.train()
     assert enable_fast_mamba(fast) == TINY["num_hidden_layers"]
     input_ids = torch.randint(0, TINY["vocab_size"], (2, 19))
 

@@ -224,14 +224,14 @@ def selective_scan_channels_last(
     """
     if delta_bias is not None:
         delta = delta + delta_bias
-    tensors = [u, delta, A, B, C, D, z, initial_state]
     use_native = (
-        _can_use_native(*tensors)
+        _can_use_native(u, delta, A, B, C, D, z, initial_state)
         and A.shape[1] <= MAX_NATIVE_STATE
         and native_library() is not None
     )
     if not use_native:
-        return _torch_selective_scan(*tensors[:1], F.softplus(delta) if delta_softplus else delta, *tensors[2:])
+        delta = F.softplus(delta) if delta_softplus else delta
+        return _torch_selective_scan(u, delta, A, B, C, D, z, initial_state)
     u, delta, B, C, z = map(_unit_inner_stride, (u, delta, B, C, z))
     A, D, initial_state = (t if t is None else t.contiguous() for t in (A, D, initial_state))
     return _NativeSelectiveScan.apply(u, delta, A, B, C, D, z, initial_state, delta_softplus)
