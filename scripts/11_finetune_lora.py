@@ -38,6 +38,7 @@ class Config:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list, metadata={"help": "override the per-architecture targets"})
+    log_every: int = field(default=10, metadata={"help": "print progress every N steps"})
     limit: int = field(default=0, metadata={"help": "train on the first N sentences only (0: all)"})
     checkpoint_every: int = field(default=20, metadata={"help": "save the training state every N steps to "
                                                                 "<out>_resume/ so a killed run resumes (0: off)"})
@@ -45,7 +46,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "lora_r"):
+        for name in ("epochs", "batch_size", "lora_r", "log_every"):
             if getattr(self, name) < 1:
                 raise FairforgetError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.lr > 0:
@@ -70,8 +71,15 @@ def main(cfg: Config) -> None:
     start = time.perf_counter()
     checkpoint = Checkpointer(cfg.out.parent / f"{cfg.out.name}_resume", cfg.checkpoint_every,
                               fingerprint=config_to_dict(cfg))
+    total_steps = -(-len(texts) // cfg.batch_size) * cfg.epochs
+
+    def report(entry) -> None:
+        if entry.step % cfg.log_every == 0 or entry.step == total_steps:
+            print(f"epoch {entry.epoch} step {entry.step}/{total_steps}: loss {entry.loss:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+
     history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
-                       checkpoint=checkpoint)
+                       on_step=report, checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     loss_after = mean_loss(model, loaded.tokenizer, texts)
     save_adapter(model, loaded.tokenizer, cfg.out, cfg.model)

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -95,10 +95,11 @@ class StepLog:
 
 def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, batch_size: int = 8,
              lr: float = 5e-5, weight_decay: float = 0.0, seed: int = 0,
-             checkpoint: Checkpointer | None = None) -> list[StepLog]:
+             checkpoint: Checkpointer | None = None,
+             on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
     """Train the trainable parameters of ``model`` with AdamW on ``texts`` (shuffled each epoch, seeded).
 
-    ``checkpoint`` saves the training state regularly and resumes a killed run where it stopped. Under
+    ``on_step`` is called with each step's log (progress reports). ``checkpoint`` saves the training state regularly and resumes a killed run where it stopped. Under
     several processes (``fairforget.distributed``) each takes a share of every batch and the gradients of
     the batch's token-mean loss are summed: the same step as one process.
     """
@@ -139,6 +140,8 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
             distributed.sum_gradients(params)
             optimizer.step()
             history.append(StepLog(epoch, step, batch_loss, n_tokens))
+            if on_step is not None:
+                on_step(history[-1])
             checkpoint.after_step(step, lambda: {"history": [vars(h) for h in history]})
     model.eval()
     return history
