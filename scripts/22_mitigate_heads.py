@@ -15,6 +15,7 @@
    pruning most raises the gold-answer loss on disambiguated mitigation examples (first-order estimate).
 4. Recovery fine-tuning on the disambiguated mitigation examples only, loss on the gold answer letter;
    LoRA (merged afterwards) by default, --recovery full for all weights; output projections stay frozen.
+   Its training state is saved every --checkpoint-every steps: a killed run started again resumes there.
 5. Held-out evaluation before, after pruning and after recovery with the BBQ evaluation (stage 20's), paired
    comparisons against before; the pruned and recovered models saved as Hugging Face folders; then the
    localization of stage 21 on the recovered model (``after``).
@@ -41,7 +42,8 @@ from fairforget.bbq import (CATEGORIES, LETTERS, PROMPT_TEMPLATE, QUESTION_ONLY_
                             evaluate_bbq, load_bbq, option_order, sample_per_category, use_chat_template,
                             write_bbq_run)
 from fairforget.bbq_metrics import METRICS, compare_runs, format_table, metric_groups
-from fairforget.config import run_script
+from fairforget.checkpoint import Checkpointer
+from fairforget.config import config_to_dict, run_script
 from fairforget.errors import FairforgetError
 from fairforget.heads import (PRESET_STRENGTHS, PRESET_THRESHOLDS, batch_prompts, correlation_pvalues,
                               head_activity, head_correlations, head_layout, protect_heads, pruning_cost,
@@ -92,6 +94,9 @@ class Config:
     localize_batch_size: int = 8
     localization_root: Path = Path("outputs/localization")
     models_dir: Path = Path("models")
+    checkpoint_every: int = field(default=20, metadata={"help": "save the recovery training state every N steps "
+                                                                "(<models-dir>/recovered/<model>_resume/) so a "
+                                                                "killed run resumes (0: off)"})
     out: Path | None = field(default=None, metadata={"help": "run folder (default outputs/mitigation/<model>)"})
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -102,6 +107,8 @@ class Config:
                      "recovery_batch_size", "lora_r", "localize_batch_size"):
             if getattr(self, name) < 1:
                 raise FairforgetError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise FairforgetError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.protect_top < 0 or self.protect_examples < 1 or self.localize_per_category < 0:
             raise FairforgetError("--protect-top and --localize-per-category must be >= 0, --protect-examples >= 1")
         if self.recovery_lr is not None and self.recovery_lr <= 0:
@@ -300,14 +307,17 @@ def main(cfg: Config) -> None:
         lr = cfg.recovery_lr or (2e-4 if cfg.recovery == "lora" else 1e-5)
         model = prepare_model(model, cfg.recovery, cfg.lora_targets or None, cfg.lora_r, cfg.lora_alpha,
                               cfg.lora_dropout, cfg.seed)
+        resume = Checkpointer(cfg.models_dir / "recovered" / f"{name}_resume", cfg.checkpoint_every,
+                              fingerprint=config_to_dict(cfg))
         history = finetune_answers(model, tokenizer, [full[i] for i in disambig],
                                    [gold_letter(e, orders[i]) for e, i in zip(train, disambig)], LETTERS,
-                                   cfg.recovery_epochs, cfg.recovery_batch_size, lr, cfg.seed)
+                                   cfg.recovery_epochs, cfg.recovery_batch_size, lr, cfg.seed, checkpoint=resume)
         model = merged(model)
         timings["recovery"] = time.time() - start
         write_csv(out / "recovery_log.csv", [vars(h) for h in history])
         save_model(model, tokenizer, cfg.models_dir / "recovered" / name,
                    dict(info, recovery=cfg.recovery, recovery_lr=lr, recovery_examples=len(train)))
+        resume.clear()
         epochs = {h.epoch: [] for h in history}
         for h in history:
             epochs[h.epoch].append(h.loss)

@@ -130,9 +130,11 @@ def test_stage_script_under_torchrun_writes_the_single_process_result(tmp_path, 
     args = [script, "--model", str(model), "--data", str(shared_data / "stereoset" / "dev.json"), "--limit", "30",
             "--batch-size", "8", "--n-boot", "50", "--device", "cpu"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    single = subprocess.run([sys.executable, *args, "--out", "one"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert single.returncode == 0, single.stderr
+    from conftest import load_script
+    from fairforget.config import run_script
+
+    stage = load_script("13_evaluate_stereoset.py")  # one process: the same entry point, in this interpreter
+    run_script(stage.main, stage.Config(), args[1:] + ["--out", str(tmp_path / "one")])
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
               str(_free_port())]
     double = subprocess.run([*launch, *args, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -136,10 +136,10 @@ def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer,
         model = str(save_tiny_model("gpt2", tokenizer, tmp_path / f"m{seed}", seed=seed))
         for module, script, out, data, size in (
                 (ss, "13_evaluate_stereoset.py", tmp_path / "outputs/stereoset" / label, shared_data / "stereoset/dev.json",
-                 {"limit": 24}),
+                 {"limit": 12}),
                 (cr, "15_evaluate_crows.py", tmp_path / "outputs/crows" / label,
-                 shared_data / "crows_pairs/data/crows_pairs_anonymized.csv", {"limit": 20})):
-            module.main(module.Config(model=model, data=data, out=out, n_boot=50, device="cpu", **size))
+                 shared_data / "crows_pairs/data/crows_pairs_anonymized.csv", {"limit": 10})):
+            module.main(module.Config(model=model, data=data, out=out, n_boot=20, device="cpu", **size))
             stages.append(Stage(f"{script[:2]} x {label}", script, {"out": out}, [], [out], "pcgu"))
     results = [pipeline.StageResult(s.name, s.pipeline, "ran", 1.0, "", f"scripts/{s.script}") for s in stages]
     report = tmp_path / "outputs" / "report.md"

@@ -119,12 +119,26 @@ def test_recovery_finetuning_resumes(tmp_path, tokenizer, tiny_models):
 # ---- the stage scripts, killed for real -------------------------------------------------------------------------
 
 
-def _run(args: list[str], cwd: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop(KILL_ENV, None)
-    if kill_at is not None:
-        env[KILL_ENV] = str(kill_at)
+def _killed(args: list[str], cwd: Path, kill_at: int) -> subprocess.CompletedProcess:
+    """The stage as a subprocess that SIGKILLs itself right after writing the checkpoint of step ``kill_at``."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **{KILL_ENV: str(kill_at)})
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _in_process(args: list[str], cwd: Path, capsys) -> str:
+    """The same stage command run through its ``run_script`` entry point in this process; returns its stdout."""
+    from conftest import load_script
+    from fairforget.config import run_script
+
+    module = load_script(Path(args[0]).name)
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        capsys.readouterr()
+        run_script(module.main, module.Config(), args[1:])
+    finally:
+        os.chdir(previous)
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -149,28 +163,26 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert worst <= 1e-6, worst
 
 
-def test_lora_stage_killed_by_sigkill_resumes_to_the_same_adapter(tmp_path, tiny_folder, shared_data):
+def test_lora_stage_killed_by_sigkill_resumes_to_the_same_adapter(tmp_path, tiny_folder, shared_data, capsys):
     script = str(REPO / "scripts" / "11_finetune_lora.py")
     args = [script, "--model", str(tiny_folder), "--sentences",
             str(shared_data / "winogender" / "data" / "all_sentences.tsv"), "--limit", "24", "--epochs", "2",
             "--batch-size", "4", "--checkpoint-every", "3", "--device", "cpu"]
-    whole = _run(args + ["--out", "a/adapter"], tmp_path)
-    assert whole.returncode == 0, whole.stderr
+    _in_process(args + ["--out", "a/adapter"], tmp_path, capsys)
 
-    killed = _run(args + ["--out", "b/adapter"], tmp_path, kill_at=6)
-    assert killed.returncode == -signal.SIGKILL
+    killed = _killed(args + ["--out", "b/adapter"], tmp_path, kill_at=6)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "b" / "adapter").exists()  # nothing final was written
     assert latest_checkpoint(tmp_path / "b" / "adapter_resume").name == "step-00000006"
 
-    resumed = _run(args + ["--out", "b/adapter"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout and "(step 6)" in resumed.stdout
+    resumed = _in_process(args + ["--out", "b/adapter"], tmp_path, capsys)
+    assert "resuming from" in resumed and "(step 6)" in resumed
     _assert_same_weights(tmp_path / "a" / "adapter", tmp_path / "b" / "adapter")
     assert (tmp_path / "a/adapter_log/loss.csv").read_text() == (tmp_path / "b/adapter_log/loss.csv").read_text()
     assert not (tmp_path / "b" / "adapter_resume").exists()  # cleared once the adapter is written
 
 
-def test_pcgu_stage_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_folder, shared_data):
+def test_pcgu_stage_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_folder, shared_data, capsys):
     from fairforget.winogender import load_winogender_pairs, write_pairs_tsv
 
     wino = shared_data / "winogender" / "data"
@@ -181,16 +193,14 @@ def test_pcgu_stage_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_fo
             str(shared_data / "stereoset" / "dev.json"), "--epochs", "2", "--batch-size", "4", "--k", "500",
             "--lr", "1e-3", "--selection-limit", "12", "--n-boot", "10", "--checkpoint-every", "4",
             "--device", "cpu"]
-    whole = _run(args + ["--out", "a/debiased", "--log-dir", "a/log"], tmp_path)
-    assert whole.returncode == 0, whole.stderr
+    _in_process(args + ["--out", "a/debiased", "--log-dir", "a/log"], tmp_path, capsys)
 
     # 6 steps per epoch: step 8 is in the middle of epoch 2
-    killed = _run(args + ["--out", "b/debiased", "--log-dir", "b/log"], tmp_path, kill_at=8)
-    assert killed.returncode == -signal.SIGKILL
+    killed = _killed(args + ["--out", "b/debiased", "--log-dir", "b/log"], tmp_path, kill_at=8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "b" / "debiased").exists()
-    resumed = _run(args + ["--out", "b/debiased", "--log-dir", "b/log"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "(step 8)" in resumed.stdout
+    resumed = _in_process(args + ["--out", "b/debiased", "--log-dir", "b/log"], tmp_path, capsys)
+    assert "(step 8)" in resumed
     _assert_same_weights(tmp_path / "a" / "debiased", tmp_path / "b" / "debiased")
     for name, timing in (("unlearning_log.csv", "seconds"), ("epochs.csv", "train_seconds")):
         assert _rows_without(tmp_path / "a/log" / name, timing) == _rows_without(tmp_path / "b/log" / name, timing)
