@@ -48,6 +48,16 @@ def test_quick_plan_chains_the_stages(tmp_path):
     assert by["12 PCGU unlearning"].command(2)[1].endswith("12_pcgu_unlearn.py")
 
 
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_every_planned_command_parses_with_its_stage_config(preset):
+    from fairforget.config import build_parser
+
+    for stage in build_plan(preset):
+        module = load_script(stage.script)
+        parsed = vars(build_parser(module.Config()).parse_args(stage.argv()))
+        assert set(parsed) - {"config"} == {k for k, v in stage.args.items() if v is not None}, stage.name
+
+
 def test_full_plan_uses_the_predecessors_models_and_every_example():
     stages = build_plan("full", ["pcgu", "bbq"])
     by = {s.name: s for s in stages}

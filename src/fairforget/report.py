@@ -188,7 +188,10 @@ def _bbq(page: _Page, stages: Sequence[Stage]) -> None:
     from .bbq_metrics import compare_runs
 
     header = ["category", "n", "accuracy", "s_DIS", "s_AMB"]
-    for label, stage, out in _runs(stages, "20_evaluate_bbq.py"):
+    runs = _runs(stages, "20_evaluate_bbq.py")
+    if not runs:
+        page.add("### BBQ (stage 20)\n\nNot run.\n")
+    for label, stage, out in runs:
         m = read_json(out / "metrics.json")
         page.add(f"### BBQ, {label} (stage 20)\n\n{m.get('definition', '')} 95% bootstrap intervals.\n")
         page.add(_table(header, _bbq_rows(m)))
@@ -238,9 +241,11 @@ def _provenance(page: _Page, results: Sequence[StageResult], data_root: Path) ->
     if manifest.is_file():
         data = read_json(manifest)
         files = data.get("files", []) if isinstance(data, dict) else data  # the fetch step's, or a mirror's list
-        page.add(f"Data: {len(files)} files verified against their pinned sha256 ({page.link(manifest, 'MANIFEST.json')}):\n")
+        page.add(f"Data: {len(files)} files verified against their pinned sha256 "
+                 f"({page.link(manifest, 'MANIFEST.json')}).\n\n<details><summary>files</summary>\n")
         page.add(_table(["file", "sha256", "upstream"],
                         [[f["file"], f"`{f['sha256'][:16]}...`", f["upstream"]] for f in files]))
+        page.add("</details>\n")
     page.add("Every results folder holds `metrics.json` with the full provenance block (resolved config, seed, "
              "package versions, data sha256, prompt template hashes) and `items.jsonl` with per-item scores.\n")
     page.add("Commands, in order:\n")
