@@ -172,3 +172,29 @@ def test_cli_rejects_a_bad_flag_value(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--nproc must be at least 1" in done.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tiny_models, shared_data):
+    from fairforget.bbq import evaluate_bbq, load_bbq, sample_per_category, write_bbq_run
+    from fairforget.report import build_report
+    from fairforget.tiny import build_tiny_model
+
+    examples = sample_per_category(load_bbq(shared_data / "bbq", ["Age", "Religion"]).examples, 8, 0)
+    out = tmp_path / "outputs"
+    models = {"before": tiny_models["llama"], "pruned": build_tiny_model("llama", tokenizer, seed=3)}
+    for name, model in models.items():
+        metrics, items = evaluate_bbq(model, tokenizer, examples, "letter", "off", 8, 50, 0)
+        write_bbq_run(out / "mitigation" / "m" / name, metrics, items, {"seed": 0})
+    write_bbq_run(out / "bbq" / "m", metrics, items, {"seed": 0})
+    (out / "mitigation" / "m" / "metrics.json").write_text(json.dumps(
+        {"n_mitigation": 16, "n_held_out": len(examples), "heads_pruned": 3, "heads_by_strength": {"0.5": 3},
+         "protected": [], "n_recovery_examples": 0}))
+    stages = [Stage("20 BBQ before", "20_evaluate_bbq.py", {"out": out / "bbq" / "m"}, [], [out / "bbq" / "m"], "bbq"),
+              Stage("22 heads", "22_mitigate_heads.py", {"out": out / "mitigation" / "m"}, [],
+                    [out / "mitigation" / "m"], "bbq")]
+    text = build_report(stages, [], out / "report.md", "test", 1.0, tmp_path / "no-data")
+    overall = json.loads((out / "mitigation/m/pruned/metrics.json").read_text())["overall"]
+    low, high = overall["s_amb_ci"]
+    assert f"| pruned | {overall['n']} |" in text and f"{overall['s_amb']:+.3f} [{low:+.3f}, {high:+.3f}]" in text
+    assert "| before -> pruned |" in text and "### BBQ, before (stage 20)" in text
+    assert "Pipeline 1" not in text
