@@ -326,7 +326,8 @@ def main(cfg: Config) -> None:
         evaluate("recovered")
 
     final = "recovered" if "recovered" in metrics else "pruned"
-    write_csv(out / "unlearning_results.csv", results_rows(metrics, comparisons))
+    rows = results_rows(metrics, comparisons)
+    write_csv(out / "unlearning_results.csv", rows, list(dict.fromkeys(k for row in rows for k in row)))
     write_text(out / "bias_scores_after.txt",
                f"BBQ on held-out templates after head pruning{' and recovery' if final == 'recovered' else ''} "
                f"({final}); {metrics[final]['definition']}\n\n{format_table(metrics[final])}"
