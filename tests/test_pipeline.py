@@ -17,7 +17,9 @@ from fairforget.pipeline import Stage, build_plan, run_stages, why_not_done
 FAKE_STAGE = '''
 import argparse, pathlib, sys
 p = argparse.ArgumentParser()
-p.add_argument("--src"); p.add_argument("--dst"); p.add_argument("--suffix", default=""); p.add_argument("--fail", action="store_true")
+for name in ("--src", "--dst", "--suffix"):
+    p.add_argument(name, default="")
+p.add_argument("--fail", action="store_true")
 a = p.parse_args()
 if a.fail:
     print("error: the input is broken", file=sys.stderr); sys.exit(2)
@@ -145,8 +147,8 @@ def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer,
     for label, seed in (("base", 0), ("debiased", 1)):
         model = str(save_tiny_model("gpt2", tokenizer, tmp_path / f"m{seed}", seed=seed))
         for module, script, out, data, size in (
-                (ss, "13_evaluate_stereoset.py", tmp_path / "outputs/stereoset" / label, shared_data / "stereoset/dev.json",
-                 {"limit": 12}),
+                (ss, "13_evaluate_stereoset.py", tmp_path / "outputs/stereoset" / label,
+                 shared_data / "stereoset/dev.json", {"limit": 12}),
                 (cr, "15_evaluate_crows.py", tmp_path / "outputs/crows" / label,
                  shared_data / "crows_pairs/data/crows_pairs_anonymized.csv", {"limit": 10})):
             module.main(module.Config(model=model, data=data, out=out, n_boot=20, device="cpu", **size))

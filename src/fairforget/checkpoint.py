@@ -94,8 +94,7 @@ def latest_checkpoint(root: Path | str) -> Path | None:
     return max(steps, key=lambda p: p.name, default=None)
 
 
-def load_training_state(folder: Path | str, params: dict[str, torch.Tensor], optimizer: Any = None,
-                        restore_rng: bool = True) -> dict[str, Any]:
+def load_training_state(folder: Path | str, params: dict[str, torch.Tensor], optimizer: Any = None) -> dict[str, Any]:
     """Copy a saved state into ``params`` (same names and shapes) and ``optimizer``; restore this process's
     RNG state; return the state (``step``, ``extra``, ``fingerprint``)."""
     path = Path(folder) / STATE_FILE
@@ -116,8 +115,7 @@ def load_training_state(folder: Path | str, params: dict[str, torch.Tensor], opt
             p.copy_(saved[name].to(p.device, p.dtype))
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
-    if restore_rng:
-        set_rng_state(state["rng"][min(distributed.rank(), len(state["rng"]) - 1)])
+    set_rng_state(state["rng"][min(distributed.rank(), len(state["rng"]) - 1)])
     return state
 
 
@@ -125,8 +123,9 @@ class Checkpointer:
     """Saves a loop's training state every ``every`` steps under ``folder`` and resumes from it.
 
     ``folder=None`` disables it: every method is then a no-op, so library loops can take a Checkpointer
-    unconditionally. ``every=0`` saves only when :meth:`save` is called (e.g. at epoch ends). ``fingerprint`` identifies the run's settings: a checkpoint made with
-    other settings is not resumed (it is removed, with a message).
+    unconditionally. ``every=0`` saves only when :meth:`save` is called (e.g. at epoch ends).
+    ``fingerprint`` identifies the run's settings: a checkpoint made with other settings is not resumed (it
+    is removed, with a message).
     """
 
     def __init__(self, folder: Path | str | None, every: int = 0, fingerprint: Any = None, keep: int = 1,

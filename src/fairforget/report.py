@@ -108,7 +108,8 @@ def _stereoset(page: _Page, stages: Sequence[Stage]) -> None:
             if split in c:
                 s = c[split]
                 rows.append([f"{before} -> {after}", split, s["n"], f"{s['ss_micro_before']:.2f}",
-                             f"{s['ss_micro_after']:.2f}", _ci(s["delta_ss_micro"], s["delta_ss_micro_ci"], signed=True),
+                             f"{s['ss_micro_after']:.2f}",
+                             _ci(s["delta_ss_micro"], s["delta_ss_micro_ci"], signed=True),
                              f"{s['true_before_only']} / {s['true_after_only']}", _p(s["p_value"])])
     if rows:
         page.add("Paired comparisons on the same examples (micro SS; stereotype-preferred decisions that flipped "
