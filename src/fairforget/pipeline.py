@@ -181,22 +181,31 @@ def run_stages(stages: Sequence[Stage], force: bool = False, nproc: int = 1, cwd
             continue
         log(f"{head} ({reason}): {shown}")
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=cwd, env=dict(os.environ, **(env or {})), capture_output=True,
-                              text=True)
+        returncode, errors = _run_streaming(command, cwd, dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), log)
         seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            log(f"{head} FAILED after {seconds:.0f} s (exit {done.returncode}):\n" + "\n".join(lines[-15:]))
-            results.append(StageResult(stage.name, stage.pipeline, "failed", seconds,
-                                       lines[-1] if lines else f"exit {done.returncode}", shown))
+        if returncode != 0:
+            log(f"{head} FAILED after {seconds:.0f} s (exit {returncode}):\n" + "\n".join(errors[-15:]))
+            message = [line for line in errors if line.startswith("error: ")] or errors or [f"exit {returncode}"]
+            results.append(StageResult(stage.name, stage.pipeline, "failed", seconds, message[-1], shown))
             break
-        summary = [line for line in done.stdout.strip().splitlines() if line.strip()][-3:]
-        for line in summary:
-            log(f"    {line}")
         write_record(stage, hasher, seconds)
         log(f"    ({seconds:.0f} s)")
         results.append(StageResult(stage.name, stage.pipeline, "ran", seconds, "", shown))
     return results
+
+
+def _run_streaming(command: list[str], cwd: Path | None, env: dict[str, str],
+                   log: Callable[[str], None]) -> tuple[int, list[str]]:
+    """Run ``command``, passing its stdout lines to ``log`` as they come; return (exit status, stderr lines)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as errors:
+        with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors, text=True) as proc:
+            for line in proc.stdout:
+                if line.strip():
+                    log(f"    {line.rstrip()}")
+        errors.seek(0)
+        return proc.returncode, [line.rstrip() for line in errors if line.strip()]
 
 
 # ---- presets ------------------------------------------------------------------------------------------------
