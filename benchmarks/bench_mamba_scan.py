@@ -10,8 +10,8 @@ time at 32..256 tokens to show linear growth.
 """
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from transformers import MambaConfig, MambaForCausalLM
@@ -19,26 +19,13 @@ from transformers.utils import logging as hf_logging
 
 from fairforget.mamba_scan import disable_fast_mamba, enable_fast_mamba, native_library
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_gflops, median_seconds  # noqa: E402
+
 BATCH = 8
 MAMBA_130M = MambaConfig(
     hidden_size=768, num_hidden_layers=24, vocab_size=50280, state_size=16, expand=2, conv_kernel=4
 )
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_gflops(repeats: int) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2 * 2048**3 / median_seconds(lambda: a @ b, repeats=max(repeats, 5), warmup=2) / 1e9
 
 
 def forward_step(model, input_ids):
@@ -72,7 +59,7 @@ def main():
     torch.manual_seed(0)
     model = MambaForCausalLM(MAMBA_130M)
     params = sum(p.numel() for p in model.parameters())
-    gflops = matmul_gflops(repeats)
+    gflops = matmul_gflops(repeats=max(repeats, 5))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"fast scan backend: {'native C' if native_library() is not None else 'pure PyTorch'}")
     print(f"Mamba-130M random init: {params / 1e6:.1f}M params; fp32 matmul {gflops:.0f} GFLOP/s (2048^3)\n")
