@@ -49,7 +49,7 @@ def _workload(data: Path, tokenizer, rank_dir: Path | None = None) -> dict:
 
         write_json(rank_dir / "written.json", {"rank": distributed.rank()})
     return {"stereoset": ss_items, "crows": crows_items, "bbq_letter": letter_items, "bbq_answer": answer_items,
-            "loss": [h.loss for h in history], "tokens": [h.n_tokens for h in history],
+            "loss": [h.loss for h in history], "tokens": [h.n_items for h in history],
             "lora": {n: p.detach().clone() for n, p in lora.named_parameters() if "lora_" in n}}
 
 

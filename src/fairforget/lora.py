@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +19,7 @@ from . import distributed
 from .checkpoint import Checkpointer
 from .errors import FairforgetError
 from .scoring import collate, encode, token_logprobs
+from .training import StepLog, shuffled_batches, start_training
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +84,6 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], n_tokens: float | None =
     return -sums.sum() / (counts.sum().clamp(min=1) if n_tokens is None else max(n_tokens, 1))
 
 
-@dataclass
-class StepLog:
-    epoch: int
-    step: int
-    loss: float
-    n_tokens: int
-
-
 def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, batch_size: int = 8,
              lr: float = 5e-5, weight_decay: float = 0.0, seed: int = 0,
              checkpoint: Checkpointer | None = None,
@@ -107,44 +98,27 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
         raise FairforgetError("no training sentences")
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, "", text) for text in texts]
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    if not params:
-        raise FairforgetError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    checkpoint = checkpoint or Checkpointer(None)
-    history = [StepLog(**h) for h in checkpoint.resume(named, optimizer).get("history", [])]
-    model.train()
-    step = 0
-    for epoch in range(1, epochs + 1):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            step += 1
-            if checkpoint.done(step):
-                continue
-            mine = distributed.shard(order[start: start + batch_size])  # all of it in one process
-            batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id, device) if mine else None
-            n_tokens = distributed.all_sum(int(batch["target_mask"].sum()) if mine else 0)
-            # fewer examples than processes: this process contributes zero loss and zero gradients
-            loss = lm_loss(model, batch, n_tokens) if mine else torch.zeros((), device=device)
-            batch_loss = distributed.all_sum(float(loss.detach()))
-            if not math.isfinite(batch_loss):
-                raise FairforgetError(f"the training loss became non-finite at epoch {epoch}, step {step}; "
-                                      f"lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            if mine:
-                loss.backward()
-            distributed.sum_gradients(params)
-            optimizer.step()
-            history.append(StepLog(epoch, step, batch_loss, n_tokens))
-            if on_step is not None:
-                on_step(history[-1])
-            checkpoint.after_step(step, lambda: {"history": [vars(h) for h in history]})
+    run = start_training(model, lr, weight_decay, seed, checkpoint)
+    for epoch, step, indices in shuffled_batches(len(encoded), epochs, batch_size, seed, run.checkpoint):
+        mine = distributed.shard(indices)  # all of it in one process
+        batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id, device) if mine else None
+        n_tokens = distributed.all_sum(int(batch["target_mask"].sum()) if mine else 0)
+        # fewer examples than processes: this process contributes zero loss and zero gradients
+        loss = lm_loss(model, batch, n_tokens) if mine else torch.zeros((), device=device)
+        batch_loss = distributed.all_sum(float(loss.detach()))
+        if not math.isfinite(batch_loss):
+            raise FairforgetError(f"the training loss became non-finite at epoch {epoch}, step {step}; "
+                                  f"lower --lr")
+        run.optimizer.zero_grad(set_to_none=True)
+        if mine:
+            loss.backward()
+        distributed.sum_gradients(run.params)
+        run.optimizer.step()
+        run.log(StepLog(epoch, step, batch_loss, n_tokens))
+        if on_step is not None:
+            on_step(run.history[-1])
     model.eval()
-    return history
+    return run.history
 
 
 def mean_loss(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> float:

@@ -10,8 +10,6 @@ exactly their scale.
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
@@ -21,16 +19,9 @@ from .choice_scoring import letter_token_ids
 from .errors import FairforgetError
 from .heads import batch_prompts, head_layout, letter_logprobs_and_heads
 from .lora import add_lora, target_modules
+from .training import StepLog, shuffled_batches, start_training
 
 Mode = Literal["lora", "full"]
-
-
-@dataclass
-class StepLog:
-    epoch: int
-    step: int
-    loss: float
-    n_examples: int
 
 
 def answer_loss(model: Any, batch: dict[str, torch.Tensor], gold: torch.Tensor,
@@ -78,40 +69,22 @@ def finetune_answers(model: Any, tokenizer: Any, prompts: Sequence[str], gold: S
         raise FairforgetError(f"gold answer indices must lie in 0..{len(letters) - 1}")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise FairforgetError(f"recovery needs epochs >= 1, batch size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    if not params:
-        raise FairforgetError("the model has no trainable parameters")
     device = next(model.parameters()).device
     variants = letter_token_ids(tokenizer, letters)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    checkpoint = checkpoint or Checkpointer(None)
-    history = [StepLog(**h) for h in checkpoint.resume(named, optimizer).get("history", [])]
-    model.train()
-    step = 0
-    for epoch in range(1, epochs + 1):
-        order = list(range(len(prompts)))
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            step += 1
-            if checkpoint.done(step):
-                continue
-            idx = order[start: start + batch_size]
-            batch = batch_prompts(tokenizer, [prompts[i] for i in idx], device)
-            loss = answer_loss(model, batch, torch.tensor([gold[i] for i in idx]), variants)
-            if not torch.isfinite(loss):
-                raise FairforgetError(f"the recovery loss became non-finite at epoch {epoch}, step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append(StepLog(epoch, step, float(loss.detach()), len(idx)))
-            checkpoint.after_step(step, lambda: {"history": [vars(h) for h in history]})
+    run = start_training(model, lr, 0.0, seed, checkpoint)
+    for epoch, step, idx in shuffled_batches(len(prompts), epochs, batch_size, seed, run.checkpoint):
+        batch = batch_prompts(tokenizer, [prompts[i] for i in idx], device)
+        loss = answer_loss(model, batch, torch.tensor([gold[i] for i in idx]), variants)
+        if not torch.isfinite(loss):
+            raise FairforgetError(f"the recovery loss became non-finite at epoch {epoch}, step {step}; lower --lr")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.log(StepLog(epoch, step, float(loss.detach()), len(idx)))
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    return history
+    return run.history
 
 
 def merged(model: Any) -> Any:

@@ -1,0 +1,65 @@
+"""The skeleton every fairforget training loop shares: trainable parameters, seeded AdamW, shuffled batches
+that skip the steps a resumed run has already done, and the per-step log."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .checkpoint import Checkpointer
+from .errors import FairforgetError
+
+
+@dataclass
+class StepLog:
+    epoch: int
+    step: int
+    loss: float
+    n_items: int  # tokens (language-model loss) or examples (answer loss) in the batch
+
+
+@dataclass
+class TrainingRun:
+    """Parameters, optimizer and log of one training run, resumed from ``checkpoint`` where it has a state."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    checkpoint: Checkpointer
+    history: list[StepLog] = field(default_factory=list)
+
+    def log(self, entry: StepLog) -> None:
+        """Record a finished step and let the checkpointer save the state when it is due."""
+        self.history.append(entry)
+        self.checkpoint.after_step(entry.step, lambda: {"history": [vars(h) for h in self.history]})
+
+
+def start_training(model: Any, lr: float, weight_decay: float, seed: int,
+                   checkpoint: Checkpointer | None) -> TrainingRun:
+    """AdamW over ``model``'s trainable parameters, torch seeded, state and log restored from ``checkpoint``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise FairforgetError("the model has no trainable parameters")
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    checkpoint = checkpoint or Checkpointer(None)
+    history = [StepLog(**h) for h in checkpoint.resume(named, optimizer).get("history", [])]
+    model.train()
+    return TrainingRun(params, optimizer, checkpoint, history)
+
+
+def shuffled_batches(n_items: int, epochs: int, batch_size: int, seed: int,
+                     checkpoint: Checkpointer) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, step, item indices) for each step not yet done; the order is reshuffled each epoch (seeded)."""
+    rng = random.Random(seed)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        order = list(range(n_items))
+        rng.shuffle(order)
+        for start in range(0, n_items, batch_size):
+            step += 1
+            if not checkpoint.done(step):
+                yield epoch, step, order[start: start + batch_size]
