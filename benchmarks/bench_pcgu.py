@@ -8,8 +8,7 @@ at most 15% to the two passes. Prints median seconds and ratios.
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +21,9 @@ from fairforget.pcgu import encode_pairs, gradients, partition_cosines, partitio
 from fairforget.scoring import collate
 from fairforget.winogender import load_winogender_pairs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_seconds  # noqa: E402
+
 
 @dataclass
 class Config:
@@ -33,15 +35,6 @@ class Config:
     loop_tensors: int = 12  # tensors timed with the per-row Python loop (it is slow)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "cpu"
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(cfg: Config) -> None:
@@ -62,8 +55,8 @@ def main(cfg: Config) -> None:
     step()  # warm-up
     t_passes, t_step = [], []
     for _ in range(cfg.repeats):  # interleaved, so load changes hit both alike
-        t_passes.append(_median_seconds(passes, 1))
-        t_step.append(_median_seconds(step, 1))
+        t_passes.append(median_seconds(passes, repeats=1, warmup=0))
+        t_step.append(median_seconds(step, repeats=1, warmup=0))
     passes_s, step_s = statistics.median(t_passes), statistics.median(t_step)
     print(f"{loaded.name}: batch {cfg.batch_size} pairs, {sum(t.n_partitions for t in tensors):,} row partitions")
     print(f"two forward+backward passes: {passes_s:.3f} s; full PCGU step: {step_s:.3f} s; "
@@ -84,7 +77,7 @@ def main(cfg: Config) -> None:
                                      for r in range(a.shape[0])]))
         return out
 
-    t_vec, t_loop = _median_seconds(vectorised, cfg.repeats), _median_seconds(per_row, 1)
+    t_vec, t_loop = median_seconds(vectorised, repeats=cfg.repeats, warmup=0), median_seconds(per_row, repeats=1, warmup=0)
     rows = sum(tensors[i].n_partitions for i in subset)
     print(f"cosines of {rows:,} rows in {len(subset)} tensors: vectorised {t_vec:.4f} s, per-row loop {t_loop:.3f} s, "
           f"speed-up {t_loop / t_vec:.1f}x")
