@@ -77,7 +77,8 @@ def main(cfg: Config) -> None:
                                      for r in range(a.shape[0])]))
         return out
 
-    t_vec, t_loop = median_seconds(vectorised, repeats=cfg.repeats, warmup=0), median_seconds(per_row, repeats=1, warmup=0)
+    t_vec = median_seconds(vectorised, repeats=cfg.repeats, warmup=0)
+    t_loop = median_seconds(per_row, repeats=1, warmup=0)
     rows = sum(tensors[i].n_partitions for i in subset)
     print(f"cosines of {rows:,} rows in {len(subset)} tensors: vectorised {t_vec:.4f} s, per-row loop {t_loop:.3f} s, "
           f"speed-up {t_loop / t_vec:.1f}x")
