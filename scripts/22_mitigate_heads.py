@@ -50,7 +50,7 @@ from fairforget.heads import (PRESET_STRENGTHS, PRESET_THRESHOLDS, batch_prompts
                               pruning_strengths, scale_heads)
 from fairforget.localization import run_localization
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
-from fairforget.plots import interval_bars
+from fairforget.plots import interval_bars, layer_head_panel
 from fairforget.recovery import finetune_answers, merged, prepare_model
 from fairforget.template_split import split_by_template
 
@@ -150,7 +150,6 @@ def plot_correlation(path: Path, r: dict[str, torch.Tensor], strengths: torch.Te
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     from fairforget.artifacts import save_figure
 
@@ -159,12 +158,7 @@ def plot_correlation(path: Path, r: dict[str, torch.Tensor], strengths: torch.Te
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 7.0), sharey=True)
     for ax, (name, matrix, cmap, (low, high)) in zip(axes, panels):
         bound = max(abs(matrix).max(), 1e-6) if low < 0 else high
-        image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=-bound if low < 0 else low, vmax=bound,
-                          origin="lower")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("head")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.colorbar(image, ax=ax, fraction=0.05)
+        layer_head_panel(fig, ax, matrix, name, cmap, -bound if low < 0 else low, bound, fontsize=9)
     axes[0].set_ylabel("layer")
     fig.suptitle(title)
     save_figure(fig, path)

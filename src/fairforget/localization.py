@@ -252,17 +252,13 @@ def plot_heads(path: Path | str, stats: dict[str, np.ndarray], title: str) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     from .artifacts import save_figure
+    from .plots import layer_head_panel
 
     fig, axes = plt.subplots(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
     for ax, name in zip(axes, HEAD_STATS):
-        image = ax.imshow(stats[name], aspect="auto", cmap="viridis", origin="lower")
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("head")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.colorbar(image, ax=ax, fraction=0.05)
+        layer_head_panel(fig, ax, stats[name], name)
     axes[0].set_ylabel("layer")
     fig.suptitle(title)
     save_figure(fig, path)
@@ -307,19 +303,15 @@ def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     from .artifacts import save_figure
+    from .plots import layer_head_panel
 
     fig, axes = plt.subplots(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
     for ax, name in zip(axes, HEAD_STATS):
         diff = after[name] - before[name]
         bound = float(np.abs(diff).max()) or 1.0
-        image = ax.imshow(diff, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower")
-        ax.set_title(f"{name}\nafter - before", fontsize=8)
-        ax.set_xlabel("head")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.colorbar(image, ax=ax, fraction=0.05)
+        layer_head_panel(fig, ax, diff, f"{name}\nafter - before", "RdBu_r", -bound, bound)
     axes[0].set_ylabel("layer")
     fig.suptitle(title)
     save_figure(fig, path)

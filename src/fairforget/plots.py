@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .artifacts import save_figure  # noqa: E402
 
@@ -31,3 +32,13 @@ def interval_bars(path: Path | str, groups: Sequence[str], series: dict[str, tup
     ax.set_title(title)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def layer_head_panel(fig, ax, matrix, title: str, cmap: str = "viridis", vmin: float | None = None,
+                     vmax: float | None = None, fontsize: int = 8) -> None:
+    """One layer x head heatmap on ``ax`` (layers up, integer head ticks) with its colour bar."""
+    image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("head")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=ax, fraction=0.05)
