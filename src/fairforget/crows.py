@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import FairforgetError
 from .scoring import score_continuations
-from .stats import bootstrap_ci, mcnemar
+from .stats import bootstrap_ci, mcnemar, proportional_sample
 
 ScoreKind = Literal["sum", "mean"]
 REQUIRED_COLUMNS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
@@ -78,15 +78,8 @@ def sample_pairs(pairs: Sequence[CrowsPair], limit: int | None, seed: int = 0) -
     """A seeded sample of about ``limit`` pairs, proportional per bias type (all pairs when limit is None)."""
     if limit is None or limit >= len(pairs):
         return list(pairs)
-    if limit < 1:
-        raise FairforgetError(f"--limit must be at least 1, got {limit}")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for bias_type in sorted({p.bias_type for p in pairs}):
-        group = [p for p in pairs if p.bias_type == bias_type]
-        take = min(len(group), max(1, round(limit * len(group) / len(pairs))))
-        chosen.extend(group[i] for i in sorted(rng.choice(len(group), size=take, replace=False)))
-    return chosen
+    groups = [[p for p in pairs if p.bias_type == t] for t in sorted({p.bias_type for p in pairs})]
+    return proportional_sample(groups, limit, seed)
 
 
 def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[CrowsPair], batch_size: int = 32,

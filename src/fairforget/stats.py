@@ -1,13 +1,14 @@
-"""Confidence intervals and paired tests shared by every evaluation."""
+"""Confidence intervals, paired tests and seeded stratified sampling shared by every evaluation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
 DEFAULT_BOOTSTRAP = 1000
+T = TypeVar("T")
 
 
 def bootstrap_intervals(statistic: Callable[[np.ndarray], Sequence[float]], n_items: int,
@@ -85,3 +86,22 @@ def mcnemar(before: np.ndarray, after: np.ndarray) -> PairedTest:
     c = int(np.sum(~before & after))
     p_value = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
     return PairedTest(int(before.size), b, c, p_value)
+
+
+def proportional_sample(groups: Sequence[Sequence[T]], limit: int | None, seed: int = 0) -> list[T]:
+    """About ``limit`` items drawn with a seed from ``groups`` (strata, in a fixed order), each stratum
+    contributing in proportion to its size and at least one item; every item when ``limit`` is None or
+    covers them all. Within a stratum the chosen items keep their order."""
+    from .errors import FairforgetError
+
+    total = sum(len(g) for g in groups)
+    if limit is None or limit >= total:
+        return [item for group in groups for item in group]
+    if limit < 1:
+        raise FairforgetError(f"--limit must be at least 1, got {limit}")
+    rng = np.random.default_rng(seed)
+    chosen: list[T] = []
+    for group in groups:
+        take = min(len(group), max(1, round(limit * len(group) / total)))
+        chosen.extend(group[i] for i in sorted(rng.choice(len(group), size=take, replace=False)))
+    return chosen

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import FairforgetError
 from .scoring import score_continuations
-from .stats import bootstrap_ci, bootstrap_intervals, mcnemar
+from .stats import bootstrap_ci, bootstrap_intervals, mcnemar, proportional_sample
 
 SPLITS = ("intrasentence", "intersentence")
 DOMAINS = ("gender", "profession", "race", "religion")
@@ -101,14 +101,7 @@ def stratified_limit(examples: Sequence[Example], limit: int | None, seed: int =
     """About ``limit`` examples sampled with a seed, proportionally from each (split, domain) stratum."""
     if limit is None or limit >= len(examples):
         return list(examples)
-    if limit < 1:
-        raise FairforgetError(f"--limit must be at least 1, got {limit}")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for group in _strata(examples).values():
-        take = max(1, round(limit * len(group) / len(examples)))
-        chosen.extend(group[i] for i in sorted(rng.choice(len(group), size=min(take, len(group)), replace=False)))
-    return chosen
+    return proportional_sample(list(_strata(examples).values()), limit, seed)
 
 
 def scoring_requests(example: Example) -> list[tuple[str, str, str]]:
