@@ -1,5 +1,6 @@
-"""BBQ answer-mode scoring: the prompt computed once and shared by its three options, against each option
-scored as its own full sequence (prompt + option), on SmolLM2-135M-Instruct, both in the same run.
+"""BBQ answer-mode scoring: the prompt computed once and shared by its three options (and the preamble common
+to all prompts computed once per call), against each option scored as its own full sequence (prompt +
+option), on SmolLM2-135M-Instruct, both in the same run.
 
     python benchmarks/bench_bbq.py [--quick] [--n 96] [--batch-size 8] [--repeats 3]
 
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from fairforget.bbq import answer_continuation, build_prompt, load_bbq, option_order, sample_per_category
-from fairforget.choice_scoring import encode_option, encode_prompt, option_logprobs, score_options_separately
+from fairforget.choice_scoring import (encode_option, encode_prompt, option_logprobs, score_options_separately,
+                                       shared_preamble)
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 
 
@@ -43,7 +45,10 @@ def main() -> None:
         prompt = build_prompt(e, order, chat_tokenizer=tokenizer)
         prompts.append(prompt)
         options.append([answer_continuation(prompt, e.answers[i]) for i in order])
-    prompt_tokens = sum(len(encode_prompt(tokenizer, p)) for p in prompts)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_tokens = sum(len(e) for e in encoded)
+    with torch.inference_mode():
+        preamble_tokens = shared_preamble(model, encoded, torch.device("cpu")).length
     option_tokens = sum(len(encode_option(tokenizer, o)) for opts in options for o in opts)
 
     def shared():
@@ -63,7 +68,8 @@ def main() -> None:
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     print(f"{len(prompts)} BBQ prompts x 3 options, {prompt_tokens / len(prompts):.0f} prompt tokens and "
-          f"{option_tokens / (3 * len(prompts)):.1f} option tokens on average, {torch.get_num_threads()} threads")
+          f"{option_tokens / (3 * len(prompts)):.1f} option tokens on average ({preamble_tokens} preamble tokens "
+          f"common to all prompts), {torch.get_num_threads()} threads")
     for label, times in (("wall", wall), ("CPU", cpu)):
         t_shared, t_separate = (statistics.median(times[k]) for k in ("shared", "separate"))
         print(f"{label:>4}: shared prompt {t_shared:7.2f} s ({len(prompts) / t_shared:5.2f} prompts/s), separate "

@@ -16,7 +16,7 @@ from fairforget.bbq import (CATEGORIES, Example, annotate_items, build_prompt, e
                             read_items, sample_per_category, write_bbq_run)
 from fairforget.bbq_metrics import bbq_metrics, compare_runs
 from fairforget.choice_scoring import (encode_prompt, option_letter_logprobs, option_letter_probs, option_logprobs,
-                                       score_options_separately)
+                                       score_options_separately, shared_preamble)
 from fairforget.errors import FairforgetError
 
 HEADER = ('"category","question_index","example_id","target_loc","label_type","Known_stereotyped_race",'
@@ -268,11 +268,17 @@ def models_to_check(tiny_models, tokenizer):
     return models
 
 
+# Prompts that share a preamble, as a chat template and the instruction make every BBQ prompt do.
+PREAMBLE = "Answer the multiple-choice question with the letter of the correct option.\n\n"
+
+
+@pytest.mark.parametrize("preamble", ["", PREAMBLE])
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_shared_prompt_scores_equal_separate_scores(tiny_models, tokenizer, batch_size):
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Who? A or B"}], tokenize=False,
+def test_shared_prompt_scores_equal_separate_scores(tiny_models, tokenizer, batch_size, preamble):
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": preamble + "Who? A or B"}], tokenize=False,
                                          add_generation_prompt=True)
-    prompts, options = PROMPTS + [chat], OPTIONS + [["Yes", "No", "Maybe not at all"]]
+    prompts = [preamble + p for p in PROMPTS] + [chat] * (preamble == "")
+    options = OPTIONS + [["Yes", "No", "Maybe not at all"]] * (preamble == "")
     for name, model in models_to_check(tiny_models, tokenizer).items():
         shared = option_logprobs(model, tokenizer, prompts, options, batch_size=batch_size)
         separate = score_options_separately(model, tokenizer, prompts, options, batch_size=1)
@@ -282,18 +288,33 @@ def test_shared_prompt_scores_equal_separate_scores(tiny_models, tokenizer, batc
                 assert s.logprob == pytest.approx(r.logprob, abs=1e-4), name
 
 
+@pytest.mark.parametrize("preamble", ["", PREAMBLE])
 @pytest.mark.parametrize("arch", ["llama", "mamba", "gpt2"])
-def test_letter_logprobs_match_full_forward(tiny_models, tokenizer, arch):
+def test_letter_logprobs_match_full_forward(tiny_models, tokenizer, arch, preamble):
     model = tiny_models[arch]
-    got = option_letter_logprobs(model, tokenizer, PROMPTS, "ABC", batch_size=2)
-    for prompt, row in zip(PROMPTS, got):
+    prompts = [preamble + p for p in PROMPTS]
+    got = option_letter_logprobs(model, tokenizer, prompts, "ABC", batch_size=2)
+    for prompt, row in zip(prompts, got):
         with torch.no_grad():
             logprobs = torch.log_softmax(model(torch.tensor([encode_prompt(tokenizer, prompt)])).logits[0, -1], -1)
         for letter, value in zip("ABC", row):
             ids = [tokenizer.convert_tokens_to_ids(t) for t in (letter, "Ġ" + letter)]
             assert value.item() == pytest.approx(torch.logsumexp(logprobs[ids], 0).item(), abs=1e-4)
-    probs = option_letter_probs(model, tokenizer, PROMPTS, "ABC", batch_size=3)
+    probs = option_letter_probs(model, tokenizer, prompts, "ABC", batch_size=3)
     torch.testing.assert_close(probs, torch.softmax(got, -1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mamba", "gpt2"])
+def test_common_preamble_is_the_longest_shared_prefix(tiny_models, tokenizer, arch):
+    encoded = [encode_prompt(tokenizer, PREAMBLE + p) for p in PROMPTS]
+    preamble = shared_preamble(tiny_models[arch], encoded, torch.device("cpu"))
+    if arch == "mamba":  # recurrent: nothing to share through a key/value cache
+        assert preamble.length == 0 and preamble.for_batch(3) is None
+        return
+    n = preamble.length
+    assert n >= len(encode_prompt(tokenizer, PREAMBLE)) - 1
+    assert all(ids[:n] == encoded[0][:n] for ids in encoded) and len({ids[n] for ids in encoded}) > 1
+    assert shared_preamble(tiny_models[arch], [encoded[0]] * 2, torch.device("cpu")).length == len(encoded[0]) - 1
 
 
 def test_answer_mode_items_record_both_rules(tiny_models, tokenizer):

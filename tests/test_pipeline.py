@@ -113,6 +113,24 @@ def test_stage_is_skipped_only_while_config_inputs_and_outputs_match(fake):
     assert any("(not run yet)" in line for line in lines) and any("skipped" in line for line in lines)
 
 
+def test_library_code_or_package_version_change_reruns_a_stage(fake, monkeypatch):
+    library = fake / "lib"
+    (library / "__pycache__").mkdir(parents=True)
+    (library / "metric.py").write_text("SCALE = 100\n")
+    monkeypatch.setattr(pipeline, "LIBRARY", library)
+    run = lambda: run_stages([_stage(fake)], log=lambda _: None)[0].status  # noqa: E731
+    assert run() == "ran" and run() == "skipped"
+    (library / "__pycache__" / "metric.cpython-311.pyc").write_bytes(b"cache")  # caches are not code
+    (library / "notes.txt").write_text("not code")
+    assert run() == "skipped"
+    (library / "metric.py").write_text("SCALE = 1\n")
+    assert why_not_done(_stage(fake), pipeline.Hasher()) == "changed: library_sha256"
+    assert run() == "ran" and run() == "skipped"
+    monkeypatch.setattr(pipeline, "package_versions", lambda: {"torch": "0.0"})
+    assert why_not_done(_stage(fake), pipeline.Hasher()) == "changed: packages"
+    assert _calls(fake) == 2
+
+
 def test_failure_stops_the_run_and_missing_stages_are_skipped(fake):
     lines: list[str] = []
     stages = [Stage("not landed", "nope.py", {}, [], [fake / "a"]),

@@ -16,20 +16,27 @@ Two modes:
   ignores a cached state). :func:`score_options_separately` scores each option as its own full
   sequence: the reference the shared computation is tested (equal within 1e-4) and benchmarked against.
 
+For attention models both modes also share the **common preamble**: the longest token prefix that all
+prompts of a call have in common (a chat template's system turn and the instruction, a third of a BBQ
+prompt) runs once, and every batch continues from a copy of its key/value cache.
+
 A prompt that already starts with the tokenizer's BOS text (a rendered chat template) is tokenized
 without special tokens, so BOS is never doubled; other prompts get the tokenizer's special tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from . import distributed
 from .errors import FairforgetError
-from .scoring import Encoded, Score, backbone_and_head, collate, hidden_states, length_sorted_batches, score_encoded
+from .scoring import Encoded, Score, backbone_and_head, collate, length_sorted_batches, score_encoded
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -63,14 +70,48 @@ def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[list[int]]:
     return result
 
 
-def _last_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int,
-                   device: torch.device) -> torch.Tensor:
-    """Log-softmax of the next-token logits after each prompt [batch, vocab] (right padding)."""
-    _, head = backbone_and_head(model)
-    batch = collate([Encoded(tuple(ids), len(ids)) for ids in prompt_ids], pad_id, device)
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
-    last = batch["attention_mask"].sum(dim=1) - 1
-    return torch.log_softmax(head(hidden[torch.arange(len(prompt_ids), device=device), last]).float(), dim=-1)
+@dataclass
+class Preamble:
+    """The key/value cache of the token prefix shared by all prompts of a call (empty: ``length`` 0)."""
+
+    length: int = 0
+    cache: Any = None
+
+    def for_batch(self, batch_size: int) -> Any:
+        """A fresh copy of the cache repeated over the batch (the forward pass appends to it)."""
+        if not self.length:
+            return None
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
+
+def shared_preamble(model: Any, prompt_ids: Sequence[Sequence[int]], device: torch.device) -> Preamble:
+    """Run the longest common token prefix of the prompts once (attention models), keeping each prompt
+    at least one token of its own; recurrent models get an empty preamble."""
+    body, _ = backbone_and_head(model)
+    if _is_recurrent(body) or not prompt_ids:
+        return Preamble()
+    prefix = os.path.commonprefix([list(p) for p in prompt_ids])[: min(len(p) for p in prompt_ids) - 1]
+    if not prefix:
+        return Preamble()
+    out = body(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    return Preamble(len(prefix), out.past_key_values)
+
+
+def _last_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+                   preamble: Preamble) -> torch.Tensor:
+    """Log-softmax of the next-token logits after each prompt [batch, vocab] (right padding); the prompts'
+    first ``preamble.length`` tokens come from its cache."""
+    body, head = backbone_and_head(model)
+    rest = [ids[preamble.length:] for ids in prompt_ids]
+    batch = collate([Encoded(tuple(ids), len(ids)) for ids in rest], pad_id, device)
+    mask = batch["attention_mask"]
+    full_mask = torch.cat([mask.new_ones(len(rest), preamble.length), mask], dim=1)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=full_mask,
+                  past_key_values=preamble.for_batch(len(rest)), use_cache=bool(preamble.length)).last_hidden_state
+    last = mask.sum(dim=1) - 1
+    return torch.log_softmax(head(hidden[torch.arange(len(rest), device=device), last]).float(), dim=-1)
 
 
 def option_letter_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], letters: Sequence[str] = "ABC",
@@ -88,8 +129,9 @@ def option_letter_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], l
     out = torch.empty(len(prompts), len(variants))
     done = []
     with torch.inference_mode():
+        preamble = shared_preamble(model, encoded, device)
         for idx in distributed.my_batches(length_sorted_batches([len(e) for e in encoded], batch_size)):
-            logprobs = _last_logprobs(model, [encoded[i] for i in idx], tokenizer.pad_token_id, device)
+            logprobs = _last_logprobs(model, [encoded[i] for i in idx], tokenizer.pad_token_id, device, preamble)
             columns = [torch.logsumexp(logprobs[:, ids], dim=-1) for ids in variants]
             done.append((idx, torch.stack(columns, dim=1).cpu()))
     for idx, rows in distributed.gather_batches(done):
@@ -128,22 +170,24 @@ def _split(scores: list[Score], option_ids: Sequence[Sequence[Any]]) -> list[lis
 
 
 def _tree_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Sequence[Sequence[Sequence[int]]],
-                pad_id: int, device: torch.device) -> list[list[Score]]:
+                pad_id: int, device: torch.device, preamble: Preamble) -> list[list[Score]]:
     """Attention models: each row is a prompt followed by all its options, in one forward pass.
 
-    A 4-D attention mask lets a prompt token see the earlier prompt tokens and an option token see the prompt
-    and its own option's earlier tokens; each option's position ids continue from the prompt's end. Every
-    option therefore gets exactly the attention inputs it would get as ``prompt + option`` alone, while the
-    prompt is computed once.
+    A 4-D attention mask lets a prompt token see the preamble and the earlier prompt tokens, and an option
+    token see the prompt and its own option's earlier tokens; each option's position ids continue from the
+    prompt's end. Every option therefore gets exactly the attention inputs it would get as ``prompt +
+    option`` alone, while the prompt is computed once (its first ``preamble.length`` tokens once per call).
     """
     body, head = backbone_and_head(model)
+    skip = preamble.length
     rows, segments, positions, targets = [], [], [], []  # targets: (row, predicting position, token id)
     for r, (prompt, opts) in enumerate(zip(prompt_ids, option_ids)):
-        ids, seg, pos = list(prompt), [0] * len(prompt), list(range(len(prompt)))
+        own = list(prompt[skip:])
+        ids, seg, pos = own, [0] * len(own), list(range(skip, len(prompt)))
         for k, opt in enumerate(opts, start=1):
             start = len(ids)
-            targets += [(r, len(prompt) - 1 if j == 0 else start + j - 1, t) for j, t in enumerate(opt)]
-            ids += opt
+            targets += [(r, len(own) - 1 if j == 0 else start + j - 1, t) for j, t in enumerate(opt)]
+            ids = ids + list(opt)
             seg += [k] * len(opt)
             pos += range(len(prompt), len(prompt) + len(opt))
         rows.append(ids)
@@ -160,10 +204,12 @@ def _tree_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Seq
     same_branch = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
     allowed = (index[None, :, None] >= index[None, None, :]) & same_branch & (seg[:, None, :] >= 0)
     allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves only (no fully masked row)
+    allowed = torch.cat([allowed.new_ones(len(rows), width, skip), allowed], dim=2)  # everyone sees the preamble
     dtype = head.weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
     hidden = body(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                  position_ids=position_ids.to(device), use_cache=False).last_hidden_state
+                  position_ids=position_ids.to(device), past_key_values=preamble.for_batch(len(rows)),
+                  use_cache=bool(skip)).last_hidden_state
     t = torch.tensor(targets, device=device)
     picked = torch.log_softmax(head(hidden[t[:, 0], t[:, 1]]).float(), -1).gather(-1, t[:, 2:3]).squeeze(-1)
     lengths = [len(o) for opts in option_ids for o in opts]
@@ -174,9 +220,10 @@ def _tree_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Seq
 
 def _recurrent_batch(model: Any, prompt_ids: Sequence[Sequence[int]],
                      option_ids: Sequence[Sequence[Sequence[int]]], pad_id: int,
-                     device: torch.device) -> list[list[Score]]:
+                     device: torch.device, preamble: Preamble) -> list[list[Score]]:
     """Recurrent models (Mamba): the prompts run once with the cache on (left-padded: masked pads leave
-    the state at zero), the state is copied per option, and the options are fed one token at a time."""
+    the state at zero), the state is copied per option, and the options are fed one token at a time.
+    The preamble is always empty here (a multi-token Mamba step cannot start from a cached state)."""
     body, head = backbone_and_head(model)
     ids, mask = (t.to(device) for t in _pad(prompt_ids, pad_id, left=True))
     out = body(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -215,9 +262,10 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
     run_batch = _recurrent_batch if _is_recurrent(backbone_and_head(model)[0]) else _tree_batch
     done = []
     with torch.inference_mode():
+        preamble = shared_preamble(model, prompt_ids, device)
         for idx in distributed.my_batches(length_sorted_batches([len(p) for p in prompt_ids], batch_size)):
             done.append((idx, run_batch(model, [prompt_ids[i] for i in idx], [option_ids[i] for i in idx],
-                                        tokenizer.pad_token_id, device)))
+                                        tokenizer.pad_token_id, device, preamble)))
     for idx, scores in distributed.gather_batches(done):
         for i, s in zip(idx, scores):
             results[i] = s

@@ -2,10 +2,11 @@
 
 Each stage is exactly the command a user would type (``python scripts/NN_*.py --flag value ...``), run as a
 subprocess. After it succeeds, a record ``.stage.json`` goes next to its outputs: the stage's fingerprint
-(sha256 of the script, its resolved arguments and the sha256 of every input file; folders hash every file in
-them) and the sha256 of what it wrote. A later run skips a stage whose record matches the current fingerprint
-and whose outputs are still there unchanged; any change in arguments, inputs (e.g. a re-trained model
-upstream) or the script runs it again. ``force`` redoes everything.
+(sha256 of the script, of the fairforget library's code, the versions of the packages it runs on, its
+resolved arguments and the sha256 of every input file; folders hash every file in them) and the sha256 of
+what it wrote. A later run skips a stage whose record matches the current fingerprint and whose outputs are
+still there unchanged; any change in arguments, inputs (e.g. a re-trained model upstream), the script, the
+library or a package version runs it again. ``force`` redoes everything.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from .artifacts import read_json, sha256_file, write_json
+from .artifacts import package_versions, read_json, sha256_file, write_json
 from .errors import FairforgetError
 from .models import DEFAULT_EMBEDDED, EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 
-REPO = Path(__file__).resolve().parents[2]
+LIBRARY = Path(__file__).resolve().parent
+REPO = LIBRARY.parents[1]
 SCRIPTS = REPO / "scripts"
 PIPELINES = ("pcgu", "bbq")
 Preset = Literal["quick", "full"]
@@ -101,11 +103,21 @@ class Hasher:
             digest.update(f"{relative.as_posix()}\0{self.file(item)}\n".encode())
         return digest.hexdigest()
 
+    def library(self) -> str:
+        """sha256 of the fairforget package's code and data (``.py``, ``.c``, ``.json``; no caches)."""
+        digest = hashlib.sha256()
+        for item in sorted(LIBRARY.rglob("*")):
+            if item.suffix in (".py", ".c", ".json") and "__pycache__" not in item.parts:
+                digest.update(f"{item.relative_to(LIBRARY).as_posix()}\0{self.file(item)}\n".encode())
+        return digest.hexdigest()
+
 
 def fingerprint(stage: Stage, hasher: Hasher) -> dict[str, Any]:
-    """What the stage's result depends on: its script, its resolved arguments and its input files."""
+    """What the stage's result depends on: its script, the library code, the package versions, its resolved
+    arguments and its input files."""
     script = SCRIPTS / stage.script
-    return {"script": stage.script, "script_sha256": hasher.file(script), "args": stage.argv(),
+    return {"script": stage.script, "script_sha256": hasher.file(script), "library_sha256": hasher.library(),
+            "packages": package_versions(), "args": stage.argv(),
             "inputs": {str(p): hasher.path(p) for p in stage.inputs}}
 
 
@@ -124,7 +136,7 @@ def why_not_done(stage: Stage, hasher: Hasher) -> str | None:
     current = fingerprint(stage, hasher)
     if record.get("fingerprint_sha256") != fingerprint_hash(current):
         old = record.get("fingerprint", {})
-        changed = [k for k in ("script_sha256", "args") if old.get(k) != current[k]]
+        changed = [k for k in ("script_sha256", "library_sha256", "packages", "args") if old.get(k) != current[k]]
         changed += [f"input {p}" for p, h in current["inputs"].items() if old.get("inputs", {}).get(p) != h]
         return "changed: " + (", ".join(changed) if changed else "fingerprint")
     for path, digest in record.get("outputs", {}).items():
