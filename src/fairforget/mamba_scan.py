@@ -43,7 +43,9 @@ from transformers.models.mamba.modeling_mamba import (
 logger = logging.getLogger(__name__)
 
 NATIVE_SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
-COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+# -fno-trapping-math lets gcc turn the kernels' clamps and selects into vector blends (2-2.5x faster scan
+# on AVX-512); the kernels never read floating-point exception flags or errno.
+COMPILE_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 MAX_NATIVE_STATE = 256  # MAX_STATE in the C source
 MAX_NATIVE_KERNEL = 16  # MAX_KERNEL in the C source
 
