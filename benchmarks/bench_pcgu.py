@@ -8,6 +8,7 @@ at most 15% to the two passes. Prints median seconds and ratios.
 
 from __future__ import annotations
 
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
