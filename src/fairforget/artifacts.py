@@ -178,7 +178,9 @@ def package_versions() -> dict[str, str | None]:
 
 
 def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extra: Any) -> dict[str, Any]:
-    """The provenance block of a result: config, versions, git commit, data hashes, time, command line."""
+    """The provenance block of a result: config, versions, git commit, data hashes, time, command line and
+    the number of processes that computed it."""
+    from . import distributed
     from .config import config_to_dict
 
     block: dict[str, Any] = {
@@ -187,6 +189,7 @@ def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extr
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(sys.argv),
         "host": platform.node(),
+        "processes": distributed.world_size(),
         "packages": package_versions(),
         "config": config_to_dict(config) if config is not None else None,
         "data_sha256": {str(p): sha256_file(p) for p in data_files},
