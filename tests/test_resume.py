@@ -211,3 +211,30 @@ def _rows_without(path: Path, column: str) -> list[dict]:
 
     with open(path) as handle:
         return [{k: v for k, v in row.items() if k != column} for row in csv.DictReader(handle)]
+
+
+def test_head_mitigation_stage_killed_during_recovery_resumes_to_the_same_model(tmp_path, tiny_folder, shared_data,
+                                                                                  capsys):
+    script = str(REPO / "scripts" / "22_mitigate_heads.py")
+    args = [script, "--model", str(tiny_folder), "--data-dir", str(shared_data / "bbq"), "--categories", "Age",
+            "Religion", "--mitigation-per-category", "8", "--eval-per-category", "4", "--recovery-epochs", "2",
+            "--recovery-batch-size", "2", "--localize-per-category", "1", "--n-boot", "10", "--checkpoint-every",
+            "2", "--device", "cpu"]
+    run = lambda where: ["--models-dir", f"{where}/models", "--out", f"{where}/out",  # noqa: E731
+                         "--localization-root", f"{where}/loc"]
+    _in_process(args + run("a"), tmp_path, capsys)
+
+    # 8 recovery steps (8 disambiguated examples, batch 2, 2 epochs): step 6 is in the middle of epoch 2
+    killed = _killed(args + run("b"), tmp_path, kill_at=6)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    recovered = tmp_path / "b" / "models" / "recovered"
+    assert not (recovered / "tiny-llama").exists() and not (tmp_path / "b" / "out" / "metrics.json").exists()
+    assert latest_checkpoint(recovered / "tiny-llama_resume").name == "step-00000006"
+
+    resumed = _in_process(args + run("b"), tmp_path, capsys)
+    assert "(step 6)" in resumed
+    _assert_same_weights(tmp_path / "a" / "models" / "recovered" / "tiny-llama", recovered / "tiny-llama")
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    assert (a / "recovery_log.csv").read_text() == (b / "recovery_log.csv").read_text()
+    assert (a / "recovered" / "items.jsonl").read_text() == (b / "recovered" / "items.jsonl").read_text()
+    assert not (recovered / "tiny-llama_resume").exists()  # cleared once the recovered model is written
