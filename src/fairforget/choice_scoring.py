@@ -182,12 +182,13 @@ def _tree_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Seq
     skip = preamble.length
     rows, segments, positions, targets = [], [], [], []  # targets: (row, predicting position, token id)
     for r, (prompt, opts) in enumerate(zip(prompt_ids, option_ids)):
-        own = list(prompt[skip:])
-        ids, seg, pos = own, [0] * len(own), list(range(skip, len(prompt)))
+        ids = list(prompt[skip:])
+        own = len(ids)  # the prompt's tokens after the preamble
+        seg, pos = [0] * own, list(range(skip, len(prompt)))
         for k, opt in enumerate(opts, start=1):
             start = len(ids)
-            targets += [(r, len(own) - 1 if j == 0 else start + j - 1, t) for j, t in enumerate(opt)]
-            ids = ids + list(opt)
+            targets += [(r, own - 1 if j == 0 else start + j - 1, t) for j, t in enumerate(opt)]
+            ids += opt
             seg += [k] * len(opt)
             pos += range(len(prompt), len(prompt) + len(opt))
         rows.append(ids)

@@ -95,20 +95,20 @@ class Hasher:
             return self.file(path)
         if not path.is_dir():
             return None
-        digest = hashlib.sha256()
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            relative = item.relative_to(path)
-            if any(part.startswith(".") for part in relative.parts):
-                continue
-            digest.update(f"{relative.as_posix()}\0{self.file(item)}\n".encode())
-        return digest.hexdigest()
+        return self._folder(path, lambda relative: not any(part.startswith(".") for part in relative.parts))
 
     def library(self) -> str:
         """sha256 of the fairforget package's code and data (``.py``, ``.c``, ``.json``; no caches)."""
+        return self._folder(LIBRARY, lambda relative: relative.suffix in (".py", ".c", ".json")
+                            and "__pycache__" not in relative.parts)
+
+    def _folder(self, root: Path, keep: Callable[[Path], bool]) -> str:
+        """sha256 of the relative names and hashes of the files under ``root`` that ``keep`` accepts."""
         digest = hashlib.sha256()
-        for item in sorted(LIBRARY.rglob("*")):
-            if item.suffix in (".py", ".c", ".json") and "__pycache__" not in item.parts:
-                digest.update(f"{item.relative_to(LIBRARY).as_posix()}\0{self.file(item)}\n".encode())
+        for item in sorted(p for p in root.rglob("*") if p.is_file()):
+            relative = item.relative_to(root)
+            if keep(relative):
+                digest.update(f"{relative.as_posix()}\0{self.file(item)}\n".encode())
         return digest.hexdigest()
 
 
