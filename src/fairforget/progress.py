@@ -9,6 +9,7 @@
 The bar goes to stdout, so ``run_pipeline.py`` (which streams each stage's stdout) shows it. When stdout is
 a terminal it is tqdm's redrawn bar. Otherwise (a pipe, CI, a log file) each update is one whole line, at most
 one every ``FAIRFORGET_PROGRESS_SECONDS`` seconds (default 5; 0 prints every update) plus the last one.
+A bar appears only once its loop has run ``delay`` seconds (default 2), so short loops print nothing.
 ``set_quiet(True)`` (a stage's ``--quiet``) or ``FAIRFORGET_QUIET=1`` turns every bar off; under torchrun only
 rank 0 shows one.
 """
@@ -25,6 +26,8 @@ from . import distributed
 
 LOG_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+DELAY_SECONDS = 2.0
 
 _quiet = False
 
@@ -81,12 +84,13 @@ class _LineBar(tqdm):
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", leave: bool = True, **kwargs: Any) -> tqdm:
+             unit: str = "it", leave: bool = True, delay: float = DELAY_SECONDS, **kwargs: Any) -> tqdm:
     """A tqdm bar over ``iterable`` (or a manual one of ``total`` steps); see the module doc for the modes."""
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     stream = kwargs.pop("file", sys.stdout)
-    common = dict(total=total, desc=desc, unit=unit, leave=leave, file=stream, disable=is_quiet(), **kwargs)
+    common = dict(total=total, desc=desc, unit=unit, leave=leave, file=stream, disable=is_quiet(), delay=delay,
+                  **kwargs)
     if _is_terminal(stream):
         return tqdm(iterable, dynamic_ncols=True, **common)
     common["file"] = _Lines(stream)
