@@ -1,0 +1,105 @@
+"""Perplexity on a neutral held-out text set that ships offline with Python itself.
+
+Source: ``pydoc_data.topics`` of the Python standard library (the Python Language Reference topics that
+``help()`` shows, PSF licence, one copy in every CPython install). Its prose paragraphs (not code, not
+indented) of ``min_words``..``max_words`` words, with no gendered word, deduplicated, are split by a stable
+hash of their text into two disjoint halves: ``retain`` (for training-time retain terms) and ``heldout``
+(for measuring perplexity). The text is technical English, not bias-evaluation material; it depends on the
+Python version, so results record its version and the sha256 of the texts used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import re
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from .errors import FairforgetError
+from .scoring import encode, score_encoded
+from .stats import bootstrap_ci
+
+Split = Literal["heldout", "retain", "all"]
+NEUTRAL_SOURCE = "pydoc_data.topics (Python Language Reference topics shipped with CPython)"
+GENDERED = re.compile(r"\b(he|she|him|her|his|hers|himself|herself|man|men|woman|women|male|female|boy|girl|"
+                      r"mother|father|husband|wife|son|daughter|brother|sister|gentlem[ae]n|lady|ladies)\b",
+                      re.IGNORECASE)
+
+
+def _paragraphs(min_words: int, max_words: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    seen, kept = set(), []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            if not block.strip() or block[:1].isspace():  # indented blocks are code, grammar or tables
+                continue
+            text = " ".join(block.split())
+            n_words = len(text.split())
+            if min_words <= n_words <= max_words and not GENDERED.search(text) and text not in seen:
+                seen.add(text)
+                kept.append(text)
+    return kept
+
+
+def _half(text: str) -> str:
+    return "retain" if hashlib.sha256(text.encode("utf-8")).digest()[0] % 2 else "heldout"
+
+
+def load_neutral_texts(split: Split = "heldout", limit: int | None = None, min_words: int = 12,
+                       max_words: int = 80) -> list[str]:
+    """Neutral paragraphs of one half (``heldout`` / ``retain``, disjoint) or ``all``, in a fixed order.
+
+    ``limit`` keeps the first N of that order (sorted by hash of the text, so a prefix is a fixed sample).
+    """
+    if split not in ("heldout", "retain", "all"):
+        raise FairforgetError(f"unknown neutral-text split {split!r}: use heldout, retain or all")
+    if limit is not None and limit < 1:
+        raise FairforgetError(f"neutral-text limit must be at least 1, got {limit}")
+    texts = [t for t in _paragraphs(min_words, max_words) if split == "all" or _half(t) == split]
+    texts.sort(key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest())
+    if not texts:
+        raise FairforgetError(f"no neutral texts of {min_words}-{max_words} words in {NEUTRAL_SOURCE}")
+    return texts[:limit] if limit is not None else texts
+
+
+def texts_provenance(texts: Sequence[str]) -> dict[str, Any]:
+    """Where the texts came from and a digest that pins exactly which ones were used."""
+    digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    return {"source": NEUTRAL_SOURCE, "python_version": platform.python_version(), "n_texts": len(texts),
+            "sha256": digest}
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, n_boot: int = 1000,
+               seed: int = 0) -> dict[str, Any]:
+    """Token-level perplexity exp(total NLL / total tokens) of ``texts`` (each conditioned on BOS/EOS) with a
+    percentile-bootstrap 95% interval over texts, plus the per-text NLL sums for paired comparisons."""
+    if not texts:
+        raise FairforgetError("perplexity needs at least one text")
+    encoded = [encode(tokenizer, "", text) for text in texts]
+    scores = score_encoded(model, encoded, tokenizer.pad_token_id, batch_size)
+    nll = np.array([-s.logprob for s in scores])
+    tokens = np.array([s.n_tokens for s in scores], dtype=float)
+    interval = bootstrap_ci(lambda idx: math.exp(nll[idx].sum() / tokens[idx].sum()), len(texts), n_boot=n_boot,
+                            seed=seed)
+    return {"perplexity": math.exp(nll.sum() / tokens.sum()), "perplexity_ci": [float(v) for v in interval],
+            "nll_per_token": float(nll.sum() / tokens.sum()), "n_texts": len(texts), "n_tokens": int(tokens.sum()),
+            "batch_size": batch_size, "per_text_nll": nll.tolist(), "per_text_tokens": tokens.astype(int).tolist()}
+
+
+def perplexity_change(before: dict[str, Any], after: dict[str, Any], n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Relative perplexity change (after / before - 1, in %) on the same texts, with a paired bootstrap interval."""
+    nb, na = np.array(before["per_text_nll"]), np.array(after["per_text_nll"])
+    tokens = np.array(before["per_text_tokens"], dtype=float)
+    if nb.shape != na.shape or list(before["per_text_tokens"]) != list(after["per_text_tokens"]):
+        raise FairforgetError("perplexity runs to compare must score the same texts with the same tokenizer")
+
+    def change(idx: np.ndarray) -> float:
+        return 100.0 * (math.exp((na[idx].sum() - nb[idx].sum()) / tokens[idx].sum()) - 1.0)
+
+    return {"ppl_change_pct": change(np.arange(len(nb))),
+            "ppl_change_pct_ci": [float(v) for v in bootstrap_ci(change, len(nb), n_boot=n_boot, seed=seed)]}
