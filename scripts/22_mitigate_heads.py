@@ -3,8 +3,10 @@
     python scripts/22_mitigate_heads.py --model embedded:smollm2-135m-instruct --mitigation-per-category 40 \\
         --eval-per-category 40 [--protect-top 10] [--recovery full]
 
-1. BBQ templates (category, question_index) are split, seeded, into a mitigation share and a held-out share:
-   no template is on both sides. Examples are sampled per category from each side (stratified).
+1. BBQ scenarios (templates linked by a shared question string, fairforget.bbq_split) are split by
+   --split-seed into a mitigation share and a held-out share: no question is on both sides. Examples are
+   sampled per category from each side (stratified), also by --split-seed, so --seed (option order,
+   bootstrap, training) can vary while the held-out items stay the same.
 2. Mitigation set: context influence of each example, CI = KL(p_full || p_question) of the option-letter
    distributions with and without the context, and every head's activity at the answer position in the same
    forward passes (hooks on each layer's output projection): the output norm (``norm``) and the distance
@@ -52,7 +54,7 @@ from fairforget.localization import run_localization
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.plots import interval_bars, layer_head_panel
 from fairforget.recovery import finetune_answers, merged, prepare_model
-from fairforget.template_split import split_by_template
+from fairforget.bbq_split import split_by_scenario
 
 Category = Literal[CATEGORIES]  # type: ignore[valid-type]
 STAGES = ("before", "pruned", "recovered")
@@ -63,8 +65,10 @@ class Config:
     model: str = DEFAULT_EMBEDDED
     data_dir: Path = Path("data/bbq")
     categories: list[Category] = field(default_factory=list, metadata={"help": "BBQ categories (default: all 11)"})
-    mitigation_fraction: float = field(default=0.5, metadata={"help": "share of each category's templates used "
+    mitigation_fraction: float = field(default=0.5, metadata={"help": "share of each category's scenarios used "
                                                                      "for mitigation (the rest are held out)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the scenario split and of the per-category "
+                                                         "samples on each side"})
     mitigation_per_category: int = 40
     eval_per_category: int = 40
     activity: Literal["delta", "norm"] = field(
@@ -98,7 +102,7 @@ class Config:
                                                                 "(<models-dir>/recovered/<model>_resume/) so a "
                                                                 "killed run resumes (0: off)"})
     out: Path | None = field(default=None, metadata={"help": "run folder (default outputs/mitigation/<model>)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "option order, bootstrap and training seed"})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: str = "auto"
 
@@ -121,11 +125,15 @@ def gold_letter(example, order) -> int:
 
 
 def split_summary(mitigation, held_out) -> dict:
-    templates = {}
+    """Per category and side, the templates and scenarios sampled."""
+    summary: dict = {}
     for name, side in (("mitigation", mitigation), ("held_out", held_out)):
         for e in side:
-            templates.setdefault(e.category, {}).setdefault(name, set()).add(e.question_index)
-    return {c: {k: sorted(v) for k, v in sides.items()} for c, sides in sorted(templates.items())}
+            entry = summary.setdefault(e.category, {}).setdefault(name, {"templates": set(), "scenarios": set()})
+            entry["templates"].add(e.question_index)
+            entry["scenarios"].add(e.scenario)
+    return {c: {k: {part: sorted(v) for part, v in side.items()} for k, side in sides.items()}
+            for c, sides in sorted(summary.items())}
 
 
 def correlation_rows(r: dict[str, torch.Tensor], p: dict[str, torch.Tensor], strengths: torch.Tensor,
@@ -210,19 +218,19 @@ def main(cfg: Config) -> None:
     timings: dict[str, float] = {}
     clock = time.time()
     data = load_bbq(cfg.data_dir, cfg.categories or None)
-    mitigation_pool, held_pool = split_by_template(data.examples, cfg.mitigation_fraction, cfg.seed)
-    mitigation = sample_per_category(mitigation_pool, cfg.mitigation_per_category, cfg.seed)
-    held_out = sample_per_category(held_pool, cfg.eval_per_category, cfg.seed)
+    mitigation_pool, held_pool = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
+    mitigation = sample_per_category(mitigation_pool, cfg.mitigation_per_category, cfg.split_seed)
+    held_out = sample_per_category(held_pool, cfg.eval_per_category, cfg.split_seed)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     model, tokenizer, name = loaded.model, loaded.tokenizer, model_name(cfg.model)
     layout = head_layout(model)  # a clear error for models without attention heads, before any work
     chat = use_chat_template(tokenizer, cfg.chat_template)
     chat_tok = tokenizer if chat else None
     out = cfg.out or Path("outputs/mitigation") / name
-    write_json(out / "split.json", {"seed": cfg.seed, "mitigation_fraction": cfg.mitigation_fraction,
+    write_json(out / "split.json", {"split_seed": cfg.split_seed, "unit": "scenario", "mitigation_fraction": cfg.mitigation_fraction,
                                     "n_mitigation": len(mitigation), "n_held_out": len(held_out),
                                     "templates": split_summary(mitigation, held_out)})
-    print(f"{len(mitigation)} mitigation / {len(held_out)} held-out examples (disjoint templates); "
+    print(f"{len(mitigation)} mitigation / {len(held_out)} held-out examples (disjoint scenarios); "
           f"{layout.n_layers} layers x {layout.n_heads} heads; {loaded.source}", flush=True)
 
     orders = [option_order(e, cfg.seed) for e in mitigation]

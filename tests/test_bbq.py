@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import re
@@ -18,6 +19,7 @@ from fairforget.bbq_metrics import bbq_metrics, compare_runs
 from fairforget.choice_scoring import (encode_prompt, option_letter_logprobs, option_letter_probs, option_logprobs,
                                        score_options_separately, shared_preamble)
 from fairforget.errors import FairforgetError
+from fairforget.stats import bootstrap_ci
 
 HEADER = ('"category","question_index","example_id","target_loc","label_type","Known_stereotyped_race",'
           '"Known_stereotyped_var2","Relevant_social_values","corr_ans_aligns_var2","corr_ans_aligns_race",'
@@ -59,12 +61,10 @@ def example(example_id=0, condition="ambig", polarity="neg", label=2, target_loc
 # --------------------------------------------------------------------------- data and metadata join
 
 
-def test_biased_answer_rule():
-    assert example(polarity="neg", target_loc=0, unknown_loc=2).biased_loc == 0
-    assert example(polarity="nonneg", target_loc=0, unknown_loc=2).biased_loc == 1
-    assert example(polarity="neg", target_loc=2, unknown_loc=0).biased_loc == 2
-    assert example(polarity="nonneg", target_loc=2, unknown_loc=0).biased_loc == 1
-    assert example(polarity="nonneg", target_loc=1, unknown_loc=2).biased_loc == 0
+def test_biased_answer_is_target_loc_for_both_polarities():
+    for polarity in ("neg", "nonneg"):
+        for target, unknown in ((0, 2), (2, 0), (1, 2)):
+            assert example(polarity=polarity, target_loc=target, unknown_loc=unknown).biased_loc == target
 
 
 def test_metadata_join_drops_duplicates_and_counts_na(tmp_path):
@@ -124,6 +124,97 @@ def test_released_data_join(shared_data):
             assert e.label == e.unknown_loc
 
 
+@pytest.fixture(scope="module")
+def released(shared_data):
+    """The released BBQ examples, and target_loc / answer groups read here straight from the files."""
+    root = shared_data / "bbq"
+    target = {}
+    with open(root / "supplemental" / "additional_metadata.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["target_loc"] not in ("NA", ""):
+                target[(row["category"], int(row["example_id"]))] = int(row["target_loc"])
+    raw = {}
+    for path in sorted((root / "data").glob("*.jsonl")):
+        for text in path.read_text().splitlines():
+            r = json.loads(text)
+            raw[(r["category"], int(r["example_id"]))] = r
+    return load_bbq(root).examples, target, raw
+
+
+def test_released_neg_nonneg_twins_have_different_target_loc(released):
+    examples, target, raw = released
+    twins = {}
+    for key, r in raw.items():
+        if key in target:
+            twin = (r["category"], r["question_index"], r["context_condition"], r["context"],
+                    r["ans0"], r["ans1"], r["ans2"])
+            twins.setdefault(twin, {})[r["question_polarity"]] = target[key]
+    pairs = [t for t in twins.values() if len(t) == 2]
+    assert len(pairs) > 29000
+    assert all(t["neg"] != t["nonneg"] for t in pairs)
+    for e in examples:  # so the stereotyped answer is target_loc itself, never the other group
+        assert e.biased_loc == target[(e.category, e.example_id)]
+
+
+def oracle_metrics(examples, raw, target, choose):
+    """Metrics of a model that answers ``choose(target_loc, unknown_index, answer_groups)`` on every item."""
+    items = []
+    for e in examples:
+        r = raw[(e.category, e.example_id)]
+        groups = [r["answer_info"][f"ans{i}"][1] for i in range(3)]
+        pred = choose(target[(e.category, e.example_id)], groups.index("unknown"))
+        items.append({"category": e.category, "example_id": e.example_id, "question_index": e.question_index,
+                      "scenario": e.scenario, "context_condition": e.context_condition,
+                      "question_polarity": e.question_polarity, "label": e.label, "unknown_loc": e.unknown_loc,
+                      "biased_loc": e.biased_loc, "pred": pred})
+    return bbq_metrics(annotate_items(items), n_boot=50)
+
+
+@pytest.fixture(scope="module")
+def oracle_sample(released):
+    examples, target, raw = released
+    return sample_per_category(examples, 80, seed=1), raw, target
+
+
+def test_stereotype_oracle_scores_plus_one(oracle_sample):
+    m = oracle_metrics(*oracle_sample, lambda t, u: t)
+    for group in [*m["categories"], "overall"]:
+        assert m[group]["s_dis"] == pytest.approx(1.0)
+        assert m[group]["acc_ambig"] == 0.0  # never "unknown", the gold answer of every ambiguous item
+        assert m[group]["s_amb"] == pytest.approx(1.0 * (1 - m[group]["acc_ambig"]))
+
+
+def test_anti_stereotype_oracle_scores_minus_one(oracle_sample):
+    m = oracle_metrics(*oracle_sample, lambda t, u: 3 - t - u)
+    for group in [*m["categories"], "overall"]:
+        assert m[group]["s_dis"] == pytest.approx(-1.0) and m[group]["s_amb"] == pytest.approx(-1.0)
+
+
+def test_unknown_oracle_is_right_on_ambiguous_items_and_scores_zero(oracle_sample):
+    m = oracle_metrics(*oracle_sample, lambda t, u: u)
+    for group in [*m["categories"], "overall"]:
+        assert m[group]["acc_ambig"] == 1.0 and m[group]["s_amb"] == 0.0
+
+
+def test_cluster_interval_is_wider_than_per_item_when_a_template_answers_alike():
+    rng = np.random.default_rng(0)
+    items = []
+    for template in range(12):  # each template answers biased or counter-biased on all its 10 items
+        answer = "biased" if rng.random() < 0.5 else "counter"
+        for k in range(10):
+            e = example(template * 10 + k, "disambig", ("neg", "nonneg")[k % 2], label=1)
+            counter = next(j for j in range(3) if j not in (e.biased_loc, e.unknown_loc))
+            items.append({"category": "Age", "example_id": e.example_id, "question_index": template,
+                          "context_condition": "disambig", "question_polarity": e.question_polarity,
+                          "label": 1, "unknown_loc": 2, "biased_loc": e.biased_loc,
+                          "pred": e.biased_loc if answer == "biased" else counter})
+    items = annotate_items(items)
+    clustered = bbq_metrics(items, n_boot=500)["Age"]["s_dis_ci"]
+    per_item = bootstrap_ci(lambda idx: 2 * np.mean([items[i]["answer_type"] == "biased" for i in idx]) - 1,
+                            len(items), n_boot=500)
+    assert clustered[1] - clustered[0] > 2 * (per_item[1] - per_item[0])
+
+
 def test_stratified_sampling_is_seeded_and_balanced():
     pool = [example(i, c, p) for i in range(40) for c, p in [(("ambig", "disambig")[i % 2], ("neg", "nonneg")[i // 20])]]
     pool += [example(i, "ambig", "neg", category="Religion") for i in range(100, 103)]
@@ -148,7 +239,8 @@ def items_with_preds(spec):
         e = example(i, condition, polarity, label=2 if condition == "ambig" else 1, target_loc=0, unknown_loc=2)
         counter = next(k for k in range(3) if k not in (e.biased_loc, e.unknown_loc))
         pred = {"unknown": e.unknown_loc, "biased": e.biased_loc, "counter": counter}[answer]
-        items.append({"category": e.category, "example_id": e.example_id, "context_condition": condition,
+        items.append({"category": e.category, "example_id": e.example_id, "question_index": i,
+                      "context_condition": condition,
                       "question_polarity": polarity, "label": e.label, "unknown_loc": e.unknown_loc,
                       "biased_loc": e.biased_loc, "pred": pred})
     return annotate_items(items)
@@ -163,8 +255,8 @@ def test_scores_by_hand():
     # ambiguous: 8 items, 4 unknown (the correct answer), 3 biased, 1 counter-biased
     acc_ambig = 4 / 8
     s_amb = (1 - acc_ambig) * (2 * 3 / 4 - 1)
-    # disambiguated: 6 items, label 1; biased = 0 for neg, 1 for nonneg (target 0, unknown 2):
-    # correct: the nonneg biased one (pred 1) only
+    # disambiguated: 6 items, label 1; biased = target_loc = 0 for both polarities, counter = 1, unknown = 2:
+    # correct: the nonneg counter-biased one (pred 1) only
     acc_disambig = 1 / 6
     s_dis = 2 * 3 / 4 - 1
     m = bbq_metrics(items, n_boot=200, seed=0)

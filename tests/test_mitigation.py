@@ -1,4 +1,4 @@
-"""Template split and recovery fine-tuning (answer loss, LoRA and full modes, pruning kept intact)."""
+"""Scenario split and recovery fine-tuning (answer loss, LoRA and full modes, pruning kept intact)."""
 
 import copy
 import json
@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
+from fairforget.bbq import load_bbq
+from fairforget.bbq_split import split_by_scenario
 from fairforget.choice_scoring import letter_token_ids
 from fairforget.errors import FairforgetError
 from fairforget.heads import batch_prompts, scale_heads
 from fairforget.recovery import answer_loss, finetune_answers, merged, prepare_model, recovery_targets
-from fairforget.template_split import split_by_template
 
 PROMPTS = ["Context: Ann cooked. Question: Who cooked?\nA. Ann\nB. Bob\nC. Unknown\nAnswer:",
            "Context: Bob ran. Question: Who ran?\nA. Ann\nB. Bob\nC. Unknown\nAnswer:",
@@ -24,30 +25,40 @@ def examples():
     for category, n_templates in (("Age", 7), ("Religion", 2), ("SES", 1)):
         for q in range(1, n_templates + 1):
             for i in range(4):
-                rows.append({"category": category, "question_index": str(q), "example_id": len(rows), "i": i})
+                rows.append({"category": category, "question_index": str(q), "example_id": len(rows), "i": i,
+                             "question": f"{category} question {q}{'?' if i % 2 else '!'}"})
     return rows
 
 
-def test_template_split_is_disjoint_seeded_and_complete(shared_data):
+def test_scenario_split_is_disjoint_seeded_and_complete():
     data = examples()
-    for path in sorted((shared_data / "bbq" / "data").glob("*.jsonl"))[:3]:  # real templates too
-        data += [json.loads(line) for line in path.read_text().splitlines()]
-    mit, held = split_by_template(data, 0.5, seed=3)
-    key = lambda e: (e["category"], str(e["question_index"]))  # noqa: E731
+    data[0] = dict(data[0], question="Religion question 1!")  # links Age 1 with Religion 1 into one scenario
+    mit, held = split_by_scenario(data, 0.5, seed=3)
+    key = lambda e: (e["category"], int(e["question_index"]))  # noqa: E731
     assert not ({key(e) for e in mit} & {key(e) for e in held})
-    assert len(mit) + len(held) == len(data)
-    assert {id(e) for e in mit} | {id(e) for e in held} == {id(e) for e in data}
-    for category in {e["category"] for e in data}:
-        n = len({key(e) for e in data if e["category"] == category})
-        if n > 1:
-            assert any(e["category"] == category for e in mit) and any(e["category"] == category for e in held)
-    again, _ = split_by_template(data, 0.5, seed=3)
-    other, _ = split_by_template(data, 0.5, seed=4)
+    assert ((("Age", 1) in {key(e) for e in mit}) == (("Religion", 1) in {key(e) for e in mit}))
+    assert {id(e) for e in mit} | {id(e) for e in held} == {id(e) for e in data} and len(mit) + len(held) == len(data)
+    assert any(e["category"] == "Age" for e in mit) and any(e["category"] == "Age" for e in held)
+    again, _ = split_by_scenario(data, 0.5, seed=3)
+    other, _ = split_by_scenario(data, 0.5, seed=4)
     assert again == mit and other != mit
     with pytest.raises(FairforgetError, match="mitigation-fraction"):
-        split_by_template(data, 1.0)
+        split_by_scenario(data, 1.0)
     with pytest.raises(FairforgetError, match="question_index"):
-        split_by_template([{"category": "Age", "example_id": 5}])
+        split_by_scenario([{"category": "Age", "example_id": 5}])
+
+
+def test_scenario_split_of_released_data_shares_no_question(shared_data):
+    data = load_bbq(shared_data / "bbq").examples
+    for seed in (0, 1):
+        mit, held = split_by_scenario(data, 0.5, seed=seed)
+        assert not {e.question for e in mit} & {e.question for e in held}
+        assert not {e.scenario for e in mit} & {e.scenario for e in held}
+        for category in {e.category for e in data}:
+            assert any(e.category == category for e in mit) and any(e.category == category for e in held)
+    # the label and proper-name versions of the board-meeting scenario are one scenario
+    scenario = {(e.category, e.question_index): e.scenario for e in data}
+    assert scenario[("Gender_identity", 1)] == scenario[("Gender_identity", 26)]
 
 
 def test_answer_loss_is_gold_letter_nll(tiny_models, tokenizer):

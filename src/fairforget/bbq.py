@@ -3,8 +3,10 @@
 Each example is joined on (category, example_id) with ``supplemental/additional_metadata.csv`` for
 ``target_loc``, the index of the answer naming the stereotyped group. Keys listed twice with the same
 ``target_loc`` are kept once (64 Gender_identity keys in the released file); examples whose ``target_loc``
-is NA (16) are excluded and counted. The biased answer is the target for a negative question and the
-non-target, non-unknown answer for a non-negative one. Metrics are in :mod:`fairforget.bbq_metrics`.
+is NA (16) are excluded and counted. The released ``target_loc`` is already polarity-corrected (upstream
+``BBQ_results_metadata.R`` rewrites it for non-negative questions), so the biased answer is ``target_loc`` for
+both polarities. Each example also carries its scenario (:mod:`fairforget.bbq_split`), the unit that splits
+and intervals respect. Metrics are in :mod:`fairforget.bbq_metrics`.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import json
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 
 from .bbq_metrics import bbq_metrics, format_table, metric_groups, metrics_rows
+from .bbq_split import scenario_of_templates, template_key
 from .errors import FairforgetError
 
 CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
@@ -55,13 +58,13 @@ class Example:
     label: int
     target_loc: int
     unknown_loc: int
+    scenario: str = ""
 
     @property
     def biased_loc(self) -> int:
-        """The answer a stereotype-following model gives: the target if negative, else the other group."""
-        if self.question_polarity == "neg":
-            return self.target_loc
-        return next(i for i in range(len(self.answers)) if i not in (self.target_loc, self.unknown_loc))
+        """The answer a stereotype-following model gives: ``target_loc``, for both polarities (the released
+        metadata already points non-negative questions at the non-target group)."""
+        return self.target_loc
 
     @property
     def stratum(self) -> str:
@@ -213,6 +216,8 @@ def load_bbq(data_dir: Path | str, categories: Sequence[str] | None = None) -> B
                     excluded[category] += 1
                 else:
                     examples.append(example)
+    scenario = scenario_of_templates(examples)
+    examples = [replace(e, scenario=scenario[template_key(e)]) for e in examples]
     return BbqData(examples, {c: excluded[c] for c in chosen}, {c: duplicates[c] for c in chosen}, files)
 
 
@@ -345,7 +350,7 @@ def _item(e: Example, order: Sequence[int], probs: list[float], extra: dict) -> 
     item = {"category": e.category, "example_id": e.example_id, "question_index": e.question_index,
             "context_condition": e.context_condition, "question_polarity": e.question_polarity,
             "label": e.label, "target_loc": e.target_loc, "unknown_loc": e.unknown_loc, "biased_loc": e.biased_loc,
-            "option_order": list(order), "option_probs": probs, "pred": _argmax(probs)}
+            "scenario": e.scenario, "option_order": list(order), "option_probs": probs, "pred": _argmax(probs)}
     item.update(extra)
     return annotate_items([item])[0]
 

@@ -11,19 +11,40 @@ DEFAULT_BOOTSTRAP = 1000
 T = TypeVar("T")
 
 
+def _resampling_units(n_items: int, strata: np.ndarray | None,
+                      clusters: np.ndarray | None) -> list[list[np.ndarray]]:
+    """Per stratum, the units drawn with replacement: single items, or the items of one cluster each
+    (a cluster's stratum is that of its first item)."""
+    strata = np.zeros(n_items, dtype=int) if strata is None else np.asarray(strata)
+    if clusters is None:
+        return [[np.flatnonzero(strata == s)] for s in np.unique(strata)]
+    labels, first, inverse = np.unique(np.asarray(clusters), return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(labels)))[:-1])
+    by_stratum: dict = {}
+    for k, member in enumerate(members):
+        by_stratum.setdefault(strata[first[k]], []).append(member)
+    return [by_stratum[s] for s in sorted(by_stratum, key=str)]
+
+
 def bootstrap_intervals(statistic: Callable[[np.ndarray], Sequence[float]], n_items: int,
                         n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = 0.95,
-                        strata: np.ndarray | None = None) -> np.ndarray:
+                        strata: np.ndarray | None = None, clusters: np.ndarray | None = None) -> np.ndarray:
     """Percentile bootstrap intervals ``[k, 2]`` of a statistic returning ``k`` values from an index array.
 
-    Items are resampled with replacement (within each stratum when ``strata`` gives one label per item,
-    keeping the strata sizes). NaN replicates are ignored per value; a value with none left gets (nan, nan).
+    Items are resampled with replacement, within each stratum when ``strata`` gives one label per item
+    (keeping the strata sizes). With ``clusters`` (one label per item) whole clusters are resampled instead,
+    the cluster bootstrap for items that share a template. NaN replicates are ignored per value; a value
+    with none left gets (nan, nan).
     """
     rng = np.random.default_rng(seed)
-    groups = [np.arange(n_items)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    units = _resampling_units(n_items, strata, clusters) if n_items else []
     replicates = []
     for _ in range(n_boot if n_items else 0):
-        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        if clusters is None:
+            idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for (g,) in units])
+        else:
+            idx = np.concatenate([group[k] for group in units for k in rng.integers(0, len(group), len(group))])
         replicates.append(np.atleast_1d(np.asarray(statistic(idx), dtype=float)))
     if not replicates:
         width = np.atleast_1d(np.asarray(statistic(np.arange(0)), dtype=float)).size if n_items else 1
@@ -39,11 +60,12 @@ def bootstrap_intervals(statistic: Callable[[np.ndarray], Sequence[float]], n_it
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_items: int, n_boot: int = DEFAULT_BOOTSTRAP,
-                 seed: int = 0, level: float = 0.95, strata: np.ndarray | None = None) -> tuple[float, float]:
+                 seed: int = 0, level: float = 0.95, strata: np.ndarray | None = None,
+                 clusters: np.ndarray | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of one scalar ``statistic(indices)`` (see :func:`bootstrap_intervals`)."""
     if n_items == 0:
         return (float("nan"), float("nan"))
-    low, high = bootstrap_intervals(statistic, n_items, n_boot, seed, level, strata)[0]
+    low, high = bootstrap_intervals(statistic, n_items, n_boot, seed, level, strata, clusters)[0]
     return (float(low), float(high))
 
 
