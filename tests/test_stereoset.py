@@ -8,8 +8,9 @@ import pytest
 
 from conftest import load_script
 from fairforget.errors import FairforgetError
-from fairforget.stereoset import (compare_runs, compute_metrics, decisions, load_stereoset, select_half,
-                                  stratified_limit)
+from fairforget.scoring import score_continuations
+from fairforget.stereoset import (compare_runs, compute_metrics, decisions, load_stereoset, score_examples,
+                                  select_half, stratified_limit)
 
 def _items(example_id, target, bias_type, stereo, anti, unrelated, split="intrasentence"):
     return [{"example_id": example_id, "split": split, "bias_type": bias_type, "target": target,
@@ -133,3 +134,24 @@ def test_stage_script_writes_its_run_folder(tmp_path, shared_data, tokenizer):
                             n_boot=20, device="cpu", out=tmp_path / "again", compare_to=out))
     comparison = json.loads((tmp_path / "again" / "comparison.json").read_text())
     assert comparison["overall"]["true_before_only"] == 0 and comparison["overall"]["true_after_only"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mamba"])
+def test_shared_context_scores_equal_each_candidate_scored_alone(arch, tiny_models, tokenizer, shared_data):
+    examples = stratified_limit(load_stereoset(shared_data / "stereoset" / "dev.json"), 16, seed=2)
+    assert {e.split for e in examples} == {"intrasentence", "intersentence"}
+    # the reference: every candidate as its own full sequence (context + " " + sentence), one at a time
+    expected = {}
+    for ex in examples:
+        for sentence_id, sentence in ex.sentences.values():
+            prefix, cont = ("", sentence) if ex.split == "intrasentence" else (ex.context, " " + sentence)
+            expected[sentence_id] = score_continuations(tiny_models[arch], tokenizer, [(prefix, cont)],
+                                                        batch_size=1)[0]
+    for batch_size in (1, 32):  # one context per batch (1 // 3 -> 1) and ten contexts of different lengths
+        items = score_examples(tiny_models[arch], tokenizer, examples, batch_size=batch_size)
+        assert len(items) == len(expected) == 3 * len(examples)
+        for item in items:
+            ref = expected[item["sentence_id"]]
+            assert item["n_tokens"] == ref.n_tokens
+            assert item["logprob_sum"] == pytest.approx(ref.logprob, abs=1e-4)
+            assert item["score"] == pytest.approx(ref.mean, abs=1e-4)

@@ -36,6 +36,7 @@ import torch
 
 from . import distributed
 from .errors import FairforgetError
+from .progress import progress
 from .scoring import Encoded, Score, backbone_and_head, collate, length_sorted_batches, score_encoded
 
 
@@ -130,7 +131,8 @@ def option_letter_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], l
     done = []
     with torch.inference_mode():
         preamble = shared_preamble(model, encoded, device)
-        for idx in distributed.my_batches(length_sorted_batches([len(e) for e in encoded], batch_size)):
+        batches = distributed.my_batches(length_sorted_batches([len(e) for e in encoded], batch_size))
+        for idx in progress(batches, desc="scoring letters", unit="batch"):
             logprobs = _last_logprobs(model, [encoded[i] for i in idx], tokenizer.pad_token_id, device, preamble)
             columns = [torch.logsumexp(logprobs[:, ids], dim=-1) for ids in variants]
             done.append((idx, torch.stack(columns, dim=1).cpu()))
@@ -246,7 +248,8 @@ def _recurrent_batch(model: Any, prompt_ids: Sequence[Sequence[int]],
 
 
 def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]],
-                    batch_size: int = 8, device: torch.device | str | None = None) -> list[list[Score]]:
+                    batch_size: int = 8, device: torch.device | str | None = None,
+                    desc: str = "scoring options") -> list[list[Score]]:
     """Log-likelihood (sum and token count) of each option text after its prompt, the prompt computed once.
 
     ``options[i]`` are the continuations of ``prompts[i]`` (their leading spaces are the caller's choice);
@@ -254,19 +257,32 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
     """
     if len(prompts) != len(options):
         raise FairforgetError(f"{len(prompts)} prompts but {len(options)} option lists")
-    if batch_size < 1:
-        raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     option_ids = [[encode_option(tokenizer, o) for o in opts] for opts in options]
-    results: list[list[Score] | None] = [None] * len(prompts)
+    return encoded_option_logprobs(model, prompt_ids, option_ids, tokenizer.pad_token_id, batch_size, device, desc)
+
+
+def encoded_option_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
+                            option_ids: Sequence[Sequence[Sequence[int]]], pad_id: int, batch_size: int = 8,
+                            device: torch.device | str | None = None,
+                            desc: str = "scoring options") -> list[list[Score]]:
+    """:func:`option_logprobs` on token ids already made: ``option_ids[i]`` continue ``prompt_ids[i]``."""
+    if batch_size < 1:
+        raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
+    if any(not p for p in prompt_ids) or any(not o for opts in option_ids for o in opts):
+        raise FairforgetError("every prompt and option needs at least one token")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompt_ids = [list(p) for p in prompt_ids]
+    option_ids = [[list(o) for o in opts] for opts in option_ids]
+    results: list[list[Score] | None] = [None] * len(prompt_ids)
     run_batch = _recurrent_batch if _is_recurrent(backbone_and_head(model)[0]) else _tree_batch
     done = []
     with torch.inference_mode():
         preamble = shared_preamble(model, prompt_ids, device)
-        for idx in distributed.my_batches(length_sorted_batches([len(p) for p in prompt_ids], batch_size)):
+        batches = distributed.my_batches(length_sorted_batches([len(p) for p in prompt_ids], batch_size))
+        for idx in progress(batches, desc=desc, unit="batch"):
             done.append((idx, run_batch(model, [prompt_ids[i] for i in idx], [option_ids[i] for i in idx],
-                                        tokenizer.pad_token_id, device, preamble)))
+                                        pad_id, device, preamble)))
     for idx, scores in distributed.gather_batches(done):
         for i, s in zip(idx, scores):
             results[i] = s

@@ -16,6 +16,7 @@ import torch
 
 from . import distributed
 from .errors import FairforgetError
+from .progress import progress
 
 
 @dataclass(frozen=True)
@@ -116,15 +117,16 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def score_encoded(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 32,
-                  device: torch.device | str | None = None) -> list[Score]:
-    """Scores of already-tokenized requests, in input order."""
+                  device: torch.device | str | None = None, desc: str = "scoring") -> list[Score]:
+    """Scores of already-tokenized requests, in input order (a progress bar named ``desc`` when it lasts)."""
     if batch_size < 1:
         raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
     device = device or next(model.parameters()).device
     scores: list[Score | None] = [None] * len(encoded)
     done = []
     with torch.inference_mode():
-        for batch_idx in distributed.my_batches(length_sorted_batches([len(e.ids) for e in encoded], batch_size)):
+        batches = distributed.my_batches(length_sorted_batches([len(e.ids) for e in encoded], batch_size))
+        for batch_idx in progress(batches, desc=desc, unit="batch"):
             batch = collate([encoded[i] for i in batch_idx], pad_id, device)
             sums, counts = token_logprobs(model, **batch)
             done.append((batch_idx, (sums.tolist(), counts.tolist())))
@@ -135,7 +137,7 @@ def score_encoded(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_siz
 
 
 def score_continuations(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int = 32,
-                        device: torch.device | str | None = None) -> list[Score]:
+                        device: torch.device | str | None = None, desc: str = "scoring") -> list[Score]:
     """Log-likelihood of each continuation given its prefix, in input order."""
     encoded = [encode(tokenizer, prefix, continuation) for prefix, continuation in requests]
-    return score_encoded(model, encoded, tokenizer.pad_token_id, batch_size, device)
+    return score_encoded(model, encoded, tokenizer.pad_token_id, batch_size, device, desc)

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import FairforgetError
-from .scoring import score_continuations
+from .choice_scoring import encoded_option_logprobs
+from .scoring import Score, encode, score_continuations
 from .stats import bootstrap_ci, bootstrap_intervals, mcnemar, proportional_sample
 
 SPLITS = ("intrasentence", "intersentence")
@@ -117,9 +118,31 @@ def scoring_requests(example: Example) -> list[tuple[str, str, str]]:
 
 
 def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32) -> list[dict]:
-    """One item per candidate sentence with its mean and summed log-probability."""
+    """One item per candidate sentence with its mean and summed log-probability.
+
+    Intrasentence candidates are scored as whole sequences; an intersentence context is computed once for
+    its three candidates (:func:`fairforget.choice_scoring.encoded_option_logprobs`: a tree mask for
+    attention models, a copied state for Mamba), on exactly the tokens of ``context + " " + sentence``
+    scored alone. ``batch_size`` counts sequences (an intersentence batch holds a third as many contexts).
+    """
     plan = [(ex, label, prefix, cont) for ex in examples for label, prefix, cont in scoring_requests(ex)]
-    scores = score_continuations(model, tokenizer, [(p, c) for _, _, p, c in plan], batch_size=batch_size)
+    scores: list[Score | None] = [None] * len(plan)
+    intra = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intrasentence"]
+    for k, score in zip(intra, score_continuations(model, tokenizer, [plan[k][2:] for k in intra],
+                                                   batch_size=batch_size, desc="StereoSet intrasentence")):
+        scores[k] = score
+    inter = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intersentence"]
+    groups = [inter[i: i + len(LABELS)] for i in range(0, len(inter), len(LABELS))]
+    prompt_ids, option_ids = [], []
+    for group in groups:
+        encoded = [encode(tokenizer, prefix, cont) for _, _, prefix, cont in (plan[k] for k in group)]
+        prompt_ids.append(encoded[0].ids[: encoded[0].n_prefix])
+        option_ids.append([e.ids[e.n_prefix:] for e in encoded])
+    shared = encoded_option_logprobs(model, prompt_ids, option_ids, tokenizer.pad_token_id,
+                                     max(1, batch_size // len(LABELS)), desc="StereoSet intersentence")
+    for group, group_scores in zip(groups, shared):
+        for k, score in zip(group, group_scores):
+            scores[k] = score
     return [
         {"example_id": ex.id, "split": ex.split, "bias_type": ex.bias_type, "target": ex.target,
          "gold_label": label, "sentence_id": ex.sentences[label][0], "sentence": ex.sentences[label][1],
