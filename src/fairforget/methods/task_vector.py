@@ -1,0 +1,51 @@
+"""Task-vector negation (Ilharco et al. 2023, "Editing models with task arithmetic"; as used for debiasing
+by Dige et al. 2024).
+
+Fine-tune the start model theta_0 on the stereotype-consistent (advantaged) side of the pair data to get
+theta_ft; the task vector is tau = theta_ft - theta_0 and the debiased model theta_0 - lambda * tau. With a
+LoRA fine-tune, theta_ft is the merged model, so tau is non-zero only in the adapted weights. lambda is
+chosen on the StereoSet selection half (``fairforget.methods.selection``), never on the held-out half.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import FairforgetError
+
+
+def state_copy(model: Any) -> dict[str, torch.Tensor]:
+    """A detached copy of every floating-point parameter and buffer of ``model``, by name."""
+    return {name: t.detach().clone() for name, t in model.state_dict().items() if t.is_floating_point()}
+
+
+def task_vector(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """tau = theta_ft - theta_0 for every tensor of the base; both states must hold the same names and shapes."""
+    missing = sorted(set(base) - set(finetuned))
+    if missing:
+        raise FairforgetError(f"the fine-tuned model lacks {len(missing)} tensors of the base (first: {missing[0]})")
+    tau = {}
+    for name, theta_0 in base.items():
+        if finetuned[name].shape != theta_0.shape:
+            raise FairforgetError(f"tensor {name} has shape {tuple(finetuned[name].shape)} after fine-tuning, "
+                                  f"{tuple(theta_0.shape)} before")
+        tau[name] = finetuned[name] - theta_0
+    return tau
+
+
+def apply_negation(model: Any, base: dict[str, torch.Tensor], tau: dict[str, torch.Tensor], lam: float) -> Any:
+    """Set ``model``'s tensors to theta_0 - lambda * tau in place (lambda = 0: exactly theta_0) and return it."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, theta_0 in base.items():
+            state[name].copy_(theta_0 - lam * tau[name] if lam else theta_0)
+    return model
+
+
+def tau_norms(tau: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The overall L2 norm of tau and the number of tensors it changes (for the log)."""
+    changed = [t for t in tau.values() if torch.count_nonzero(t)]
+    return {"tau_l2": float(torch.sqrt(sum((t.float() ** 2).sum() for t in changed))) if changed else 0.0,
+            "tensors_changed": len(changed), "tensors": len(tau)}
