@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget import distributed
-from fairforget.artifacts import provenance, read_jsonl, write_csv, write_json, write_jsonl, write_text
+from fairforget.artifacts import (check_run_target, provenance, read_jsonl, require_complete_run, run_folder,
+                                  small_n_warnings, write_csv, write_json, write_jsonl, write_text)
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
@@ -46,8 +47,10 @@ class Config:
             raise FairforgetError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.n_boot < 1:
             raise FairforgetError(f"--n-boot must be at least 1, got {self.n_boot}")
-        if self.compare_to is not None and not (self.compare_to / "items.jsonl").is_file():
-            raise FairforgetError(f"--compare-to {self.compare_to} has no items.jsonl")
+        if self.limit is not None and self.limit < 1:
+            raise FairforgetError(f"--limit must be at least 1 (or none for every example), got {self.limit}")
+        if self.compare_to is not None:
+            require_complete_run(self.compare_to, "--compare-to")
 
 
 def default_out(cfg: Config) -> Path:
@@ -85,32 +88,39 @@ def comparison_markdown(comparison: dict, before: Path, after: str) -> str:
 def main(cfg: Config) -> None:
     distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     examples = stratified_limit(select_half(load_stereoset(cfg.data), cfg.half, cfg.half_seed), cfg.limit, cfg.seed)
-    out = cfg.out or default_out(cfg)
+    if not examples:
+        raise FairforgetError(f"no StereoSet examples to score: {cfg.data} has none"
+                              + ("" if cfg.half == "all" else f" in its {cfg.half} half")
+                              + "; nothing was written")
+    out = check_run_target(cfg.out or default_out(cfg))
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     print(f"scoring {len(examples)} StereoSet examples ({3 * len(examples)} sentences) with {loaded.source}")
     start = time.time()
     metrics, items = evaluate_stereoset(loaded.model, loaded.tokenizer, examples, cfg.batch_size, cfg.n_boot,
                                         cfg.seed)
     seconds = time.time() - start
-    write_jsonl(out / "items.jsonl", items)
-    write_csv(out / "metrics.csv", metrics_rows(metrics))
-    for split in metrics:
-        domains = [d for d in (*DOMAINS, "all") if d in metrics[split]]
-        interval_bars(out / f"ss_by_domain_{split}.png", domains,
-                      {"SS": ([metrics[split][d]["ss"] for d in domains],
-                              [metrics[split][d]["ss_ci"] for d in domains])},
-                      f"StereoSet SS ({split}), {loaded.name}", "SS (macro over targets)", reference=50.0)
-    if cfg.compare_to is not None:
-        comparison = compare_runs(read_jsonl(cfg.compare_to / "items.jsonl"), items, cfg.n_boot, cfg.seed)
-        write_json(out / "comparison.json", {"before": str(cfg.compare_to), "after": str(out), **comparison})
-        write_text(out / "comparison.md", comparison_markdown(comparison, cfg.compare_to, str(out)))
-    metrics["provenance"] = provenance(
-        cfg, [cfg.data], model_source=loaded.source, scoring=SCORING_NOTE, n_examples=len(examples),
-        batch_size=cfg.batch_size, wall_seconds=round(seconds, 1), device=str(loaded.device),
-        conditioning_token=loaded.tokenizer.convert_ids_to_tokens(
-            loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None
-            else loaded.tokenizer.eos_token_id))
-    write_json(out / "metrics.json", metrics)
+    counts = {f"{split}/{domain}": m["n"] for split, domains in metrics.items() for domain, m in domains.items()}
+    warnings = small_n_warnings(counts, "StereoSet")
+    with run_folder(out) as tmp:  # the whole folder is swapped in at the end: never half old, half new
+        write_jsonl(tmp / "items.jsonl", items)
+        write_csv(tmp / "metrics.csv", metrics_rows(metrics))
+        for split in metrics:
+            domains = [d for d in (*DOMAINS, "all") if d in metrics[split]]
+            interval_bars(tmp / f"ss_by_domain_{split}.png", domains,
+                          {"SS": ([metrics[split][d]["ss"] for d in domains],
+                                  [metrics[split][d]["ss_ci"] for d in domains])},
+                          f"StereoSet SS ({split}), {loaded.name}", "SS (macro over targets)", reference=50.0)
+        if cfg.compare_to is not None:
+            comparison = compare_runs(read_jsonl(cfg.compare_to / "items.jsonl"), items, cfg.n_boot, cfg.seed)
+            write_json(tmp / "comparison.json", {"before": str(cfg.compare_to), "after": str(out), **comparison})
+            write_text(tmp / "comparison.md", comparison_markdown(comparison, cfg.compare_to, str(out)))
+        metrics["provenance"] = provenance(
+            cfg, [cfg.data], model_source=loaded.source, scoring=SCORING_NOTE, n_examples=len(examples),
+            batch_size=cfg.batch_size, wall_seconds=round(seconds, 1), device=str(loaded.device),
+            conditioning_token=loaded.tokenizer.convert_ids_to_tokens(
+                loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None
+                else loaded.tokenizer.eos_token_id), warnings=warnings)
+        write_json(tmp / "metrics.json", metrics)
     overall = metrics["overall"]["all"]
     print(f"overall SS {overall['ss']:.2f} [{overall['ss_ci'][0]:.2f}, {overall['ss_ci'][1]:.2f}]  "
           f"LMS {overall['lms']:.2f} [{overall['lms_ci'][0]:.2f}, {overall['lms_ci'][1]:.2f}]  "

@@ -1,25 +1,72 @@
-"""Writing results safely: atomic files and folders, and the provenance block every result carries."""
+"""Writing results safely: atomic files and folders, whole run folders, and the provenance block of results.
+
+A stage writes its run folder inside ``with run_folder(out) as tmp:`` (or through a writer decorated with
+:func:`writes_run_folder`): every file goes into a temporary sibling, a completion marker (``run_complete.json``:
+each file's size and sha256) is written last, and the folder is swapped in with one rename, so ``out`` is
+always either the earlier run, untouched, or the new one, complete. Readers call :func:`require_complete_run`
+(or :func:`run_problem`), so a folder without the marker is reported as incomplete, never read as a result.
+JSON is written strictly: NaN and infinities become ``null``, with a note saying so.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import errno
+import functools
+import glob
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import FairforgetError
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "safetensors", "tokenizers")
+RUN_MARKER = "run_complete.json"  # written last into every run folder; readers require it
+RUN_FILES = ("metrics.json", RUN_MARKER, ".stage.json")  # a folder holding none of these is not a run folder
+FAULT_ENV = "FAIRFORGET_FAULT_AFTER_WRITES"  # test hook: die right after the N-th artifact write (or swap)
+FAULT_MODE_ENV = "FAIRFORGET_FAULT_MODE"  # "kill" (SIGKILL, the default) or "raise" (InjectedFault)
+NULL_NOTE = ("null marks an undefined value (NaN or infinite: e.g. a metric of a group with no examples, or an "
+             "interval without finite bootstrap replicates)")
+SMALL_N = 10  # below this many items a 95% interval is unreliable (often zero-width): the stages warn
+
+
+class InjectedFault(BaseException):
+    """Raised by the fault-injection hook in ``raise`` mode (a BaseException, like a kill, so no handler eats it)."""
+
+
+_write_count = 0
+
+
+def reset_write_count() -> None:
+    """Start counting artifact writes for the fault-injection hook from zero (tests running stages in-process)."""
+    global _write_count
+    _write_count = 0
+
+
+def _after_write(what: Path) -> None:
+    """Count one artifact write; with ``FAIRFORGET_FAULT_AFTER_WRITES=N`` the N-th one kills the process."""
+    global _write_count
+    limit = os.environ.get(FAULT_ENV)
+    if not limit:
+        return
+    _write_count += 1
+    if _write_count == int(limit):
+        if os.environ.get(FAULT_MODE_ENV, "kill") == "raise":
+            raise InjectedFault(f"injected fault after artifact write {_write_count} ({what})")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -35,6 +82,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         if _writes_results():
             os.replace(tmp, path)
+            _after_write(path)
         else:
             tmp.unlink()
     except BaseException as exc:
@@ -69,23 +117,152 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if not _writes_results():
             shutil.rmtree(tmp)
-        elif path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            _swap_in(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_disk_full(exc, path)
         raise
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove what killed writers of ``path`` left beside it (their temporary folders), and put back an earlier
+    folder that a killed two-rename swap had set aside."""
+    if not _writes_results():
+        return
+    for item in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        match = _TEMP_NAME.fullmatch(item.name[len(path.name) + 2:])
+        if not match or _alive(int(match["pid"] or match["old"])):
+            continue
+        if match["old"] and not path.exists():
+            os.replace(item, path)
+        elif item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+
+
+_TEMP_NAME = re.compile(r"(?P<pid>\d+)-[^/]*\.tmp|old-(?P<old>\d+)")  # what atomic_dir names them
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the folder ``tmp`` at ``path``: one atomic exchange with the earlier folder where the OS has it
+    (Linux renameat2), else two renames with the earlier folder kept aside until the second is done."""
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):  # tmp now holds the earlier folder
+        _after_write(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    else:
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _after_write(path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (``renameat2(RENAME_EXCHANGE)``); False where the OS or file system lacks it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def run_folder(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling of the run folder ``path`` to write every result file into; on success write
+    the completion marker and swap it in whole (``path`` keeps the earlier run until then); on error remove it.
+
+    A folder that holds files but is not a fairforget run (no metrics.json, marker or stage record) is refused
+    rather than replaced.
+    """
+    path = check_run_target(path)
+    with atomic_dir(path) as tmp:
+        yield tmp
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / RUN_MARKER, {
+            "complete": True, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv),
+            "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for p in files}})
+
+
+def check_run_target(path: Path | str) -> Path:
+    """``path`` if a run may be written there (absent, empty, or an earlier run); a stage calls this before its
+    work so a wrong ``--out`` fails at once. A folder of other files is refused rather than replaced."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FairforgetError(f"run folder {path} is a file; pass a folder with --out")
+    if path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in RUN_FILES):
+        shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+        raise FairforgetError(f"{path} holds files that are not a fairforget run ({shown}); a run replaces its "
+                              f"folder whole, so choose a new or empty folder with --out")
+    return path
+
+
+def writes_run_folder(writer: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``writer(out_dir, ...)`` so it writes into a temporary folder swapped in by :func:`run_folder`."""
+    @functools.wraps(writer)
+    def wrapped(out_dir: Path | str, *args: Any, **kwargs: Any) -> Any:
+        with run_folder(out_dir) as tmp:
+            return writer(tmp, *args, **kwargs)
+
+    return wrapped
+
+
+def run_problem(folder: Path | str) -> str | None:
+    """Why ``folder`` is not a complete run (None when it is): missing, no marker, or files not as recorded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not found"
+    marker = folder / RUN_MARKER
+    if not marker.is_file():
+        return (f"incomplete: it has no {RUN_MARKER} (the run was interrupted, or written before fairforget "
+                f"marked complete runs)")
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"incomplete: its {RUN_MARKER} is unreadable"
+    for name, entry in files.items():
+        item = folder / name
+        if not item.is_file() or item.stat().st_size != entry.get("bytes"):
+            return f"not the run its {RUN_MARKER} describes: {name} is missing or was changed"
+    return None
+
+
+def require_complete_run(folder: Path | str, what: str = "run folder") -> Path:
+    """``folder`` if it holds a complete run; else one FairforgetError saying why and what to do."""
+    problem = run_problem(folder)
+    if problem:
+        raise FairforgetError(f"{what} {folder} is {problem}; run its stage again"
+                              if problem != "not found" else f"{what} {folder} not found")
+    return Path(folder)
 
 
 def write_text(path: Path | str, text: str) -> None:
@@ -94,13 +271,46 @@ def write_text(path: Path | str, text: str) -> None:
 
 
 def write_json(path: Path | str, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: NaN / infinity become null, and a dict result then says so (in its provenance if it has one)."""
+    data, nulls = _strict(data)
+    if nulls and isinstance(data, dict):
+        note = f"{nulls} value(s) written as null: {NULL_NOTE}"
+        if isinstance(data.get("provenance"), dict):
+            data["provenance"]["null_values"] = note
+        else:
+            data["null_values"] = note
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: Path | str, rows: Iterable[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
         for row in rows:
-            handle.write(json.dumps(row, default=_json_default) + "\n")
+            handle.write(json.dumps(_strict(row)[0], allow_nan=False) + "\n")
+
+
+def _strict(value: Any) -> tuple[Any, int]:
+    """``value`` made of plain JSON types (numpy values, paths converted) with NaN / inf as None; and how many."""
+    if isinstance(value, dict):
+        pairs = [(k, _strict(v)) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, sum(n for _, (_, n) in pairs)
+    if isinstance(value, (list, tuple)):
+        parts = [_strict(v) for v in value]
+        return [v for v, _ in parts], sum(n for _, n in parts)
+    if isinstance(value, float):
+        return (value, 0) if math.isfinite(value) else (None, 1)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value, 0
+    return _strict(_json_default(value))
+
+
+def small_n_warnings(counts: dict[str, int], what: str, minimum: int = SMALL_N) -> list[str]:
+    """A warning per group with fewer than ``minimum`` items (their intervals are unreliable); printed to
+    stderr and returned for the result's provenance."""
+    notes = [f"{what} {name}: only {n} item(s); its 95% interval is unreliable (at tiny n the bootstrap "
+             f"interval is often zero-width)" for name, n in counts.items() if 0 < n < minimum]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return notes
 
 
 def write_csv(path: Path | str, rows: list[dict], fieldnames: list[str] | None = None) -> None:
@@ -132,10 +342,10 @@ def read_json(path: Path | str, what: str = "file") -> Any:
 
 
 def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+        return value.tolist()
     if hasattr(value, "item"):
         return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
@@ -182,6 +392,7 @@ def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extr
     the number of processes that computed it."""
     from . import distributed
     from .config import config_to_dict
+    from .datasets import pinned_files
 
     block: dict[str, Any] = {
         "fairforget_version": __import__("fairforget").__version__,
@@ -193,6 +404,7 @@ def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extr
         "packages": package_versions(),
         "config": config_to_dict(config) if config is not None else None,
         "data_sha256": {str(p): sha256_file(p) for p in data_files},
+        "data_custom": [str(p) for p in data_files if not pinned_files(p)],  # not pinned: only their sha256
     }
     block.update(extra)
     return block

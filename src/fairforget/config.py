@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
+from .datasets import check_data_inputs
 from .errors import FairforgetError
 
 C = TypeVar("C")
@@ -87,17 +88,82 @@ def parse_config(default: C, argv: list[str] | None = None, description: str | N
 
 
 def _load_overrides(path: Path, default: Any) -> dict[str, Any]:
+    """The JSON object in ``path``, each value checked against (and converted to) its field's type."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise FairforgetError(f"config file not found: {path}") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FairforgetError(f"config file {path} is not valid JSON: {exc}") from exc
-    names = {f.name for f in dataclasses.fields(default)}
-    unknown = sorted(set(data) - names)
+    except OSError as exc:
+        raise FairforgetError(f"config file {path} cannot be read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FairforgetError(f"config file {path} must hold a JSON object of settings "
+                              f"({{\"key\": value, ...}}), not {_json_kind(data)}")
+    fields = {f.name: f for f in dataclasses.fields(default)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise FairforgetError(f"config file {path} has unknown keys: {', '.join(unknown)}")
-    return data
+    return {key: _checked(value, _field_type(type(default), fields[key]), f"config file {path}: {key!r}")
+            for key, value in data.items()}
+
+
+def _checked(value: Any, tp: Any, where: str) -> Any:
+    """``value`` (from JSON) as type ``tp``: bool is not an int, a float is not an int, a string is not a list."""
+    tp, optional = _unwrap_optional(tp)
+    expected = _describe(tp) + (" or null" if optional else "")
+    bad = FairforgetError(f"{where} must be {expected}, got {json.dumps(value)}")
+    if value is None:
+        if optional:
+            return None
+        raise bad
+    origin = get_origin(tp)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp in (str, Path):
+        ok = isinstance(value, str)
+        value = Path(value) if ok and tp is Path else value
+    elif origin is Literal:
+        ok = any(value == choice and type(value) is type(choice) for choice in get_args(tp))
+    elif origin in (list, tuple):
+        if not isinstance(value, list):
+            raise bad
+        inner = (get_args(tp) or (Any,))[0]
+        return [_checked(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        inner = (get_args(tp) or (Any, Any))[1]
+        return {k: _checked(v, inner, f"{where}[{k!r}]") for k, v in value.items()}
+    else:  # Any, or a type this check does not know: taken as it is
+        ok = True
+    if not ok:
+        raise bad
+    return value
+
+
+def _describe(tp: Any) -> str:
+    """How a type reads in an error message."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(c) for c in get_args(tp))
+    if origin in (list, tuple):
+        inner = (get_args(tp) or (Any,))[0]
+        return f"a list (each item {_describe(inner)})"
+    if tp is dict or origin is dict:
+        return "an object"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), "null" if value is None else type(value).__name__)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -105,10 +171,25 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def run_script(main: Callable[[C], Any], default: C, argv: list[str] | None = None) -> None:
-    """Parse flags into ``default``'s type, run ``main(cfg)``; a FairforgetError exits 2 with one line."""
+def path_fields(cfg: Any) -> dict[str, Path]:
+    """``{flag: path}`` of every path-valued field of a config (lists of paths included)."""
+    found = {}
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for k, item in enumerate(v for v in values if isinstance(v, Path)):
+            found["--" + field.name.replace("_", "-") + (f" [{k}]" if k else "")] = item
+    return found
+
+
+def run_script(main: Callable[[C], Any], default: C, argv: list[str] | None = None, verify_data: bool = True) -> None:
+    """Parse flags into ``default``'s type, verify the pinned data files its paths point at (unless
+    ``verify_data`` is False: the fetch stage, which repairs them), run ``main(cfg)``; a FairforgetError exits 2
+    with one line."""
     try:
         cfg = parse_config(default, argv, description=(sys.modules[main.__module__].__doc__ or None))
+        if verify_data:
+            check_data_inputs(path_fields(cfg))
         main(cfg)
     except FairforgetError as exc:
         print(f"error: {exc}", file=sys.stderr)

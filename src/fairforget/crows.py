@@ -10,13 +10,13 @@ with ``score="mean"``), every token scored, the first conditioned on the BOS/EOS
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from .datasets import read_table
 from .errors import FairforgetError
 from .scoring import score_continuations
 from .stats import bootstrap_ci, mcnemar, proportional_sample
@@ -54,21 +54,15 @@ def load_crows(path: Path | str) -> list[CrowsPair]:
     if not path.is_file():
         raise FairforgetError(f"CrowS-Pairs file not found: {path} (run scripts/00_fetch_data.py)")
     pairs = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise FairforgetError(f"{path}: header lacks column(s) {', '.join(missing)}")
-        id_column = (reader.fieldnames or [""])[0]
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if row["stereo_antistereo"] not in ("stereo", "antistereo"):
-                raise FairforgetError(f"{where}: stereo_antistereo is {row['stereo_antistereo']!r}, "
-                                      f"expected stereo or antistereo")
-            if not (row["sent_more"] or "").strip() or not (row["sent_less"] or "").strip() or not row["bias_type"]:
-                raise FairforgetError(f"{where}: empty sentence or bias type")
-            pairs.append(CrowsPair(str(row[id_column] or len(pairs)), row["sent_more"].strip(),
-                                   row["sent_less"].strip(), row["stereo_antistereo"], row["bias_type"]))
+    for line, row in read_table(path, REQUIRED_COLUMNS):  # rows with a wrong column count are refused there
+        where = f"{path}:{line}"
+        if row["stereo_antistereo"] not in ("stereo", "antistereo"):
+            raise FairforgetError(f"{where}: stereo_antistereo is {row['stereo_antistereo']!r}, "
+                                  f"expected stereo or antistereo")
+        if not row["sent_more"].strip() or not row["sent_less"].strip() or not row["bias_type"]:
+            raise FairforgetError(f"{where}: empty sentence or bias type")
+        pairs.append(CrowsPair(str(next(iter(row.values())) or len(pairs)), row["sent_more"].strip(),
+                               row["sent_less"].strip(), row["stereo_antistereo"], row["bias_type"]))
     if not pairs:
         raise FairforgetError(f"{path}: no pairs")
     return pairs

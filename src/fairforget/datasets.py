@@ -9,6 +9,7 @@ check them with :func:`verify_dataset`, whose return value goes into their prove
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import http.client
 import json
@@ -88,11 +89,127 @@ def verify_dataset(root: Path | str, dataset: str) -> list[dict[str, Any]]:
         repair = f"run `{FETCH_HINT} --datasets {dataset} --out {root}`"
         if not path.is_file():
             raise FairforgetError(f"dataset file missing: {path}; {repair}")
-        problem = _mismatch(spec, path.stat().st_size, None) or _mismatch(spec, spec.bytes, sha256_file(path))
+        problem = pinned_problem(spec, path)
         if problem:
             raise FairforgetError(f"dataset file {path} does not match the pinned manifest: {problem}; {repair}")
         checked.append({"file": spec.file, "bytes": spec.bytes, "sha256": spec.sha256, "upstream": spec.upstream})
     return checked
+
+
+def read_table(path: Path | str, required: Iterable[str] = (), delimiter: str = ",",
+               what: str = "file") -> list[tuple[int, dict[str, str]]]:
+    """Rows of a CSV / TSV file with a header, each with its line number; a missing file, a header without the
+    ``required`` columns, or a row with another number of columns than the header raises one FairforgetError
+    naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FairforgetError(f"{what} not found: {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, [])
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise FairforgetError(f"{path}: header lacks column(s) {', '.join(missing)}")
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise FairforgetError(f"{path}:{reader.line_num}: {len(row)} columns, expected {len(header)} "
+                                      f"as in the header ({', '.join(header)})")
+            rows.append((reader.line_num, dict(zip(header, row))))
+    return rows
+
+
+# ---- verification at use: every pinned file a stage reads ---------------------------------------------------
+
+_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) found to be the pinned file in this process
+
+
+def is_data_root(folder: Path) -> bool:
+    """A folder with the ``data/`` layout whose files must be the pinned ones: it has a MANIFEST.json (written
+    by the fetch stage, or a verified mirror's), or it is the default ``data/``."""
+    return (folder / "MANIFEST.json").is_file() or folder.resolve() == DATA_DIR.resolve()
+
+
+def pinned_files(path: Path | str) -> list[tuple[Path, FileSpec]]:
+    """The pinned files that ``path`` (a file, or a folder such as ``data/bbq``) stands for inside a data root,
+    with their specs; [] for a file or folder outside one (a custom input)."""
+    path = Path(path).absolute()
+    found = []
+    for spec in manifest():
+        parts = tuple(spec.file.split("/"))
+        for k in range(len(parts) + 1):  # path is the root (k=0), a folder in it, or the file itself
+            if (k == 0 or path.parts[-k:] == parts[:k]) and len(path.parts) > k and is_data_root(
+                    path.parents[k - 1] if k else path):
+                candidate = path.joinpath(*parts[k:])
+                if candidate.is_file():
+                    found.append((candidate, spec))
+                break
+    return found
+
+
+def pinned_problem(spec: FileSpec, path: Path) -> str | None:
+    """Why the file at ``path`` is not the pinned one (None if it is). Cheap when nothing changed: a file whose
+    size and mtime match its data root's MANIFEST.json entry (recorded when it was fetched and verified), or
+    were verified earlier in this process, is not hashed again."""
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key in _verified or _recorded(path, spec) == (stat.st_size, stat.st_mtime_ns, spec.sha256):
+        return None
+    problem = _mismatch(spec, stat.st_size, None) or _mismatch(spec, spec.bytes, sha256_file(path))
+    if problem is None:
+        _verified.add(key)
+    return problem
+
+
+def _recorded(path: Path, spec: FileSpec) -> tuple[int, int, str] | None:
+    """(bytes, mtime_ns, sha256) that the fetch stage recorded for ``spec`` in the data root's MANIFEST.json."""
+    manifest_file = Path(str(path)[: -len(spec.file)] or ".") / "MANIFEST.json"
+    try:
+        entry = _manifest_entries(str(manifest_file.absolute()), manifest_file.stat().st_mtime_ns)[spec.file]
+        return (entry["bytes"], entry["mtime_ns"], entry["sha256"])
+    except (OSError, KeyError, TypeError):
+        return None
+
+
+@lru_cache(maxsize=8)
+def _manifest_entries(path: str, mtime_ns: int) -> dict[str, dict]:
+    """A data root's MANIFEST.json entries by file (the fetch stage's object, or a mirror's list); {} if unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        entries = data["files"] if isinstance(data, dict) else data
+        return {e["file"]: e for e in entries if isinstance(e, dict) and "file" in e}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def check_data_inputs(paths: dict[str, Path]) -> None:
+    """Verify the pinned files behind each ``{flag: path}`` a stage was given; a modified one raises one
+    FairforgetError naming it, with how to proceed. Custom files (outside a data root) are not checked here:
+    their own sha256 goes into the result's provenance."""
+    for flag, path in paths.items():
+        for file, spec in pinned_files(path):
+            problem = pinned_problem(spec, file)
+            if problem:
+                raise FairforgetError(
+                    f"data file {file} does not match the pinned manifest ({problem}). Re-fetch it with "
+                    f"`{FETCH_HINT} --datasets {spec.dataset} --force` (add --source DIR to copy from a local "
+                    f"mirror); or, to use a modified file on purpose, copy it outside the data folder and pass "
+                    f"the copy with {flag} (a custom file is recorded with its own sha256)")
+
+
+def data_problem(root: Path | str) -> str | None:
+    """The first pinned file under the data root ``root`` that is missing or modified, as a reason (None if all
+    are the pinned ones): the pipeline re-checks its data step with this instead of trusting its record."""
+    for spec in manifest():
+        path = Path(root) / spec.file
+        if not path.is_file():
+            return f"data file {path} is missing"
+        problem = pinned_problem(spec, path)
+        if problem:
+            return f"data file {path} does not match the pinned manifest ({problem})"
+    return None
 
 
 @dataclass

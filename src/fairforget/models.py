@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .errors import FairforgetError
 
@@ -152,16 +153,26 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
         if (path / "adapter_config.json").is_file():
             from .artifacts import read_json
 
-            adapter_base = read_json(path / "adapter_config.json", "adapter config").get("base_model_name_or_path")
-            if not adapter_base:
+            adapter_config = read_json(path / "adapter_config.json", "adapter config")
+            adapter_base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
+            if not adapter_base or not isinstance(adapter_base, str):
                 raise FairforgetError(f"adapter folder {path} names no base_model_name_or_path")
-            inner = load_model(adapter_base, torch_device, dtype, fast_mamba=fast_mamba)
+            check_weight_files(path)
+            try:
+                inner = load_model(adapter_base, torch_device, dtype, fast_mamba=fast_mamba)
+            except FairforgetError as exc:
+                raise FairforgetError(f"the base model of adapter {path} ({adapter_base!r}, base_model_name_or_path "
+                                      f"in {path / 'adapter_config.json'}) cannot be loaded: {exc}") from exc
             return _attach_adapter(inner, path, merge_adapter)
         if not (path / "config.json").is_file():
             raise FairforgetError(f"model folder {path} has no config.json (nor adapter_config.json)")
+        check_weight_files(path)
         source = str(path)
-    elif not HUB_ID.fullmatch(spec):
-        raise FairforgetError(f"model folder not found: {spec} (and it is not a Hugging Face hub id)")
+    elif not HUB_ID.fullmatch(spec) or _looks_local(spec):
+        raise FairforgetError(f"model folder not found: {spec} ("
+                              + ("it is not a Hugging Face hub id either)" if not HUB_ID.fullmatch(spec) else
+                                 "read as a local path, since it starts or ends like one or its parent folder "
+                                 "exists here)"))
     else:
         source = spec
         if not _cached_on_hub(spec) and not _hub_reachable():
@@ -170,14 +181,34 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
         tokenizer = _load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False,
                                                      use_safetensors=_has_safetensors(source))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if source == spec and not path.exists():
             raise _hub_error(spec, exc) from exc
-        raise FairforgetError(f"cannot load model from {source}: {exc}") from exc
+        raise FairforgetError(f"cannot load model from {source}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     model.to(torch_device).eval()
     if fast_mamba:
         _maybe_enable_fast_mamba(model)
     return LoadedModel(model, tokenizer, model_name(spec), source, torch_device)
+
+
+def _looks_local(spec: str) -> bool:
+    """A spec like ``models/x`` whose parent folder exists here means a local folder, not a hub id."""
+    parent = Path(spec.rstrip("/")).parent
+    return spec.startswith((".", "/")) or spec.endswith("/") or (str(parent) != "." and parent.is_dir())
+
+
+def check_weight_files(folder: Path) -> None:
+    """Open the header of every ``*.safetensors`` file in ``folder``: an empty, truncated or corrupt one raises
+    one FairforgetError naming it (before any loading starts)."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise FairforgetError(f"weight file {file} cannot be read ({exc}; {file.stat().st_size:,} bytes): it is "
+                                  f"empty, truncated or corrupt. Re-create it with the stage that wrote "
+                                  f"{folder}, or delete that folder") from exc
 
 
 def _cached_on_hub(spec: str) -> bool:
@@ -214,8 +245,9 @@ def _attach_adapter(base: LoadedModel, adapter_dir: Path, merge: bool) -> Loaded
 
     try:
         model = PeftModel.from_pretrained(base.model, str(adapter_dir))
-    except (OSError, ValueError, KeyError) as exc:
-        raise FairforgetError(f"cannot load the peft adapter in {adapter_dir}: {exc}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise FairforgetError(f"cannot load the peft adapter in {adapter_dir}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if merge:
         model = model.merge_and_unload()
     model.eval()

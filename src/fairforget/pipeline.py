@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from .artifacts import package_versions, read_json, sha256_file, write_json
+from .artifacts import package_versions, read_json, run_problem, sha256_file, write_json
+from .datasets import data_problem
 from .errors import FairforgetError
 from .models import DEFAULT_EMBEDDED, EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 
@@ -32,6 +33,9 @@ PIPELINES = ("pcgu", "bbq")
 Preset = Literal["quick", "full"]
 DISTRIBUTED_SCRIPTS = ("11_finetune_lora.py", "13_evaluate_stereoset.py", "15_evaluate_crows.py",
                        "20_evaluate_bbq.py")
+# stages whose run folder is swapped in whole with a completion marker (artifacts.run_folder): a folder of theirs
+# without a valid marker is incomplete, never a result
+ATOMIC_RUN_SCRIPTS = ("13_evaluate_stereoset.py", "15_evaluate_crows.py")
 
 
 @dataclass
@@ -126,9 +130,14 @@ def fingerprint_hash(print_: dict[str, Any]) -> str:
 
 
 def why_not_done(stage: Stage, hasher: Hasher) -> str | None:
-    """None when the stage's outputs exist and match its record for the current fingerprint; else the reason."""
+    """None when the stage's outputs exist and match its record for the current fingerprint; else the reason.
+    The data step is re-verified against the pinned manifest every time, not trusted from its record."""
     if not stage.record.is_file():
         return "not run yet"
+    if stage.script == "00_fetch_data.py" and (problem := data_problem(stage.args["out"])):
+        return problem
+    if stage.script in ATOMIC_RUN_SCRIPTS and (problem := run_problem(stage.outputs[0])):
+        return f"output {stage.outputs[0]} is {problem}"
     try:
         record = read_json(stage.record, "stage record")
     except FairforgetError:

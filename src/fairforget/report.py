@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .artifacts import git_commit, package_versions, read_json, read_jsonl, write_text
+from .artifacts import git_commit, package_versions, read_json, read_jsonl, run_problem, write_text
 from .errors import FairforgetError
-from .pipeline import Stage, StageResult
+from .pipeline import ATOMIC_RUN_SCRIPTS, Stage, StageResult
 
 
 def _ci(value: float, interval: Sequence[float] | None, digits: int = 2, signed: bool = False) -> str:
@@ -58,12 +58,18 @@ class _Page:
         return "\n".join(self.parts)
 
 
-def _runs(stages: Sequence[Stage], script: str) -> list[tuple[str, Stage, Path]]:
-    """(label, stage, run folder) of the stages of ``script`` whose results exist."""
+def _runs(stages: Sequence[Stage], script: str, page: _Page | None = None) -> list[tuple[str, Stage, Path]]:
+    """(label, stage, run folder) of the stages of ``script`` whose results exist; a run folder that is not
+    complete (stages in ATOMIC_RUN_SCRIPTS) is named on ``page`` as such and not read."""
     found = []
     for stage in stages:
         out = Path(stage.args.get("out") or stage.outputs[0])
-        if stage.script == script and (out / "metrics.json").is_file():
+        if stage.script != script or not out.is_dir():
+            continue
+        problem = run_problem(out) if script in ATOMIC_RUN_SCRIPTS else None
+        if problem and page is not None:
+            page.add(f"{stage.name}: `{out}` is {problem}; not read.\n")
+        elif not problem and (out / "metrics.json").is_file():
             found.append((stage.name.split()[-1], stage, out))
     return found
 
@@ -79,8 +85,8 @@ def _pairs(labels: list[str]) -> list[tuple[str, str]]:
 def _stereoset(page: _Page, stages: Sequence[Stage]) -> None:
     from .stereoset import DOMAINS, compare_runs
 
-    runs = _runs(stages, "13_evaluate_stereoset.py")
     page.add("### StereoSet (held-out half of dev)\n")
+    runs = _runs(stages, "13_evaluate_stereoset.py", page)
     if not runs:
         page.add("Not run.\n")
         return
@@ -123,8 +129,8 @@ def _stereoset(page: _Page, stages: Sequence[Stage]) -> None:
 def _crows(page: _Page, stages: Sequence[Stage]) -> None:
     from .crows import compare_runs
 
-    runs = _runs(stages, "15_evaluate_crows.py")
     page.add("### CrowS-Pairs\n")
+    runs = _runs(stages, "15_evaluate_crows.py", page)
     if not runs:
         page.add("Not run.\n")
         return

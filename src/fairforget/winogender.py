@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Literal
 
+from .datasets import read_table
 from .errors import FairforgetError
 
 Statistic = Literal["bergsma", "bls"]
@@ -39,16 +40,9 @@ class Pair:
 
 
 def _read_tsv(path: Path, required: Iterable[str]) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a tab-separated file with a header, each with its 1-based line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FairforgetError(f"file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise FairforgetError(f"{path}: header lacks column(s) {', '.join(missing)}")
-        return [(reader.line_num, row) for row in reader]
+    """Rows of a tab-separated file with a header, each with its 1-based line number (a row with another number
+    of columns than the header is an error naming the line)."""
+    return read_table(path, required, delimiter="\t")
 
 
 def load_occupation_stats(path: Path | str, stat: Statistic = "bergsma") -> dict[str, float]:
