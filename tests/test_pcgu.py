@@ -5,8 +5,11 @@ import copy
 import pytest
 import torch
 
-from fairforget.pcgu import (apply_update, encode_pairs, gradients, partition_cosines, partition_tensors, pcgu_step,
-                             select_lowest, sequence_scores)
+from fairforget.errors import FairforgetError
+
+from fairforget.pcgu import (RetainTerm, apply_update, differing_span, encode_pairs, gradients, partition_cosines,
+                             partition_tensors, pcgu_step, select_lowest, sequence_scores)
+from fairforget.perplexity import load_neutral_texts
 from fairforget.scoring import collate
 from fairforget.winogender import Pair
 
@@ -144,7 +147,7 @@ def test_one_step_changes_exactly_the_selected_partitions(tiny_models, tokenizer
         assert fd1 > fd0
 
 
-def test_dynamic_direction_lowers_the_side_the_model_prefers(tiny_models, tokenizer):
+def test_dynamic_lower_direction_lowers_the_side_the_model_prefers(tiny_models, tokenizer):
     model = copy.deepcopy(tiny_models["llama"])
     tensors = partition_tensors(model)
     adv, dis = encode_pairs(tokenizer, PAIRS)
@@ -152,6 +155,106 @@ def test_dynamic_direction_lowers_the_side_the_model_prefers(tiny_models, tokeni
     with torch.no_grad():
         fa = sequence_scores(model, collate(adv, pad)).tolist()
         fd = sequence_scores(model, collate(dis, pad)).tolist()
-    result = pcgu_step(model, tensors, adv, dis, pad, k=10, lr=1e-3, direction="dynamic")
+    result = pcgu_step(model, tensors, adv, dis, pad, k=10, lr=1e-3, direction="dynamic_lower")
     assert result.lowered == ["adv" if a >= d else "dis" for a, d in zip(fa, fd)]
     assert result.f_adv == pytest.approx(fa, abs=1e-5) and result.f_dis == pytest.approx(fd, abs=1e-5)
+
+
+def _token_logprobs(model, ids):
+    """log p(token t | tokens < t) for t >= 1 of one sequence, full logits (independent of fairforget.scoring)."""
+    ids = torch.tensor([ids])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return logp.gather(1, ids[0, 1:, None]).squeeze(1)
+
+
+def test_differing_span_targets_on_hand_made_pairs(tokenizer):
+    assert differing_span([1, 5, 6, 7, 8], [1, 5, 9, 7, 8]) == (2, 2)
+    assert differing_span([1, 5, 6, 6, 8], [1, 5, 6, 8]) == (3, 1)  # the suffix never overlaps the prefix
+    pair = Pair("p", "nurse", "t", "She is a nurse.", "He is a nurse.", "female", 90.0, "test")
+    words = lambda e: tokenizer.convert_ids_to_tokens(e.ids[e.n_prefix:])  # noqa: E731
+    (a,), (d,) = encode_pairs(tokenizer, [pair], "differing")
+    assert words(a) == ["She"] and words(d) == ["He"] and len(a.ids) == 2  # cut after the span
+    (a,), (d,) = encode_pairs(tokenizer, [pair], "after")
+    assert words(a) == words(d) == ["Ġis", "Ġa", "Ġnurse", "."]
+    (a,), _ = encode_pairs(tokenizer, [pair], "differing_after")
+    assert words(a) == ["She", "Ġis", "Ġa", "Ġnurse", "."]
+    (a,), _ = encode_pairs(tokenizer, [pair], "all")
+    assert a.n_prefix == 1 and words(a) == ["She", "Ġis", "Ġa", "Ġnurse", "."]
+    (a,), (d,) = encode_pairs(tokenizer, PAIRS[:1], "differing")
+    assert words(a) == ["Ġshe"] and words(d) == ["Ġhe"]
+    end = Pair("q", "x", "t", "I saw him", "I saw her", "male", 10.0, "test")
+    with pytest.raises(FairforgetError, match="nothing follows"):
+        encode_pairs(tokenizer, [end], "after")
+
+
+@pytest.mark.parametrize("targets", ["differing", "after"])
+def test_signed_gradient_of_target_tokens_matches_autograd(tiny_models, tokenizer, targets):
+    model = copy.deepcopy(tiny_models["llama"])
+    tensors = partition_tensors(model)
+    adv, _ = encode_pairs(tokenizer, PAIRS, targets)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    scores, grads = gradients(model, tensors, collate(adv, tokenizer.pad_token_id), signs)
+    total, expected = 0.0, []
+    for e, sign in zip(adv, signs):
+        logp = _token_logprobs(model, list(e.ids))[e.n_prefix - 1:]  # the scored tokens only
+        expected.append(logp.mean())
+        total = total + sign * logp.mean()
+    torch.testing.assert_close(scores, torch.stack(expected).detach(), rtol=1e-5, atol=1e-5)
+    total.backward()
+    for t, g in zip(tensors, grads):  # batched (padded) vs one at a time: float noise only
+        torch.testing.assert_close(g, t.param.grad, rtol=1e-3, atol=1e-3 * float(t.param.grad.abs().max()))
+
+
+def test_dynamic_direction_moves_selected_partitions_by_lr_times_signed_difference(tiny_models, tokenizer):
+    model = copy.deepcopy(tiny_models["llama"])
+    start = copy.deepcopy(model)
+    tensors = partition_tensors(model)
+    adv, dis = encode_pairs(tokenizer, PAIRS, "differing")
+    pad, lr = tokenizer.pad_token_id, 1e-2
+    # independently: m_i = +1 where the model prefers x_a, and the gradients of sum m_i f per side
+    fa = [_token_logprobs(start, list(e.ids))[e.n_prefix - 1:].mean() for e in adv]
+    fd = [_token_logprobs(start, list(e.ids))[e.n_prefix - 1:].mean() for e in dis]
+    m = [1.0 if a >= d else -1.0 for a, d in zip(fa, fd)]
+    params = [p for p in start.parameters()]
+    g_a = torch.autograd.grad(sum(mi * a for mi, a in zip(m, fa)), params, allow_unused=True, retain_graph=True)
+    g_d = torch.autograd.grad(sum(mi * d for mi, d in zip(m, fd)), params, allow_unused=True)
+    result = pcgu_step(model, tensors, adv, dis, pad, k=40, lr=lr, direction="dynamic")
+    assert result.lowered == ["adv" if mi > 0 else "dis" for mi in m]
+    by_name = dict(zip([n for n, _ in start.named_parameters()], zip(params, g_a, g_d)))
+    for t in tensors:
+        name = next(n for n, p in model.named_parameters() if p is t.param)
+        before, ga, gd = by_name[name]
+        delta = t.param.detach() - before.detach()
+        if ga is None or gd is None:
+            assert torch.all(delta == 0)
+            continue
+        expected = lr * (gd - ga)
+        changed = delta.reshape(1, -1).any(1) if t.axis is None else (delta != 0).movedim(t.axis, 0).reshape(
+            t.n_partitions, -1).any(1)
+        mask = changed if t.axis is None else changed.reshape([-1] + [1] * (delta.dim() - 1)).movedim(0, t.axis)
+        torch.testing.assert_close(delta, expected * mask, rtol=1e-3, atol=1e-8)
+    assert sum(result.selected) == 40
+
+
+def test_min_cos_keeps_only_partitions_below_it():
+    cos = [torch.tensor([0.5, -0.2, float("inf")]), torch.tensor([0.1, -0.6])]
+    chosen = select_lowest(cos, 10, min_cos=0.0)
+    assert [c.tolist() for c in chosen] == [[1], [1]]
+
+
+def test_retain_kl_is_zero_at_the_start_and_positive_after_a_change(tiny_models, tokenizer):
+    model = copy.deepcopy(tiny_models["llama"])
+    tensors = partition_tensors(model)
+    texts = load_neutral_texts("retain", limit=3)
+    retain = RetainTerm("kl", model, tokenizer, texts, batch_size=3)
+    grads = retain.gradients(model, tensors)
+    assert abs(retain.last_value) < 1e-6
+    assert max(float(g.abs().max()) for g in grads if g is not None) < 1e-6
+    with torch.no_grad():
+        model.get_output_embeddings().weight.add_(0.05 * torch.randn_like(model.get_output_embeddings().weight))
+    retain.gradients(model, tensors)
+    assert retain.last_value > 1e-4
+    lm = RetainTerm("lm", model, tokenizer, texts, batch_size=3)
+    value = lm.loss(model, lm.next_batch())
+    expected = sum(-_token_logprobs(model, list(e.ids)).mean() for e in lm.encoded)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)

@@ -57,3 +57,42 @@ def test_malformed_inputs_name_file_and_line(tmp_path):
         load_winogender_pairs(sentences, stats)
     with pytest.raises(FairforgetError, match="not found"):
         load_winogender_pairs(tmp_path / "missing.tsv", stats)
+
+
+def test_group_first_pairs_put_the_group_term_first_and_follow_the_statistic(shared_data):
+    from fairforget.pairs import GROUP_FIRST_TEMPLATES, GROUP_TERMS, group_first_pairs, orientation_counts
+
+    stats = shared_data / "winogender" / "data" / "occupations-stats.tsv"
+    pct = load_occupation_stats(stats, "bergsma")
+    pairs = group_first_pairs(stats, "bergsma")
+    assert len(pairs) == len(pct) * len(GROUP_FIRST_TEMPLATES) * len(GROUP_TERMS)
+    nurse = [p for p in pairs if p.occupation == "nurse" and p.pair_id.endswith("-0-he")][0]
+    assert (nurse.advantaged, nurse.disadvantaged) == ("She is a nurse.", "He is a nurse.")  # mostly women
+    engineer = [p for p in pairs if p.occupation == "engineer" and p.pair_id.endswith("-0-he")][0]
+    assert (engineer.advantaged, engineer.disadvantaged) == ("He is an engineer.", "She is an engineer.")
+    below = sum(v < 50 for v in pct.values())
+    per_occupation = len(GROUP_FIRST_TEMPLATES) * len(GROUP_TERMS)
+    assert orientation_counts(pairs) == {"group-first-bergsma:female": (len(pct) - below) * per_occupation,
+                                         "group-first-bergsma:male": below * per_occupation}
+
+
+@pytest.mark.parametrize("mode", ["downsample", "upsample"])
+def test_balance_gives_equal_orientations_per_source(shared_data, mode):
+    from fairforget.pairs import balance_pairs
+
+    folder = shared_data / "winogender" / "data"
+    pairs = load_winogender_pairs(folder / "all_sentences.tsv", folder / "occupations-stats.tsv", "bergsma")
+    balanced = balance_pairs(pairs, mode, seed=1)
+    male = [p for p in balanced if p.adv_gender == "male"]
+    female = [p for p in balanced if p.adv_gender == "female"]
+    n_female = sum(p.adv_gender == "female" for p in pairs)  # 44: the smaller side
+    n_male = len(pairs) - n_female
+    assert len(male) == len(female) == (n_female if mode == "downsample" else n_male)
+    assert set(balanced) <= set(pairs)
+    if mode == "downsample":
+        assert len(set(male)) == n_female and set(female) == {p for p in pairs if p.adv_gender == "female"}
+    else:  # every female pair at least n_male // n_female times
+        counts = {p.pair_id: sum(q.pair_id == p.pair_id for q in female) for p in female}
+        assert min(counts.values()) >= n_male // n_female
+    assert balance_pairs(pairs, mode, seed=1) == balanced
+    assert balance_pairs(pairs, "none") == pairs

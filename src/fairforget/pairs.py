@@ -1,0 +1,77 @@
+"""Pair sources beyond WinoGender's own sentences, and balancing the two orientations.
+
+``group_first_pairs`` builds attribute contrasts read group-first, as StereoSet's candidates are
+("She is a nurse." / "He is a nurse."), from the 60 WinoGender occupations and their statistics: for each
+occupation, template and (male, female) group term, the side whose gender is the occupation's majority
+(share of women below 50: male) is advantaged. Nothing here reads StereoSet.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Literal, Sequence
+
+from .errors import FairforgetError
+from .winogender import Pair, Statistic, load_occupation_stats
+
+GROUP_TERMS = (("He", "She"), ("The man", "The woman"), ("My father", "My mother"), ("My brother", "My sister"))
+GROUP_FIRST_TEMPLATES = ("{group} is {article} {occupation}.", "{group} works as {article} {occupation}.")
+Balance = Literal["none", "downsample", "upsample"]
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def group_first_pairs(stats_path: Path | str, stat: Statistic = "bergsma",
+                      templates: Sequence[str] = GROUP_FIRST_TEMPLATES,
+                      terms: Sequence[tuple[str, str]] = GROUP_TERMS) -> list[Pair]:
+    """One pair per occupation, template and (male, female) group term, oriented by the occupation statistic."""
+    if not templates or not terms:
+        raise FairforgetError("group-first pairs need at least one template and one pair of group terms")
+    pairs = []
+    for occupation, pct in sorted(load_occupation_stats(stats_path, stat).items()):
+        for t_index, template in enumerate(templates):
+            for male, female in terms:
+                text = {g: template.format(group=term, article=_article(occupation), occupation=occupation)
+                        for g, term in (("male", male), ("female", female))}
+                adv = "male" if pct < 50 else "female"
+                dis = "female" if adv == "male" else "male"
+                pairs.append(Pair(f"gf-{occupation}-{t_index}-{male.lower().replace(' ', '_')}", occupation,
+                                  template, text[adv], text[dis], adv, pct, f"group-first-{stat}"))
+    return pairs
+
+
+def orientation_counts(pairs: Sequence[Pair]) -> dict[str, int]:
+    """Pairs per source and advantaged gender, e.g. ``{"winogender-bergsma:male": 196, ...}``."""
+    return dict(sorted(Counter(f"{p.source}:{p.adv_gender}" for p in pairs).items()))
+
+
+def balance_pairs(pairs: Sequence[Pair], mode: Balance = "none", seed: int = 0) -> list[Pair]:
+    """As many male- as female-advantaged pairs within each source: ``downsample`` draws the larger side down
+    to the smaller one's count, ``upsample`` repeats the smaller side (seeded draws, cycling whole copies
+    first); pairs of any other orientation are kept as they are. Order: by source, then as drawn."""
+    if mode not in ("none", "downsample", "upsample"):
+        raise FairforgetError(f"unknown balance {mode!r}: use none, downsample or upsample")
+    if mode == "none":
+        return list(pairs)
+    rng = random.Random(seed)
+    out: list[Pair] = []
+    for source in sorted({p.source for p in pairs}):
+        group = [p for p in pairs if p.source == source]
+        male = [p for p in group if p.adv_gender == "male"]
+        female = [p for p in group if p.adv_gender == "female"]
+        other = [p for p in group if p.adv_gender not in ("male", "female")]
+        if not male or not female:
+            raise FairforgetError(f"source {source} has {len(male)} male- and {len(female)} female-advantaged "
+                                  f"pairs: cannot balance an orientation that is absent")
+        small, large = sorted((male, female), key=len)
+        if mode == "downsample":
+            large = rng.sample(large, len(small))
+        else:
+            copies, rest = divmod(len(large), len(small))
+            small = small * copies + rng.sample(small, rest)
+        out.extend(sorted(small + large, key=lambda p: p.pair_id) + other)
+    return out
