@@ -304,13 +304,15 @@ def _strict(value: Any) -> tuple[Any, int]:
 
 
 def small_n_warnings(counts: dict[str, int], what: str, minimum: int = SMALL_N) -> list[str]:
-    """A warning per group with fewer than ``minimum`` items (their intervals are unreliable); printed to
-    stderr and returned for the result's provenance."""
-    notes = [f"{what} {name}: only {n} item(s); its 95% interval is unreliable (at tiny n the bootstrap "
-             f"interval is often zero-width)" for name, n in counts.items() if 0 < n < minimum]
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-    return notes
+    """One warning naming the groups with fewer than ``minimum`` items (their intervals are unreliable), printed
+    to stderr and returned (as a list, empty when there are none) for the result's provenance."""
+    small = [f"{name} (n={n})" for name, n in counts.items() if 0 < n < minimum]
+    if not small:
+        return []
+    note = (f"{what}: {len(small)} group(s) with fewer than {minimum} items, whose 95% intervals are unreliable "
+            f"(at tiny n the bootstrap interval is often zero-width): {', '.join(small)}")
+    print(f"warning: {note}", file=sys.stderr)
+    return [note]
 
 
 def write_csv(path: Path | str, rows: list[dict], fieldnames: list[str] | None = None) -> None:
