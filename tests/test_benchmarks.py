@@ -26,3 +26,15 @@ def test_pcgu_benchmark_reports_both_ratios(tmp_path, tokenizer, shared_data, ca
     out = capsys.readouterr().out
     assert re.search(r"step / passes = \d+\.\d{3}", out), out
     assert re.search(r"cosines of [\d,]+ rows in 2 tensors: .* speed-up \d+\.\dx", out), out
+
+
+def test_scoring_benchmark_reports_the_dev_mix_against_the_floor(tmp_path, tokenizer, shared_data, capsys):
+    folder = save_tiny_model("llama", tokenizer, tmp_path / "tiny-llama")
+    bench = load_benchmark("bench_scoring.py")
+    bench.main(["--model", str(folder), "--data", str(shared_data / "stereoset" / "dev.json"), "--limit", "12",
+                "--n", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"dev mix: 1\d examples \(\d+ intra, \d+ inter\)", out), out
+    assert re.search(r"wall: shared contexts .* = \d+\.\d\dx floor .* speed-up \d+\.\d\dx", out), out
+    diff = float(re.search(r"max \|score difference\| shared vs separate (\S+)", out).group(1))
+    assert diff < 1e-4
