@@ -117,7 +117,9 @@ class Config:
     checkpoint_every: int = field(default=10, metadata={"help": "also save the training state every N steps "
                                                                 "(besides each evaluation point) so a killed run "
                                                                 "resumes (0: evaluation points only)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "training randomness: pair order and balancing draws"})
+    sample_seed: int = field(default=0, metadata={"help": "evaluation samples and bootstrap, fixed across --seed so "
+                                                          "seeds are compared on the same examples"})
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
@@ -174,11 +176,11 @@ def selection_examples(cfg: Config) -> list:
     half = select_half(load_stereoset(cfg.stereoset), "selection", cfg.half_seed)
     if cfg.selection_metric == "gender":
         half = [e for e in half if e.bias_type == "gender"]
-    return stratified_limit(half, cfg.selection_limit, cfg.seed)
+    return stratified_limit(half, cfg.selection_limit, cfg.sample_seed)
 
 
 def selection_scores(model: Any, tokenizer: Any, examples: list, cfg: Config) -> dict[str, float]:
-    metrics, _ = evaluate_stereoset(model, tokenizer, examples, cfg.eval_batch_size, cfg.n_boot, cfg.seed)
+    metrics, _ = evaluate_stereoset(model, tokenizer, examples, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)
     overall, gender = metrics["overall"]["all"], metrics["overall"].get("gender", {})
     return {"ss": overall["ss"], "ss_ci": overall["ss_ci"], "lms": overall["lms"], "icat": overall["icat"],
             "ss_gender": gender.get("ss", float("nan")), "ss_gender_ci": gender.get("ss_ci")}
@@ -189,7 +191,7 @@ def heldout_examples(cfg: Config) -> tuple[list, set[str], set[str]]:
     sample ids)."""
     half = select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed)
     gender = [e for e in half if e.bias_type == "gender"]
-    sample = stratified_limit(half, cfg.heldout_limit, cfg.seed)
+    sample = stratified_limit(half, cfg.heldout_limit, cfg.sample_seed)
     union = {e.id: e for e in gender + sample}
     return list(union.values()), {e.id for e in gender}, {e.id for e in sample}
 
@@ -197,13 +199,13 @@ def heldout_examples(cfg: Config) -> tuple[list, set[str], set[str]]:
 def heldout_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts: list[str]) -> dict[str, Any]:
     """Per-sentence StereoSet items and perplexity of one model on the held-out material."""
     return {"items": score_examples(model, tokenizer, examples, cfg.eval_batch_size),
-            "perplexity": perplexity(model, tokenizer, texts, cfg.eval_batch_size, cfg.n_boot, cfg.seed)}
+            "perplexity": perplexity(model, tokenizer, texts, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)}
 
 
 def start_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts: list[str]) -> dict[str, Any]:
     """The start model's held-out scores, from the cache when it was made for the same model and material."""
     cache = cfg.start_cache or Path("outputs/pcgu") / f"start-{model_name(cfg.model)}"
-    key = {"model": cfg.model, "stereoset": str(cfg.stereoset), "half_seed": cfg.half_seed, "seed": cfg.seed,
+    key = {"model": cfg.model, "stereoset": str(cfg.stereoset), "half_seed": cfg.half_seed, "seed": cfg.sample_seed,
            "heldout_limit": cfg.heldout_limit, "texts": texts_provenance(texts)["sha256"],
            "eval_batch_size": cfg.eval_batch_size}
     if (cache / "key.json").is_file() and read_json(cache / "key.json") == key:
@@ -223,16 +225,17 @@ def heldout_report(before: dict, after: dict, gender_ids: set[str], sample_ids: 
         part = {}
         for when, scores in (("before", before), ("after", after)):
             items = [i for i in scores["items"] if i["example_id"] in ids]
-            m = compute_metrics(items, cfg.n_boot, cfg.seed)["overall"]["all"]
+            m = compute_metrics(items, cfg.n_boot, cfg.sample_seed)["overall"]["all"]
             part[when] = {key: m[key] for key in ("n", "ss", "ss_ci", "lms", "lms_ci", "icat", "ss_micro")}
         paired = compare_runs([i for i in before["items"] if i["example_id"] in ids],
-                              [i for i in after["items"] if i["example_id"] in ids], cfg.n_boot, cfg.seed)["overall"]
+                              [i for i in after["items"] if i["example_id"] in ids], cfg.n_boot,
+                              cfg.sample_seed)["overall"]
         part["paired"] = paired
         report[name] = part
     pb, pa = before["perplexity"], after["perplexity"]
     report["perplexity"] = {"before": pb["perplexity"], "before_ci": pb["perplexity_ci"], "after": pa["perplexity"],
                             "after_ci": pa["perplexity_ci"], "n_texts": pb["n_texts"], "n_tokens": pb["n_tokens"],
-                            **perplexity_change(pb, pa, cfg.n_boot, cfg.seed)}
+                            **perplexity_change(pb, pa, cfg.n_boot, cfg.sample_seed)}
     return report
 
 
