@@ -35,3 +35,35 @@ def load_method(spec: str, device: str = "auto") -> LoadedModel:
                            settings.get("epsilon", 0.01))
     return LoadedModel(wrapped, loaded.tokenizer, f"self-debias-{loaded.name}",
                        f"{loaded.source} + Self-Debias ({settings_file})", loaded.device)
+
+
+def peak_memory_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (the whole method run: model, data, training)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def write_method_record(log_dir: Path, method: str, cfg: Any, seconds: float, data_files: list, **details: Any) -> dict:
+    """``<log_dir>/method.json``: the method's wall time, peak memory, details and provenance."""
+    from ..artifacts import provenance, write_json
+
+    record = {"method": method, "wall_seconds": round(seconds, 1), "peak_memory_mib": peak_memory_mib(),
+              **details, "provenance": provenance(cfg, data_files)}
+    write_json(Path(log_dir) / "method.json", record)
+    return record
+
+
+def save_model_folder(model: Any, tokenizer: Any, folder: Path) -> Path:
+    """A loadable Hugging Face folder (peft adapters merged into a copy first), written atomically."""
+    import copy
+
+    from ..artifacts import atomic_dir
+
+    to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    with atomic_dir(folder) as tmp:
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(folder)

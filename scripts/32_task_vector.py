@@ -1,0 +1,99 @@
+"""Stage 32: task-vector negation (Ilharco et al. 2023; Dige et al. 2024), lambda chosen on the StereoSet
+selection half.
+
+    python scripts/32_task_vector.py --model embedded:smollm2-135m-instruct [--lambdas 0.5 1 2]
+
+1. LoRA fine-tune theta_0 (``fairforget.lora.finetune``) on the stereotype-consistent (advantaged) side of the
+   pair data, merged: theta_ft; tau = theta_ft - theta_0 (``fairforget.methods.task_vector``).
+2. For each lambda in --lambdas: theta_0 - lambda * tau scored on a seeded sample of the StereoSet *selection*
+   half (gender examples with --selection-metric gender); the lambda with the smallest |SS - 50| whose LMS is
+   at most --max-lms-drop below lambda = 0's is kept (``fairforget.methods.selection.choose``).
+3. The kept model is saved to --out (a Hugging Face folder); ``lambdas.csv`` and ``method.json`` (wall time,
+   peak memory, tau norm, the choice, provenance) go to --log-dir. Report with the held-out half only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fairforget.artifacts import write_csv
+from fairforget.config import run_script
+from fairforget.errors import FairforgetError
+from fairforget.lora import add_lora, finetune, target_modules
+from fairforget.methods import save_model_folder, write_method_record
+from fairforget.methods.selection import choose, selection_examples, selection_score
+from fairforget.methods.task_vector import apply_negation, state_copy, task_vector, tau_norms
+from fairforget.models import DEFAULT_EMBEDDED, load_model
+from fairforget.progress import progress
+from fairforget.winogender import read_pairs_tsv
+
+
+@dataclass
+class Config:
+    model: str = DEFAULT_EMBEDDED
+    pairs: Path = Path("data/processed/pairs.tsv")
+    stereoset: Path = Path("data/stereoset/dev.json")
+    out: Path = Path("models/methods/task_vector")
+    log_dir: Path = Path("outputs/methods/task_vector")
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate of the advantaged-side fine-tune"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    selection_metric: Literal["overall", "gender"] = "gender"
+    selection_limit: int | None = field(default=200, metadata={"help": "selection-half sample size (None: all)"})
+    max_lms_drop: float | None = field(default=2.0, metadata={"help": "LMS points a lambda may lose vs lambda=0"})
+    half_seed: int = 0
+    limit: int = field(default=0, metadata={"help": "use the first N pairs only (0: all)"})
+    eval_batch_size: int = 32
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if min(self.epochs, self.batch_size, self.lora_r) < 1 or not self.lr > 0 or self.limit < 0:
+            raise FairforgetError("--epochs, --batch-size, --lora-r must be >= 1, --lr > 0, --limit >= 0")
+        if not self.lambdas or any(not lam > 0 for lam in self.lambdas):
+            raise FairforgetError("--lambdas needs one or more positive values")
+        if not self.pairs.is_file():
+            raise FairforgetError(f"--pairs {self.pairs} not found (run scripts/10_preprocess_winogender.py)")
+
+
+def main(cfg: Config) -> None:
+    start = time.perf_counter()
+    texts = [p.advantaged for p in read_pairs_tsv(cfg.pairs)[: cfg.limit or None]]
+    examples = selection_examples(cfg.stereoset, cfg.selection_metric, cfg.selection_limit, cfg.half_seed, cfg.seed)
+    loaded = load_model(cfg.model, cfg.device)
+    tokenizer = loaded.tokenizer
+    theta_0 = state_copy(loaded.model)
+    model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, 0.0, cfg.seed)
+    steps = -(-len(texts) // cfg.batch_size) * cfg.epochs
+    with progress(total=steps, desc="advantaged-side fine-tune", unit="step") as bar:
+        finetune(model, tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
+                 on_step=lambda entry: (bar.set_postfix(loss=f"{entry.loss:.3f}"), bar.update(1)))
+    model = model.merge_and_unload()
+    model.eval()
+    tau = task_vector(theta_0, state_copy(model))
+    rows = []
+    for lam in progress([0.0, *cfg.lambdas], desc="lambda on the selection half", unit="lambda"):
+        apply_negation(model, theta_0, tau, lam)
+        rows.append({"lambda": lam, **selection_score(model, tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed)})
+        print(f"lambda {lam:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
+    best = choose(rows[1:], "lambda", cfg.max_lms_drop, rows[0]["lms"])
+    apply_negation(model, theta_0, tau, best["lambda"])
+    save_model_folder(model, tokenizer, cfg.out)
+    write_csv(cfg.log_dir / "lambdas.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
+    record = write_method_record(
+        cfg.log_dir, "task_vector", cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],
+        model_folder=str(cfg.out), chosen_lambda=best["lambda"], selection=rows, n_train_texts=len(texts),
+        criterion=f"smallest |SS - 50| ({cfg.selection_metric}) on {len(examples)} selection-half StereoSet dev "
+                  f"examples with LMS at most {cfg.max_lms_drop} below lambda=0", **tau_norms(tau))
+    print(f"task vector: lambda {best['lambda']:g} kept ({record['wall_seconds']:.0f} s, peak "
+          f"{record['peak_memory_mib']:.0f} MiB) -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    run_script(main, Config())

@@ -1,0 +1,88 @@
+"""Stage 34: BiasUnlearn (Liu et al. 2025, arXiv 2509.25673) on the pair data PCGU trains on (never StereoSet).
+
+    python scripts/34_bias_unlearn.py --model embedded:smollm2-135m-instruct [--epochs 2]
+
+LoRA on the model (``fairforget.lora``), its adapter switched off as the frozen reference. Each step: NPO on
+the stereotype-consistent (advantaged) sentences, cross-entropy on their anti-stereotype counterparts, KL to
+the reference on those, weighted by --w-forget / --w-retain / --w-kl; every --check-every steps the pairs are
+scored and forget / retain swap when the bias has reversed (``fairforget.methods.bias_unlearn``). The
+adapter goes to --out; ``steps.csv``, ``swaps.csv`` and ``method.json`` (wall time, peak memory, pair gap
+before and after, provenance) to --log-dir.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fairforget.artifacts import write_csv
+from fairforget.config import run_script
+from fairforget.errors import FairforgetError
+from fairforget.lora import add_lora, save_adapter, target_modules
+from fairforget.methods import write_method_record
+from fairforget.methods.bias_unlearn import Weights, unlearn
+from fairforget.models import DEFAULT_EMBEDDED, load_model
+from fairforget.pcgu import encode_pairs, pair_gap
+from fairforget.winogender import read_pairs_tsv
+
+
+@dataclass
+class Config:
+    model: str = DEFAULT_EMBEDDED
+    pairs: Path = Path("data/processed/pairs.tsv")
+    out: Path = Path("models/methods/bias_unlearn")
+    log_dir: Path = Path("outputs/methods/bias_unlearn")
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 1e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    w_forget: float = 1.0
+    w_retain: float = 1.0
+    w_kl: float = field(default=1.0, metadata={"help": "weight of KL(reference || model) on the retain side"})
+    beta: float = field(default=0.1, metadata={"help": "NPO temperature"})
+    check_every: int = field(default=10, metadata={"help": "score the pairs every N steps and swap the sets when "
+                                                          "the bias has reversed (0: never)"})
+    limit: int = field(default=0, metadata={"help": "use the first N pairs only (0: all)"})
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if min(self.epochs, self.batch_size, self.lora_r) < 1 or not self.lr > 0 or self.limit < 0:
+            raise FairforgetError("--epochs, --batch-size, --lora-r must be >= 1, --lr > 0, --limit >= 0")
+        if not self.beta > 0 or min(self.w_forget, self.w_retain, self.w_kl) < 0 or self.check_every < 0:
+            raise FairforgetError("--beta must be > 0; the weights and --check-every >= 0")
+        if not self.pairs.is_file():
+            raise FairforgetError(f"--pairs {self.pairs} not found (run scripts/10_preprocess_winogender.py)")
+
+
+def main(cfg: Config) -> None:
+    start = time.perf_counter()
+    pairs = read_pairs_tsv(cfg.pairs)[: cfg.limit or None]
+    loaded = load_model(cfg.model, cfg.device)
+    tokenizer = loaded.tokenizer
+    adv, dis = encode_pairs(tokenizer, pairs)
+    model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, 0.0, cfg.seed)
+    model.eval()
+    gap_before = pair_gap(model, adv, dis, tokenizer.pad_token_id)
+    weights = Weights(cfg.w_forget, cfg.w_retain, cfg.w_kl, cfg.beta)
+    log = unlearn(model, tokenizer.pad_token_id, adv, dis, weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed,
+                  cfg.check_every)
+    gap_after = pair_gap(model, adv, dis, tokenizer.pad_token_id)
+    save_adapter(model, tokenizer, cfg.out, cfg.model)
+    write_csv(cfg.log_dir / "steps.csv", log.steps)
+    if log.swaps:
+        write_csv(cfg.log_dir / "swaps.csv", log.swaps)
+    record = write_method_record(cfg.log_dir, "bias_unlearn", cfg, time.perf_counter() - start, [cfg.pairs],
+                                 model_folder=str(cfg.out), weights=asdict(weights), n_pairs=len(pairs),
+                                 steps=len(log.steps), swaps=log.swaps, pair_gap_before=gap_before,
+                                 pair_gap_after=gap_after)
+    print(f"BiasUnlearn: {len(log.steps)} steps, {len(log.swaps)} swaps; stereotype side preferred in "
+          f"{100 * gap_before['share_adv_preferred']:.1f}% -> {100 * gap_after['share_adv_preferred']:.1f}% of pairs "
+          f"({record['wall_seconds']:.0f} s, peak {record['peak_memory_mib']:.0f} MiB) -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    run_script(main, Config())
