@@ -23,6 +23,7 @@ from fairforget.config import config_to_dict, run_script
 from fairforget.errors import FairforgetError
 from fairforget.lora import add_lora, finetune, kernel_bypass_warning, mean_loss, save_adapter, target_modules
 from fairforget.models import DEFAULT_EMBEDDED, load_model
+from fairforget.progress import set_quiet
 from fairforget.winogender import load_winogender_sentences
 
 
@@ -44,6 +45,7 @@ class Config:
                                                                 "<out>_resume/ so a killed run resumes (0: off)"})
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "lora_r", "log_every"):
@@ -56,6 +58,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    set_quiet(cfg.quiet)
     distributed.init(cfg.device)  # data-parallel under torchrun / accelerate launch; nothing otherwise
     texts = load_winogender_sentences(cfg.sentences)
     if cfg.limit:

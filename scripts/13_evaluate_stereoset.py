@@ -22,6 +22,7 @@ from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.plots import interval_bars
+from fairforget.progress import set_quiet
 from fairforget.stereoset import (DOMAINS, SCORING_NOTE, SPLITS, compare_runs, evaluate_stereoset, load_stereoset,
                                   select_half, stratified_limit)
 
@@ -38,6 +39,7 @@ class Config:
     batch_size: int = 32
     n_boot: int = 1000
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
     dtype: str = "auto"
     out: Path | None = field(default=None, metadata={"help": "run folder (default outputs/stereoset/<model>[-half])"})
     compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder for a paired comparison"})
@@ -86,6 +88,7 @@ def comparison_markdown(comparison: dict, before: Path, after: str) -> str:
 
 
 def main(cfg: Config) -> None:
+    set_quiet(cfg.quiet)
     distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     examples = stratified_limit(select_half(load_stereoset(cfg.data), cfg.half, cfg.half_seed), cfg.limit, cfg.seed)
     if not examples:

@@ -18,6 +18,7 @@ from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.generation import comparison_markdown, complete, load_prompts, pronoun_counts
 from fairforget.models import DEFAULT_EMBEDDED, load_model
+from fairforget.progress import set_quiet
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Config:
     top_p: float = 0.95
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
     out: Path = Path("outputs/prompts")
 
     def validate(self) -> None:
@@ -46,6 +48,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    set_quiet(cfg.quiet)
     prompts = load_prompts(cfg.prompts)
     specs = dict(entry.split("=", 1) for entry in cfg.models)
     rows, counts = [], {}

@@ -24,6 +24,7 @@ from fairforget.crows import compare_runs, compute_metrics, load_crows, sample_p
 from fairforget.errors import FairforgetError
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.plots import interval_bars
+from fairforget.progress import set_quiet
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Config:
     batch_size: int = 32
     n_boot: int = 1000
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
     dtype: str = "auto"
     out: Path | None = field(default=None, metadata={"help": "run folder (default outputs/crows/<model>)"})
     compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder for a paired comparison"})
@@ -64,6 +66,7 @@ def comparison_markdown(comparison: dict, before: Path, after: str) -> str:
 
 
 def main(cfg: Config) -> None:
+    set_quiet(cfg.quiet)
     distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     out = check_run_target(cfg.out or Path("outputs/crows") / model_name(cfg.model))
     pairs = sample_pairs(load_crows(cfg.data), cfg.limit, cfg.seed)

@@ -31,6 +31,7 @@ import torch
 from .choice_scoring import encode_prompt
 from .errors import FairforgetError
 from .heads import HeadLayout, batch_prompts, decoder_layers, head_hooks, head_layout
+from .progress import progress
 from .scoring import backbone_and_head, length_sorted_batches
 
 LAYER_STATS = ("hidden_norm_last", "hidden_norm_mean", "mlp_norm_last", "mlp_norm_mean")
@@ -171,7 +172,8 @@ def localize(model: Any, tokenizer: Any, prompts: Sequence[LocalizationPrompt], 
     device = next(model.parameters()).device
     regions = [token_regions(tokenizer, p.text, p.context, p.question) for p in prompts]
     aggregate = Aggregate()
-    for idx in length_sorted_batches([len(r) for r in regions], batch_size):
+    for idx in progress(length_sorted_batches([len(r) for r in regions], batch_size), desc="localizing",
+                        unit="batch"):
         batch = batch_prompts(tokenizer, [prompts[i].text for i in idx], device)
         width = batch["input_ids"].shape[1]
         region = torch.zeros((len(idx), width), dtype=torch.long)
@@ -289,12 +291,20 @@ def plot_groups(path: Path | str, means: dict[str, dict[str, np.ndarray]], group
     save_figure(fig, path)
 
 
-def bbq_prompts(examples: Sequence[Any], chat_tokenizer: Any = None, seed: int = 0) -> list[LocalizationPrompt]:
-    """BBQ evaluation prompts (same option order as the evaluation), grouped as all / category / category|condition."""
+def bbq_prompts(examples: Sequence[Any], chat_tokenizer: Any = None, seed: int = 0,
+                answer_types: dict[tuple[str, int], str] | None = None) -> list[LocalizationPrompt]:
+    """BBQ evaluation prompts (same option order as the evaluation), grouped as all / category /
+    category|condition, and with ``answer_types`` ((category, example_id) -> the model's answer type in the
+    chosen scoring mode) also ``answer|<type>`` and ``<condition>|answer|<type>``."""
     from .bbq import build_prompt, option_order
 
+    def groups(e: Any) -> tuple[str, ...]:
+        base = ("all", e.category, f"{e.category}|{e.context_condition}")
+        kind = (answer_types or {}).get((e.category, e.example_id))
+        return base + ((f"answer|{kind}", f"{e.context_condition}|answer|{kind}") if kind else ())
+
     return [LocalizationPrompt(build_prompt(e, option_order(e, seed), True, chat_tokenizer), e.context, e.question,
-                               ("all", e.category, f"{e.category}|{e.context_condition}")) for e in examples]
+                               groups(e)) for e in examples]
 
 
 def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict[str, np.ndarray], title: str) -> None:
@@ -319,7 +329,8 @@ def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict
 
 def run_localization(model: Any, tokenizer: Any, examples: Sequence[Any], folder: Path | str, label: str,
                      chat_tokenizer: Any = None, seed: int = 0, batch_size: int = 8,
-                     provenance: dict | None = None, compare_to: Path | str | None = None) -> dict:
+                     provenance: dict | None = None, compare_to: Path | str | None = None,
+                     answer_types: dict[tuple[str, int], str] | None = None) -> dict:
     """Localize BBQ ``examples`` and write a run folder: ``arrays.npz`` (means per group), ``summary.json``
     (with ``provenance``), ``per_group.csv``, ``items.jsonl``, heatmaps, and with ``compare_to`` (an earlier
     folder) ``difference_heads.png``. The model is switched to eager attention. Returns the summary."""
@@ -329,7 +340,7 @@ def run_localization(model: Any, tokenizer: Any, examples: Sequence[Any], folder
 
     folder = Path(folder)
     use_eager_attention(model)
-    prompts = bbq_prompts(examples, chat_tokenizer, seed)
+    prompts = bbq_prompts(examples, chat_tokenizer, seed, answer_types)
     start = time.time()
     aggregate = localize(model, tokenizer, prompts, batch_size)
     seconds = time.time() - start

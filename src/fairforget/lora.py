@@ -19,7 +19,7 @@ from . import distributed
 from .checkpoint import Checkpointer
 from .errors import FairforgetError
 from .scoring import collate, encode, token_logprobs
-from .training import StepLog, shuffled_batches, start_training
+from .training import StepLog, shuffled_batches, start_training, step_bar
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, "", text) for text in texts]
     run = start_training(model, lr, weight_decay, seed, checkpoint)
+    bar = step_bar(run, epochs * -(-len(encoded) // batch_size), "LoRA fine-tuning")
     for epoch, step, indices in shuffled_batches(len(encoded), epochs, batch_size, seed, run.checkpoint):
         mine = distributed.shard(indices)  # all of it in one process
         batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id, device) if mine else None
@@ -115,8 +116,11 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
         distributed.sum_gradients(run.params)
         run.optimizer.step()
         run.log(StepLog(epoch, step, batch_loss, n_tokens))
+        bar.set_postfix(epoch=epoch, loss=f"{batch_loss:.4f}")
+        bar.update(1)
         if on_step is not None:
             on_step(run.history[-1])
+    bar.close()
     model.eval()
     return run.history
 
@@ -125,7 +129,7 @@ def mean_loss(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int 
     """Token-weighted mean NLL of ``texts`` (no gradient)."""
     from .scoring import score_continuations
 
-    scores = score_continuations(model, tokenizer, [("", t) for t in texts], batch_size)
+    scores = score_continuations(model, tokenizer, [("", t) for t in texts], batch_size, desc="mean loss")
     return -sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import Checkpointer
 from .errors import FairforgetError
+from .progress import progress
 
 
 @dataclass
@@ -49,6 +50,12 @@ def start_training(model: Any, lr: float, weight_decay: float, seed: int,
     history = [StepLog(**h) for h in checkpoint.resume(named, optimizer).get("history", [])]
     model.train()
     return TrainingRun(params, optimizer, checkpoint, history)
+
+
+def step_bar(run: TrainingRun, total_steps: int, desc: str) -> Any:
+    """A progress bar over a run's ``total_steps`` steps, starting at those a resumed run has already done;
+    set its postfix (e.g. the loss), then ``update(1)`` after each step."""
+    return progress(total=total_steps, initial=min(len(run.history), total_steps), desc=desc, unit="step")
 
 
 def shuffled_batches(n_items: int, epochs: int, batch_size: int, seed: int,

@@ -1,0 +1,53 @@
+"""The progress entry point: whole lines when output is not a terminal, silence when quiet or short."""
+
+import io
+
+import pytest
+
+from fairforget import progress as progress_module
+from fairforget.progress import progress, set_quiet
+
+
+@pytest.fixture
+def every_update(monkeypatch):
+    monkeypatch.setenv("FAIRFORGET_PROGRESS_SECONDS", "0")
+    monkeypatch.delenv("FAIRFORGET_QUIET", raising=False)
+    yield
+    set_quiet(False)
+
+
+def test_not_a_terminal_gets_one_whole_line_per_update(every_update):
+    out = io.StringIO()
+    assert list(progress(range(4), desc="scoring", unit="batch", delay=0, file=out)) == [0, 1, 2, 3]
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert [line.split()[2] for line in lines] == ["0/4", "1/4", "2/4", "3/4", "4/4"]
+    assert all(line.startswith("scoring:") for line in lines)
+
+
+def test_postfix_set_before_update_is_on_that_line_and_nothing_is_repeated(every_update):
+    out = io.StringIO()
+    with progress(total=2, desc="train", unit="step", delay=0, file=out) as bar:
+        for loss in (1.5, 0.5):
+            bar.set_postfix(loss=loss)
+            bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert "1/2" in lines[1] and "loss=1.5" in lines[1]
+    assert "2/2" in lines[2] and "loss=0.5" in lines[2]
+
+
+def test_quiet_and_short_loops_print_nothing(every_update, monkeypatch):
+    for quiet_by in ("call", "environment", "short"):
+        out = io.StringIO()
+        if quiet_by == "call":
+            set_quiet(True)
+        elif quiet_by == "environment":
+            monkeypatch.setenv("FAIRFORGET_QUIET", "1")
+        delay = 60.0 if quiet_by == "short" else 0
+        assert sum(progress(range(5), desc="x", delay=delay, file=out)) == 10
+        assert out.getvalue() == ""
+        set_quiet(False)
+        monkeypatch.delenv("FAIRFORGET_QUIET", raising=False)
+    assert not progress_module.is_quiet()
