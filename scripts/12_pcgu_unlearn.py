@@ -44,7 +44,11 @@ from fairforget.artifacts import (atomic_dir, provenance, read_json, read_jsonl,
                                   write_jsonl)
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, run_script
+from fairforget.crows import compare_runs as crows_compare
+from fairforget.crows import compute_metrics as crows_metrics
+from fairforget.crows import load_crows, score_pairs
 from fairforget.errors import FairforgetError
+from fairforget.generation import complete, load_prompts, pronoun_counts
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.pairs import balance_pairs, orientation_counts
 from fairforget.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
@@ -110,6 +114,11 @@ class Config:
     heldout_limit: int = field(default=600, metadata={"help": "held-out sample for overall SS (plus every gender "
                                                               "example)"})
     perplexity_texts: int = field(default=100, metadata={"help": "neutral held-out texts for perplexity"})
+    crows: Path | None = field(default=Path("data/crows_pairs/data/crows_pairs_anonymized.csv"),
+                               metadata={"help": "CrowS-Pairs file for the gender pairs in the held-out report "
+                                                 "(none: skip)"})
+    completion_tokens: int = field(default=20, metadata={"help": "greedy completion length of the built-in "
+                                                                 "prompts in the held-out report (0: skip)"})
     start_cache: Path | None = field(default=None, metadata={"help": "cache of the start model's held-out scores "
                                                                      "(default outputs/pcgu/start-<model>)"})
     eval_batch_size: int = 32
@@ -143,6 +152,8 @@ class Config:
             raise FairforgetError("--heldout-limit and --perplexity-texts must be at least 1")
         if not self.pairs.is_file():
             raise FairforgetError(f"--pairs {self.pairs} not found (run scripts/10_preprocess_winogender.py)")
+        if self.heldout_eval and self.crows is not None and not self.crows.is_file():
+            raise FairforgetError(f"--crows {self.crows} not found (run scripts/00_fetch_data.py, or --crows none)")
 
     def resolved(self) -> "Config":
         """The config with preset values (and the start model) filled in where no flag was given."""
@@ -196,10 +207,21 @@ def heldout_examples(cfg: Config) -> tuple[list, set[str], set[str]]:
     return list(union.values()), {e.id for e in gender}, {e.id for e in sample}
 
 
-def heldout_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts: list[str]) -> dict[str, Any]:
-    """Per-sentence StereoSet items and perplexity of one model on the held-out material."""
-    return {"items": score_examples(model, tokenizer, examples, cfg.eval_batch_size),
-            "perplexity": perplexity(model, tokenizer, texts, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)}
+def heldout_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts: list[str],
+                   parts: tuple[str, ...] = ("items", "perplexity", "crows", "completions")) -> dict[str, Any]:
+    """Per-sentence StereoSet items, perplexity, CrowS-Pairs gender items and greedy completions of one model."""
+    scores: dict[str, Any] = {}
+    if "items" in parts:
+        scores["items"] = score_examples(model, tokenizer, examples, cfg.eval_batch_size)
+    if "perplexity" in parts:
+        scores["perplexity"] = perplexity(model, tokenizer, texts, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)
+    if "crows" in parts and cfg.crows is not None:
+        gender = [p for p in load_crows(cfg.crows) if p.bias_type == "gender"]
+        scores["crows"] = score_pairs(model, tokenizer, gender, cfg.eval_batch_size)
+    if "completions" in parts and cfg.completion_tokens > 0:
+        texts_out = complete(model, tokenizer, load_prompts(None), "greedy", cfg.completion_tokens)
+        scores["completions"] = {"texts": texts_out, **pronoun_counts(texts_out)}
+    return scores
 
 
 def start_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts: list[str]) -> dict[str, Any]:
@@ -208,13 +230,18 @@ def start_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts:
     key = {"model": cfg.model, "stereoset": str(cfg.stereoset), "half_seed": cfg.half_seed, "seed": cfg.sample_seed,
            "heldout_limit": cfg.heldout_limit, "texts": texts_provenance(texts)["sha256"],
            "eval_batch_size": cfg.eval_batch_size}
-    if (cache / "key.json").is_file() and read_json(cache / "key.json") == key:
-        return {"items": read_jsonl(cache / "items.jsonl"), "perplexity": read_json(cache / "perplexity.json")}
-    scores = heldout_scores(model, tokenizer, cfg, examples, texts)
-    write_jsonl(cache / "items.jsonl", scores["items"])
-    write_json(cache / "perplexity.json", scores["perplexity"])
-    write_json(cache / "key.json", key)
-    return scores
+    if not ((cache / "key.json").is_file() and read_json(cache / "key.json") == key):
+        scores = heldout_scores(model, tokenizer, cfg, examples, texts, ("items", "perplexity"))
+        write_jsonl(cache / "items.jsonl", scores["items"])
+        write_json(cache / "perplexity.json", scores["perplexity"])
+        write_json(cache / "key.json", key)
+    scores = {"items": read_jsonl(cache / "items.jsonl"), "perplexity": read_json(cache / "perplexity.json")}
+    extra_key = {"crows": str(cfg.crows), "completion_tokens": cfg.completion_tokens, **key}
+    if (cache / "extra.json").is_file() and read_json(cache / "extra.json")["key"] == extra_key:
+        return {**scores, **read_json(cache / "extra.json")["scores"]}
+    extra = heldout_scores(model, tokenizer, cfg, examples, texts, ("crows", "completions"))
+    write_json(cache / "extra.json", {"key": extra_key, "scores": extra})
+    return {**scores, **extra}
 
 
 def heldout_report(before: dict, after: dict, gender_ids: set[str], sample_ids: set[str], cfg: Config) -> dict:
@@ -236,6 +263,13 @@ def heldout_report(before: dict, after: dict, gender_ids: set[str], sample_ids: 
     report["perplexity"] = {"before": pb["perplexity"], "before_ci": pb["perplexity_ci"], "after": pa["perplexity"],
                             "after_ci": pa["perplexity_ci"], "n_texts": pb["n_texts"], "n_tokens": pb["n_tokens"],
                             **perplexity_change(pb, pa, cfg.n_boot, cfg.sample_seed)}
+    if "crows" in before and "crows" in after:
+        report["crows_gender"] = {"before": crows_metrics(before["crows"], cfg.n_boot, cfg.sample_seed)["overall"],
+                                  "after": crows_metrics(after["crows"], cfg.n_boot, cfg.sample_seed)["overall"],
+                                  "paired": crows_compare(before["crows"], after["crows"], cfg.n_boot,
+                                                          cfg.sample_seed)["overall"]}
+    if "completions" in before and "completions" in after:
+        report["completions"] = {when: scores["completions"] for when, scores in (("before", before), ("after", after))}
     return report
 
 
