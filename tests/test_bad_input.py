@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -187,3 +188,128 @@ def test_no_disk_space_while_saving_a_model_folder(tmp_path):
             _disk_full()
     assert (folder / "weights.bin").read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# ---- issue 14: zero examples, unreadable weights, config types, modified data, column counts, model paths ----
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    from fairforget.tiny import save_tiny_model
+
+    return save_tiny_model("gpt2", tokenizer, tmp_path_factory.mktemp("model") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
+    """A peft LoRA adapter folder whose base is ``tiny_model``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(folder)
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    return folder
+
+
+def test_zero_examples_fail_before_anything_is_written(tmp_path, earlier):
+    before = _snapshot(earlier)
+    (tmp_path / "empty.json").write_text(json.dumps({"version": "1", "data": {"intrasentence": [],
+                                                                               "intersentence": []}}))
+    done = _stage("13_evaluate_stereoset.py", "--data", "empty.json", "--out", earlier, "--device", "cpu",
+                  cwd=tmp_path)
+    _fails_cleanly(done, "no StereoSet examples to score: empty.json has none; nothing was written", earlier, before)
+    done = _stage("13_evaluate_stereoset.py", "--limit", "0", "--out", earlier, cwd=tmp_path)
+    _fails_cleanly(done, "--limit must be at least 1", earlier, before)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+@pytest.mark.parametrize("kind", ["model", "adapter"])
+def test_unreadable_weight_files_are_named(tmp_path, earlier, shared_data, tiny_model, tiny_adapter, kind, damage):
+    folder = tmp_path / kind
+    shutil.copytree(tiny_model if kind == "model" else tiny_adapter, folder)
+    weights = folder / ("model.safetensors" if kind == "model" else "adapter_model.safetensors")
+    content = weights.read_bytes()
+    weights.write_bytes(content[: len(content) // 2] if damage == "truncated" else b"")
+    before = _snapshot(earlier)
+    done = _stage("13_evaluate_stereoset.py", "--model", folder, "--data", shared_data / "stereoset/dev.json",
+                  "--limit", "4", "--out", earlier, "--device", "cpu", cwd=tmp_path)
+    _fails_cleanly(done, f"weight file {weights} cannot be read", earlier, before)
+
+
+def test_model_paths_that_do_not_exist(tmp_path, earlier, shared_data, tiny_adapter):
+    (tmp_path / "models").mkdir()
+    before = _snapshot(earlier)
+    common = ["--data", shared_data / "stereoset/dev.json", "--limit", "4", "--out", earlier, "--device", "cpu"]
+    done = _stage("13_evaluate_stereoset.py", "--model", "models/does-not-exist", *common, cwd=tmp_path)
+    _fails_cleanly(done, "model folder not found: models/does-not-exist", earlier, before)
+    assert "hub" not in done.stderr.split("(")[0] and "hf download" not in done.stderr
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path="models/gone")))
+    done = _stage("13_evaluate_stereoset.py", "--model", adapter, *common, cwd=tmp_path)
+    _fails_cleanly(done, f"the base model of adapter {adapter} ('models/gone', base_model_name_or_path in "
+                         f"{adapter / 'adapter_config.json'}) cannot be loaded: model folder not found: models/gone",
+                   earlier, before)
+
+
+@pytest.mark.parametrize("script, content, message", [
+    ("13_evaluate_stereoset.py", '{"limit": "twenty"}', "'limit' must be an integer or null, got \"twenty\""),
+    ("13_evaluate_stereoset.py", '[{"limit": 20}]', "must hold a JSON object of settings"),
+    ("13_evaluate_stereoset.py", '{"limit": true}', "'limit' must be an integer or null, got true"),
+    ("13_evaluate_stereoset.py", '{"limit": 20.7}', "'limit' must be an integer or null, got 20.7"),
+    ("13_evaluate_stereoset.py", '{"n_boot": "1000"}', "'n_boot' must be an integer, got \"1000\""),
+    ("20_evaluate_bbq.py", '{"categories": "Age"}', "'categories' must be a list (each item one of"),
+])
+def test_config_file_values_are_checked_against_the_field_types(tmp_path, earlier, script, content, message):
+    (tmp_path / "c.json").write_text(content)
+    before = _snapshot(earlier)
+    done = _stage(script, "--config", "c.json", "--out", earlier, cwd=tmp_path)
+    _fails_cleanly(done, f"config file c.json: {message}" if message.startswith("'") else message, earlier, before)
+
+
+def _swap_gold_labels(text: str) -> str:
+    """A well-formed StereoSet file that is not the pinned one: stereotype and anti-stereotype labels swapped."""
+    return (text.replace('"gold_label": "stereotype"', '"gold_label": "@"')
+            .replace('"gold_label": "anti-stereotype"', '"gold_label": "stereotype"')
+            .replace('"gold_label": "@"', '"gold_label": "anti-stereotype"'))
+
+
+def test_modified_data_is_refused_and_a_custom_copy_is_recorded(tmp_path, earlier, shared_data, tiny_model):
+    tampered = _swap_gold_labels((shared_data / "stereoset/dev.json").read_text())
+    (tmp_path / "data" / "stereoset").mkdir(parents=True)
+    (tmp_path / "data" / "stereoset" / "dev.json").write_text(tampered)
+    before = _snapshot(earlier)
+    common = ["--model", tiny_model, "--limit", "8", "--n-boot", "20", "--device", "cpu"]
+    done = _stage("13_evaluate_stereoset.py", "--data", "data/stereoset/dev.json", *common, "--out", earlier,
+                  cwd=tmp_path)
+    _fails_cleanly(done, "data file", earlier, before)
+    assert (f"{tmp_path / 'data/stereoset/dev.json'} does not match the pinned manifest (sha256 mismatch"
+            in done.stderr)
+    assert "00_fetch_data.py --datasets stereoset --force" in done.stderr and "pass the copy with --data" in done.stderr
+
+    (tmp_path / "custom.json").write_text(tampered)  # on purpose, outside data/: accepted, with its own sha256
+    done = _stage("13_evaluate_stereoset.py", "--data", "custom.json", *common, "--out", "custom", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    provenance = json.loads((tmp_path / "custom" / "metrics.json").read_text())["provenance"]
+    assert provenance["data_custom"] == ["custom.json"]
+    assert provenance["data_sha256"]["custom.json"] == hashlib.sha256(tampered.encode()).hexdigest()
+
+
+def test_rows_with_a_wrong_number_of_columns_are_refused(tmp_path, earlier, shared_data):
+    from fairforget.winogender import PAIR_COLUMNS
+
+    row = ["p1", "nurse", "t", "He is here.", "She is here.", "male", "90.0", "winogender"]
+    lines = ["\t".join(PAIR_COLUMNS), "\t".join(row), "\t".join([*row[:-1], "winogender", "extra"])]
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    before = _snapshot(earlier)
+    done = _stage("12_pcgu_unlearn.py", "--pairs", "pairs.tsv", "--out", earlier, "--device", "cpu", cwd=tmp_path)
+    _fails_cleanly(done, "pairs.tsv:3: 9 columns, expected 8 as in the header", earlier, before)
+
+    rows = (shared_data / "crows_pairs/data/crows_pairs_anonymized.csv").read_text().splitlines()[:5]
+    rows[3] = rows[3] + ",surplus"
+    (tmp_path / "crows.csv").write_text("\n".join(rows) + "\n")
+    done = _stage("15_evaluate_crows.py", "--data", "crows.csv", "--out", earlier, cwd=tmp_path)
+    _fails_cleanly(done, "crows.csv:4: 9 columns, expected 8 as in the header", earlier, before)

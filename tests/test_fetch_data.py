@@ -255,3 +255,62 @@ def test_verify_dataset_and_data_path(shared_data, tmp_path):
         data_path("bbq", "data/Nope.jsonl")
     with pytest.raises(FairforgetError, match="unknown dataset"):
         verify_dataset(root, "imdb")
+
+
+# --- verification when a stage uses the data ------------------------------------------------------------------
+
+def test_stage_inputs_are_verified_at_use_cheaply(shared_data, tmp_path, monkeypatch):
+    from fairforget import datasets
+
+    out = tmp_path / "data"
+    assert run_script("--source", str(shared_data), "--datasets", "winogender", "--out", str(out)).returncode == 0
+    hashed: list[Path] = []
+    monkeypatch.setattr(datasets, "sha256_file", lambda path: hashed.append(Path(path)) or sha256(Path(path)))
+    monkeypatch.setattr(datasets, "_verified", set())
+    flags = {"--winogender-dir": out / "winogender" / "data"}
+    assert sorted(f.name for f, _ in datasets.pinned_files(flags["--winogender-dir"])) == [
+        "all_sentences.tsv", "occupations-stats.tsv", "templates.tsv"]
+    datasets.check_data_inputs(flags)
+    assert hashed == []  # size and mtime as recorded by the fetch: trusted without hashing
+
+    templates = out / "winogender/data/templates.tsv"
+    good = templates.read_bytes()
+    corrupt(templates)  # same size, other bytes
+    with pytest.raises(FairforgetError, match=r"data file .*templates\.tsv does not match the pinned manifest "
+                                              r"\(sha256 mismatch.*--datasets winogender --force.*with "
+                                              r"--winogender-dir"):
+        datasets.check_data_inputs(flags)
+    assert hashed == [templates]
+    templates.write_bytes(good)  # restored: a new mtime, so hashed once, then remembered
+    datasets.check_data_inputs(flags)
+    datasets.check_data_inputs(flags)
+    assert hashed == [templates, templates]
+
+    custom = tmp_path / "mine" / "winogender" / "data"  # the same layout outside a data root: a custom input
+    shutil.copytree(out / "winogender" / "data", custom)
+    corrupt(custom / "templates.tsv")
+    assert datasets.pinned_files(custom) == []
+    datasets.check_data_inputs({"--winogender-dir": custom})
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pipeline_data_step_reverifies_instead_of_trusting_its_record(tmp_path, monkeypatch):
+    from fairforget import datasets
+    from fairforget.pipeline import Hasher, Stage, why_not_done, write_record
+
+    monkeypatch.setattr(datasets, "manifest", lambda: tuple(SPECS))
+    root = write_tree(tmp_path / "data", FIXTURE)
+    (root / "MANIFEST.json").write_text("{}")
+    stage = Stage("00 fetch data", "00_fetch_data.py", {"out": root, "source": None}, outputs=[root / "MANIFEST.json"])
+    write_record(stage, Hasher(), 1.0)
+    assert why_not_done(stage, Hasher()) is None
+    corrupt(root / "toy/data/b.csv")
+    assert why_not_done(stage, Hasher()) == (f"data file {root / 'toy/data/b.csv'} does not match the pinned "
+                                             f"manifest (sha256 mismatch: expected {SPECS[1].sha256}, found "
+                                             f"{sha256(root / 'toy/data/b.csv')} (corrupted or wrong version))")
+    (root / "toy/data/b.csv").write_bytes(FIXTURE["toy/data/b.csv"])
+    (root / "toy/LICENSE").unlink()
+    assert why_not_done(stage, Hasher()) == f"data file {root / 'toy/LICENSE'} is missing"

@@ -54,6 +54,35 @@ def test_bad_flags_are_rejected(tmp_path):
     assert parse_config(Demo(), ["--config", str(config_file), "--lr", "0.5"]) == Demo(batch_size=2, lr=0.5)
 
 
+@pytest.mark.parametrize("content, message", [
+    ({"batch_size": True}, "'batch_size' must be an integer, got true"),  # bool is not an int
+    ({"batch_size": 2.5}, "'batch_size' must be an integer, got 2.5"),  # nor is a float
+    ({"limit": "seven"}, "'limit' must be an integer or null, got \"seven\""),
+    ({"use_lora": 1}, "'use_lora' must be true or false, got 1"),
+    ({"lr": "fast"}, "'lr' must be a number, got \"fast\""),
+    ({"categories": "Age"}, "'categories' must be a list (each item a string), got \"Age\""),  # not ['A','g','e']
+    ({"categories": ["Age", 3]}, "'categories'[1] must be a string, got 3"),
+    ({"mode": "word"}, "'mode' must be one of \"letter\", \"answer\", got \"word\""),
+    ({"out": 5}, "'out' must be a path (a string), got 5"),
+    ([{"batch_size": 2}], "must hold a JSON object of settings"),
+    ("batch_size=2", "must hold a JSON object of settings"),
+])
+def test_config_file_values_must_have_their_field_types(tmp_path, content, message):
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps(content))
+    with pytest.raises(FairforgetError) as error:
+        parse_config(Demo(), ["--config", str(config_file)])
+    assert message in str(error.value) and str(config_file) in str(error.value)
+
+
+def test_config_file_values_are_converted_to_their_field_types(tmp_path):
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"lr": 1, "limit": None, "out": "o", "categories": [], "use_lora": False}))
+    cfg = parse_config(Demo(), ["--config", str(config_file)])
+    assert cfg == Demo(lr=1.0, limit=None, out=Path("o"), categories=[], use_lora=False)
+    assert type(cfg.lr) is float and isinstance(cfg.out, Path)
+
+
 def test_atomic_writes_keep_the_old_result_on_failure(tmp_path):
     target = tmp_path / "metrics.json"
     write_json(target, {"ss": 50})
