@@ -10,6 +10,9 @@ context and question tokens at the answer position; see fairforget.localization)
 each category, and each category x context condition. Writes to outputs/localization/<model>/<stage>/:
 arrays.npz, per_group.csv, summary.json (per-group curves, top heads, provenance), items.jsonl,
 heads_all.png, layers_by_category.png, and for --stage after, difference_heads.png against before/.
+--mode (answer by default: SmolLM2 is at chance in letter mode) scores the same prompts with stage 20's
+scorer and also groups them by the model's answer type (answer|biased, answer|counter_biased,
+answer|unknown, and per context condition), so head statistics can be compared between biased and other answers.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import provenance
-from fairforget.bbq import load_bbq, sample_per_category, use_chat_template
+from fairforget.bbq import evaluate_bbq, load_bbq, sample_per_category, use_chat_template
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.localization import run_localization
@@ -34,6 +37,8 @@ class Config:
     categories: list[str] = field(default_factory=list, metadata={"help": "BBQ categories (default: all)"})
     per_category: int = field(default=10, metadata={"help": "prompts per category (stratified by condition, polarity)"})
     stage: Literal["before", "after"] = "before"
+    mode: Literal["letter", "answer", "none"] = field(
+        default="answer", metadata={"help": "scorer whose answers group the prompts by answer type (none: skip)"})
     name: str | None = field(default=None, metadata={"help": "folder name of the model (default: from --model)"})
     out_root: Path = Path("outputs/localization")
     chat_template: Literal["auto", "on", "off"] = "auto"
@@ -58,11 +63,16 @@ def main(cfg: Config) -> None:
     out = root / cfg.stage
     print(f"localizing {len(examples)} BBQ prompts with {loaded.source} -> {out}")
     start = time.time()
+    answer_types = None
+    if cfg.mode != "none":
+        _, items = evaluate_bbq(loaded.model, loaded.tokenizer, examples, cfg.mode, cfg.chat_template, cfg.batch_size,
+                                n_boot=1, seed=cfg.seed)
+        answer_types = {(it["category"], it["example_id"]): it["answer_type"] for it in items}
     summary = run_localization(
         loaded.model, loaded.tokenizer, examples, out, f"{loaded.name} ({cfg.stage})",
         loaded.tokenizer if chat else None, cfg.seed, cfg.batch_size,
         provenance(cfg, data.files, model_source=loaded.source, chat_template=chat, device=str(loaded.device)),
-        compare_to=root / "before" if cfg.stage == "after" else None)
+        compare_to=root / "before" if cfg.stage == "after" else None, answer_types=answer_types)
     print(f"done in {time.time() - start:.0f} s ({summary['wall_seconds']} s in forward passes)")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from fairforget.errors import FairforgetError
 from fairforget.heads import (batch_prompts, context_influence, head_correlations, head_hooks, head_layout,
-                              letter_logprobs_and_heads, protect_heads, pruning_cost, pruning_strengths, scale_heads)
+                              letter_logprobs_and_heads, protect_heads, pruning_cost, scale_heads)
 
 PROMPTS = ["The nurse said that she would be late. Answer:", "Who fixed the bridge? A. He B. She Answer:",
            "Hi"]
@@ -176,16 +176,6 @@ def test_context_influence_is_kl():
 
     expected = [entropy(p[0].numpy(), q[0].numpy()), 0.0]
     assert context_influence(p, q).tolist() == pytest.approx(expected, abs=1e-6)
-
-
-def test_strengths_from_thresholds():
-    r = torch.tensor([[0.95, -0.6, 0.31], [0.04, -0.05, 0.0]])
-    s = pruning_strengths(r)
-    assert s.tolist() == [[0.9, 0.7, 0.5], [0.0, 0.1, 0.0]]
-    with pytest.raises(FairforgetError, match="decreasing"):
-        pruning_strengths(r, (0.3, 0.5), (0.5, 0.5))
-    with pytest.raises(FairforgetError, match="pair up"):
-        pruning_strengths(r, (0.5,), (0.5, 0.2))
 
 
 def test_pruning_cost_matches_finite_difference(tiny_models, tokenizer):

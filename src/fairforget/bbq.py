@@ -282,7 +282,8 @@ def answer_continuation(prompt: str, answer: str) -> str:
 
 def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: Mode = "letter",
                  chat_template: ChatMode = "auto", batch_size: int = 16, n_boot: int = 1000, seed: int = 0,
-                 answer_norm: Literal["mean", "sum"] = "mean") -> tuple[dict, list[dict]]:
+                 answer_norm: Literal["mean", "sum"] = "mean",
+                 permutations: Literal["none", "cyclic"] = "none") -> tuple[dict, list[dict]]:
     """Predict every example and compute the metrics: returns (metrics, items).
 
     ``letter``: the option letter with the highest next-token probability. ``answer``: the option whose
@@ -290,6 +291,8 @@ def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: 
     items record both choices. ``pred`` is an index into the original ans0..ans2; ``option_probs`` (also
     by original index) are the letter probabilities renormalised over A/B/C, or in answer mode the
     softmax of the chosen scores. ``metrics`` also holds ``mode``, ``answer_norm``, ``chat_template``.
+    ``permutations="cyclic"`` (letter mode): each item is scored under the three cyclic shifts of its option
+    order and the per-answer probabilities are averaged, cancelling a letter-position prior (Zheng et al. 2024).
     """
     from .choice_scoring import option_letter_logprobs, option_logprobs
 
@@ -300,11 +303,18 @@ def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: 
     prompts = [build_prompt(e, o, True, tokenizer if chat else None) for e, o in zip(examples, orders)]
     items = []
     if mode == "letter":
-        logprobs = option_letter_logprobs(model, tokenizer, prompts, LETTERS, batch_size)
-        shown = torch.softmax(logprobs, dim=-1).tolist()
-        for e, order, probs, mass in zip(examples, orders, shown, logprobs.exp().sum(-1).tolist()):
-            by_answer = _to_original(probs, order)
-            items.append(_item(e, order, by_answer, {"letter_mass": mass}))
+        shifts = range(len(LETTERS)) if permutations == "cyclic" else range(1)
+        by_answer, mass = torch.zeros(len(examples), len(LETTERS)), torch.zeros(len(examples))
+        for shift in shifts:
+            shown_orders = [tuple(o[shift:]) + tuple(o[:shift]) for o in orders]
+            logprobs = option_letter_logprobs(model, tokenizer, [build_prompt(e, o, True, tokenizer if chat else None)
+                                                                 for e, o in zip(examples, shown_orders)],
+                                              LETTERS, batch_size)
+            for i, (probs, order) in enumerate(zip(torch.softmax(logprobs, dim=-1).tolist(), shown_orders)):
+                by_answer[i] += torch.tensor(_to_original(probs, order)) / len(shifts)
+            mass += logprobs.exp().sum(-1) / len(shifts)
+        for e, order, probs, m in zip(examples, orders, by_answer.tolist(), mass.tolist()):
+            items.append(_item(e, order, probs, {"letter_mass": m}))
     elif mode == "answer":
         options = [[answer_continuation(p, e.answers[i]) for i in o] for p, e, o in zip(prompts, examples, orders)]
         scores = option_logprobs(model, tokenizer, prompts, options, batch_size)
@@ -324,6 +334,7 @@ def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: 
         metrics["alternative_rule"] = {"answer_norm": other,
                                        "overall": bbq_metrics(annotate_items(alt), n_boot=n_boot, seed=seed)["overall"]}
     metrics.update(mode=mode, answer_norm=answer_norm if mode == "answer" else None, chat_template=chat,
+                   permutations=permutations if mode == "letter" else None,
                    letters=LETTERS, n_items=len(items))
     return metrics, items
 

@@ -18,14 +18,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .choice_scoring import encode_prompt, letter_token_ids, option_logprobs
 from .errors import FairforgetError
-from .choice_scoring import encode_prompt
-from .scoring import Encoded, backbone_and_head, collate
+from .scoring import Encoded, backbone_and_head, collate, length_sorted_batches
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense")
-PRESET_THRESHOLDS = (0.7, 0.5, 0.3, 0.05)
-PRESET_STRENGTHS = (0.9, 0.7, 0.5, 0.1)
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,8 @@ def head_hooks(layout: HeadLayout, gates: torch.Tensor | None = None,
                on_heads: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[None]:
     """Forward pre-hooks on every output projection while the context is open.
 
-    ``gates`` [layers, heads] multiplies each head's output (differentiable, for importance estimates);
+    ``gates`` [layers, heads] multiplies each head's output (differentiable, for importance estimates), or
+    [batch, layers, heads] one gate per row, so one backward pass gives every row's own gradient;
     ``on_heads(layer, x)`` receives each layer's head outputs ``x`` [batch, seq, heads, head_dim] after gating.
     """
     def make_hook(layer: int) -> Callable:
@@ -132,7 +131,8 @@ def head_hooks(layout: HeadLayout, gates: torch.Tensor | None = None,
             x = args[0]
             heads = x.view(*x.shape[:-1], layout.n_heads, layout.head_dim)
             if gates is not None:
-                heads = heads * gates[layer].to(heads.dtype)[:, None]
+                gate = gates[layer][:, None] if gates.dim() == 2 else gates[:, layer][:, None, :, None]
+                heads = heads * gate.to(heads.dtype)
             if on_heads is not None:
                 on_heads(layer, heads)
             if gates is not None:
@@ -189,22 +189,31 @@ def context_influence(p_full: torch.Tensor, p_question: torch.Tensor, eps: float
 
 @dataclass
 class HeadActivity:
-    """Per example: option-letter distributions with and without the context, their KL (context influence),
+    """Per example: the option distributions with and without the context, their KL (context influence),
     and per head at the answer position the output norm (full prompt) and the distance full vs context-free."""
 
-    p_full: torch.Tensor  # [examples, letters]
+    p_full: torch.Tensor  # [examples, options]
     p_question: torch.Tensor
     influence: torch.Tensor  # [examples]
     norm: torch.Tensor  # [examples, layers, heads]
     delta: torch.Tensor
 
 
-def head_activity(model: Any, tokenizer: Any, full_prompts: Sequence[str], question_prompts: Sequence[str],
-                  letters: Sequence[str] = "ABC", batch_size: int = 16) -> HeadActivity:
-    """One forward pass per prompt variant captures every layer's heads and the option-letter distribution."""
-    from .choice_scoring import letter_token_ids
-    from .scoring import length_sorted_batches
+def answer_distribution(model: Any, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]],
+                        batch_size: int = 16) -> torch.Tensor:
+    """Answer mode's option distribution: softmax of each option text's per-token mean log-likelihood."""
+    scores = option_logprobs(model, tokenizer, prompts, options, batch_size)
+    return torch.softmax(torch.tensor([[s.mean for s in row] for row in scores], dtype=torch.float64), -1).float()
 
+
+def head_activity(model: Any, tokenizer: Any, full_prompts: Sequence[str], question_prompts: Sequence[str],
+                  letters: Sequence[str] = "ABC", batch_size: int = 16,
+                  options: Sequence[Sequence[str]] | None = None) -> HeadActivity:
+    """One forward pass per prompt variant captures every layer's heads at the answer position (the last
+    prompt token, the position both modes read the answer from) and the option-letter distribution.
+
+    With ``options`` (each prompt's answer texts in shown order: answer mode) the distributions are answer
+    mode's instead (:func:`answer_distribution`, the same options after both prompt variants)."""
     if len(full_prompts) != len(question_prompts) or not full_prompts:
         raise FairforgetError(f"need the same non-zero number of full and context-free prompts "
                               f"({len(full_prompts)} vs {len(question_prompts)})")
@@ -226,7 +235,11 @@ def head_activity(model: Any, tokenizer: Any, full_prompts: Sequence[str], quest
                 logp[name][idx] = letter_logprobs.cpu()
             norm[idx] = heads["full"].norm(dim=-1).cpu()
             delta[idx] = (heads["full"] - heads["question"]).norm(dim=-1).cpu()
-    p_full, p_question = torch.softmax(logp["full"], -1), torch.softmax(logp["question"], -1)
+    if options is None:
+        p_full, p_question = torch.softmax(logp["full"], -1), torch.softmax(logp["question"], -1)
+    else:
+        p_full = answer_distribution(model, tokenizer, full_prompts, options, batch_size)
+        p_question = answer_distribution(model, tokenizer, question_prompts, options, batch_size)
     return HeadActivity(p_full, p_question, context_influence(p_full, p_question), norm, delta)
 
 
@@ -254,22 +267,42 @@ def correlation_pvalues(r: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(2 * student_t.sf(stat.abs().numpy(), n - 2))
 
 
-def pruning_strengths(r: torch.Tensor, thresholds: Sequence[float] = PRESET_THRESHOLDS,
-                      strengths: Sequence[float] = PRESET_STRENGTHS) -> torch.Tensor:
-    """Strength per head from |r|: the strength of the highest threshold that |r| reaches, else 0."""
-    if len(thresholds) != len(strengths) or not thresholds:
-        raise FairforgetError(f"--thresholds ({len(thresholds)}) and --strengths ({len(strengths)}) must pair up")
-    if any(a <= b for a, b in zip(thresholds, thresholds[1:])):
-        raise FairforgetError(f"--thresholds must be strictly decreasing, got {list(thresholds)}")
-    if any(not 0 <= s <= 1 for s in strengths):
-        raise FairforgetError(f"--strengths must lie in [0, 1], got {list(strengths)}")
-    out = torch.zeros_like(r, dtype=torch.float64)
-    assigned = torch.zeros_like(r, dtype=torch.bool)
-    for threshold, strength in zip(thresholds, strengths):
-        hit = (r.abs() >= threshold) & ~assigned
-        out[hit] = strength
-        assigned |= hit
-    return out
+def gate_gradient(model: Any, layout: HeadLayout, losses: Sequence[Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """d(sum of the losses)/d(gate) [layers, heads] at gates 1: each loss closure runs inside gated hooks;
+    only the gates get gradients."""
+    device = next(model.parameters()).device
+    gates = torch.ones(layout.shape, device=device, requires_grad=True)
+    with frozen_weights(model), torch.enable_grad(), head_hooks(layout, gates):
+        for loss in losses:
+            loss().backward()
+    return gates.grad.detach().double().cpu()
+
+
+@contextlib.contextmanager
+def frozen_weights(model: Any) -> Iterator[None]:
+    """While open, no model parameter needs a gradient (only gates do); restored afterwards."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def pruned(model: Any, strengths: torch.Tensor, layout: HeadLayout | None = None) -> Iterator[Any]:
+    """The model soft-pruned by ``strengths`` while the context is open; its output projections restored after."""
+    layout = layout or head_layout(model)
+    saved = [proj.weight.detach().clone() for proj in layout.out_projs]
+    scale_heads(model, strengths, layout)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for proj, weight in zip(layout.out_projs, saved):
+                proj.weight.copy_(weight)
 
 
 def pruning_cost(model: Any, layout: HeadLayout, batches: Sequence[dict[str, torch.Tensor]],
@@ -283,21 +316,15 @@ def pruning_cost(model: Any, layout: HeadLayout, batches: Sequence[dict[str, tor
     gives every head's estimate. Positive means pruning that head hurts answering.
     """
     device = next(model.parameters()).device
-    gates = torch.ones(layout.shape, device=device, requires_grad=True)
     total = sum(len(g) for g in gold)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for param in trainable:  # only the gates need gradients
-        param.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            for batch, answers in zip(batches, gold):
-                logprobs, _ = letter_logprobs_and_heads(model, layout, batch, letter_variants, gates=gates)
-                loss = torch.nn.functional.cross_entropy(logprobs, answers.to(device), reduction="sum") / total
-                loss.backward()
-    finally:
-        for param in trainable:
-            param.requires_grad_(True)
-    return (-strengths.to(device).double() * gates.grad.double()).detach().cpu()
+
+    def loss_of(batch: dict[str, torch.Tensor], answers: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def loss() -> torch.Tensor:
+            logprobs, _ = letter_logprobs_and_heads(model, None, batch, letter_variants)
+            return torch.nn.functional.cross_entropy(logprobs, answers.to(device), reduction="sum") / total
+        return loss
+
+    return -strengths.double() * gate_gradient(model, layout, [loss_of(b, g) for b, g in zip(batches, gold)])
 
 
 def protect_heads(strengths: torch.Tensor, cost: torch.Tensor, top_n: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
