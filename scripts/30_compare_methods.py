@@ -5,7 +5,9 @@
 Per model (the "before" model first, then each ``name=folder`` of --methods, loaded with
 ``fairforget.methods.load_method``, so Self-Debias is its scoring wrapper):
 
-* StereoSet (held-out half of dev, never the selection half a method chose on): gender and overall SS, LMS;
+* StereoSet (held-out half of dev, never the selection half a method chose on): overall SS and LMS on a
+  seeded proportional sample of --stereoset-limit examples, gender SS on every gender example of the
+  held-out half (the sample alone holds too few for a useful interval);
 * CrowS-Pairs, gender and all bias types;
 * BBQ in answer mode on the held-out scenarios of stage 22's split (``bbq_split.split_by_scenario``, the same
   --split-seed, so head pruning never saw them): s_DIS, s_AMB, accuracy;
@@ -44,7 +46,8 @@ from fairforget.models import DEFAULT_EMBEDDED
 from fairforget.perplexity import load_neutral_texts, perplexity, perplexity_change, texts_provenance
 from fairforget.stats import bootstrap_ci, mcnemar
 from fairforget.stereoset import compare_runs as compare_stereoset
-from fairforget.stereoset import decisions, evaluate_stereoset, load_stereoset, select_half, stratified_limit
+from fairforget.stereoset import compute_metrics as compute_stereoset
+from fairforget.stereoset import decisions, load_stereoset, score_examples, select_half, stratified_limit
 
 METHODS = ("cda", "task_vector", "self_debias", "bias_unlearn", "pcgu", "head_pruning")
 
@@ -61,10 +64,10 @@ class Config:
     stereoset: Path = Path("data/stereoset/dev.json")
     crows: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
     bbq_dir: Path = Path("data/bbq")
-    stereoset_limit: int | None = field(default=None, metadata={"help": "held-out StereoSet sample (None: all)"})
-    crows_limit: int | None = None
-    bbq_per_category: int | None = field(default=20, metadata={"help": "held-out BBQ examples per category"})
-    ppl_limit: int | None = field(default=200, metadata={"help": "neutral held-out texts for perplexity"})
+    stereoset_limit: int | None = field(default=600, metadata={"help": "held-out StereoSet sample (None: all)"})
+    crows_limit: int | None = 300
+    bbq_per_category: int | None = field(default=10, metadata={"help": "held-out BBQ examples per category"})
+    ppl_limit: int | None = field(default=100, metadata={"help": "neutral held-out texts for perplexity"})
     half_seed: int = 0
     split_seed: int = field(default=0, metadata={"help": "stage 22's scenario split seed (held-out BBQ side)"})
     mitigation_fraction: float = 0.5
@@ -95,7 +98,8 @@ class Config:
 class Items:
     """The held-out items every model is scored on."""
 
-    stereoset: list
+    stereoset: list  # the proportional sample plus every held-out gender example
+    stereoset_sample: set[str]  # ids of the proportional sample (overall SS, LMS)
     crows: list
     bbq: list
     neutral: list[str]
@@ -103,13 +107,15 @@ class Items:
 
 
 def held_out_items(cfg: Config) -> Items:
-    stereo = stratified_limit(select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed),
-                              cfg.stereoset_limit, cfg.seed)
+    heldout = select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed)
+    sample = stratified_limit(heldout, cfg.stereoset_limit, cfg.seed)
+    ids = {e.id for e in sample}
+    stereo = sample + [e for e in heldout if e.bias_type == "gender" and e.id not in ids]
     crows = sample_pairs(load_crows(cfg.crows), cfg.crows_limit, cfg.seed)
     data = load_bbq(cfg.bbq_dir)
     _, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
     bbq = sample_per_category(held, cfg.bbq_per_category, cfg.split_seed)
-    return Items(stereo, crows, bbq, load_neutral_texts("heldout", cfg.ppl_limit), list(data.files))
+    return Items(stereo, ids, crows, bbq, load_neutral_texts("heldout", cfg.ppl_limit), list(data.files))
 
 
 def eval_settings(cfg: Config, spec: str) -> dict:
@@ -132,7 +138,7 @@ def evaluate_model(name: str, spec: str, items: Items, cfg: Config) -> dict:
         batch = cfg.self_debias_batch_size if loaded.name.startswith("self-debias") else cfg.batch_size
         model, tok = loaded.model, loaded.tokenizer
         print(f"{name}: scoring {loaded.source}", flush=True)
-        stereo_metrics, stereo_items = evaluate_stereoset(model, tok, items.stereoset, batch, cfg.n_boot, cfg.seed)
+        stereo_items = score_examples(model, tok, items.stereoset, batch)
         crows_items = score_pairs(model, tok, items.crows, batch)
         bbq_metrics, bbq_items = evaluate_bbq(model, tok, items.bbq, "answer", batch_size=max(1, batch // 2),
                                               n_boot=cfg.n_boot, seed=cfg.seed)
@@ -141,7 +147,7 @@ def evaluate_model(name: str, spec: str, items: Items, cfg: Config) -> dict:
         write_jsonl(folder / "crows_items.jsonl", crows_items)
         write_jsonl(folder / "bbq_items.jsonl", bbq_items)
         result = {"settings": settings, "source": loaded.source, "eval_seconds": round(time.perf_counter() - start, 1),
-                  "stereoset": stereo_metrics, "crows": crows_metrics(crows_items, cfg.n_boot, cfg.seed),
+                  "stereoset": stereoset_metrics(stereo_items, items, cfg), "crows": crows_metrics(crows_items, cfg.n_boot, cfg.seed),
                   "bbq": {k: bbq_metrics[k] for k in ("overall", "mode", "answer_norm", "n_items")},
                   "perplexity": ppl}
         write_json(done, result)
@@ -150,6 +156,18 @@ def evaluate_model(name: str, spec: str, items: Items, cfg: Config) -> dict:
     result["crows_items"] = read_jsonl(folder / "crows_items.jsonl")
     result["bbq_items"] = read_jsonl(folder / "bbq_items.jsonl")
     return result
+
+
+def in_sample(stereo_items: list[dict], items: Items) -> list[dict]:
+    return [it for it in stereo_items if it["example_id"] in items.stereoset_sample]
+
+
+def stereoset_metrics(stereo_items: list[dict], items: Items, cfg: Config) -> dict:
+    """Overall SS / LMS on the proportional sample, gender SS on every held-out gender example."""
+    overall = compute_stereoset(in_sample(stereo_items, items), cfg.n_boot, cfg.seed)["overall"]["all"]
+    gender = compute_stereoset([it for it in stereo_items if it["bias_type"] == "gender"], cfg.n_boot,
+                               cfg.seed)["overall"]["gender"]
+    return {"all": overall, "gender": gender}
 
 
 def distance_change(before_items: list[dict], after_items: list[dict], domain: str | None, n_boot: int,
@@ -170,9 +188,10 @@ def distance_change(before_items: list[dict], after_items: list[dict], domain: s
             "p_value": mcnemar(b.pro, a.pro).p_value, "n": len(every)}
 
 
-def paired(before: dict, after: dict, cfg: Config) -> dict:
+def paired(before: dict, after: dict, items: Items, cfg: Config) -> dict:
     """Every paired comparison of one method against the before model."""
-    stereo = compare_stereoset(before["stereoset_items"], after["stereoset_items"], cfg.n_boot, cfg.seed)
+    stereo = compare_stereoset(in_sample(before["stereoset_items"], items), in_sample(after["stereoset_items"], items),
+                               cfg.n_boot, cfg.seed)
     crows = compare_crows(before["crows_items"], after["crows_items"], cfg.n_boot, cfg.seed)
     bbq = compare_bbq(before["bbq_items"], after["bbq_items"], cfg.n_boot, cfg.seed)["overall"]
     return {"ss_gender_distance": distance_change(before["stereoset_items"], after["stereoset_items"], "gender",
@@ -191,7 +210,7 @@ def _cell(value: float, interval: Any, digits: int = 2, sign: bool = False) -> s
 
 
 def summary_row(name: str, result: dict, change: dict | None, record: dict) -> dict:
-    s, c, q, p = result["stereoset"]["overall"], result["crows"], result["bbq"]["overall"], result["perplexity"]
+    s, c, q, p = result["stereoset"], result["crows"], result["bbq"]["overall"], result["perplexity"]
     row = {"method": name,
            "ss_gender": _cell(s["gender"]["ss"], s["gender"]["ss_ci"]), "ss_overall": _cell(s["all"]["ss"], s["all"]["ss_ci"]),
            "lms": _cell(s["all"]["lms"], s["all"]["lms_ci"]),
@@ -231,7 +250,9 @@ def markdown(rows: list[dict], items: Items, cfg: Config, seconds: float) -> str
         return lines + ["| " + " | ".join(str(r.get(k, "")) for k, _ in columns) + " |" for r in subset]
 
     head = [f"# Debiasing methods side by side (before: `{cfg.before}`)\n",
-            f"Held-out items: {len(items.stereoset)} StereoSet dev examples (held-out half), {len(items.crows)} "
+            f"Held-out items: StereoSet dev held-out half, {len(items.stereoset_sample)} examples (proportional sample: "
+            f"overall SS, LMS) plus every gender example ({len(items.stereoset) - len(items.stereoset_sample)} more; "
+            f"gender SS on all {sum(e.bias_type == 'gender' for e in items.stereoset)}), {len(items.crows)} "
             f"CrowS-Pairs pairs, {len(items.bbq)} BBQ examples (answer mode, held-out scenarios), "
             f"{len(items.neutral)} neutral texts. 95% bootstrap intervals in brackets. Comparison wall time "
             f"{seconds:.0f} s.\n", "## Levels\n"]
@@ -270,7 +291,7 @@ def main(cfg: Config) -> None:
     print(f"comparing {len(specs) - 1} methods on {len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, "
           f"{len(items.bbq)} BBQ items and {len(items.neutral)} neutral texts", flush=True)
     results = {name: evaluate_model(name, spec, items, cfg) for name, spec in specs.items()}
-    changes = {name: paired(results["before"], r, cfg) for name, r in results.items() if name != "before"}
+    changes = {name: paired(results["before"], r, items, cfg) for name, r in results.items() if name != "before"}
     records = {name: read_json(record_files[name], f"{name} method record") if Path(record_files.get(name, "")).is_file()
                else {} for name in specs}
     rows = [summary_row(name, results[name], changes.get(name), records[name]) for name in specs]
