@@ -23,6 +23,7 @@ from fairforget.bbq import answer_continuation, build_prompt, load_bbq, option_o
 from fairforget.choice_scoring import (encode_option, encode_prompt, option_logprobs, score_options_separately,
                                        shared_preamble)
 from fairforget.models import DEFAULT_EMBEDDED, load_model
+from fairforget.progress import progress
 
 
 def main() -> None:
@@ -61,7 +62,7 @@ def main() -> None:
     max_diff = max(abs(x.logprob - y.logprob) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     wall: dict[str, list[float]] = {"shared": [], "separate": []}
     cpu: dict[str, list[float]] = {"shared": [], "separate": []}
-    for _ in range(repeats):
+    for _ in progress(range(repeats), desc="repeats (shared, separate)", unit="repeat", delay=0):
         for name, fn in (("shared", shared), ("separate", separate)):
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()

@@ -42,8 +42,8 @@ def train_step(model, input_ids):
 
 def time_path(model, input_ids, repeats: int) -> tuple[float, float]:
     return (
-        median_seconds(lambda: forward_step(model, input_ids), repeats),
-        median_seconds(lambda: train_step(model, input_ids), repeats),
+        median_seconds(lambda: forward_step(model, input_ids), repeats, desc="forward"),
+        median_seconds(lambda: train_step(model, input_ids), repeats, desc="forward+backward"),
     )
 
 

@@ -19,6 +19,7 @@ import torch
 from fairforget.config import run_script
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.pcgu import encode_pairs, gradients, partition_cosines, partition_tensors, pcgu_step
+from fairforget.progress import progress
 from fairforget.scoring import collate
 from fairforget.winogender import load_winogender_pairs
 
@@ -55,7 +56,7 @@ def main(cfg: Config) -> None:
     passes = lambda: (gradients(model, tensors, batch_a), gradients(model, tensors, batch_d))  # noqa: E731
     step()  # warm-up
     t_passes, t_step = [], []
-    for _ in range(cfg.repeats):  # interleaved, so load changes hit both alike
+    for _ in progress(range(cfg.repeats), desc="repeats (passes, step)", unit="repeat", delay=0):  # interleaved
         t_passes.append(median_seconds(passes, repeats=1, warmup=0))
         t_step.append(median_seconds(step, repeats=1, warmup=0))
     passes_s, step_s = statistics.median(t_passes), statistics.median(t_step)

@@ -8,13 +8,15 @@ from typing import Callable
 
 import torch
 
+from fairforget.progress import progress
 
-def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, desc: str = "timing") -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (a bar when it lasts)."""
+    for _ in progress(range(warmup), desc=f"{desc} (warm-up)", unit="run"):
         fn()
     times = []
-    for _ in range(repeats):
+    for _ in progress(range(repeats), desc=desc, unit="run"):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
