@@ -236,12 +236,17 @@ def start_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts:
         write_json(cache / "perplexity.json", scores["perplexity"])
         write_json(cache / "key.json", key)
     scores = {"items": read_jsonl(cache / "items.jsonl"), "perplexity": read_json(cache / "perplexity.json")}
-    extra_key = {"crows": str(cfg.crows), "completion_tokens": cfg.completion_tokens, **key}
-    if (cache / "extra.json").is_file() and read_json(cache / "extra.json")["key"] == extra_key:
-        return {**scores, **read_json(cache / "extra.json")["scores"]}
-    extra = heldout_scores(model, tokenizer, cfg, examples, texts, ("crows", "completions"))
-    write_json(cache / "extra.json", {"key": extra_key, "scores": extra})
-    return {**scores, **extra}
+    for part, setting in (("crows", cfg.crows), ("completions", cfg.completion_tokens)):
+        if not setting:  # that part is off
+            continue
+        part_key = {**key, part: str(setting)}
+        if (cache / f"{part}.json").is_file() and read_json(cache / f"{part}.json")["key"] == part_key:
+            scores.update(read_json(cache / f"{part}.json")["scores"])
+            continue
+        extra = heldout_scores(model, tokenizer, cfg, examples, texts, (part,))
+        write_json(cache / f"{part}.json", {"key": part_key, "scores": extra})
+        scores.update(extra)
+    return scores
 
 
 def heldout_report(before: dict, after: dict, gender_ids: set[str], sample_ids: set[str], cfg: Config) -> dict:
