@@ -8,8 +8,10 @@ full-logits reference (bias-bench style).
 Dev mix: ``stereoset.score_examples`` (each intersentence context computed once for its three candidates)
 against the same scores computed as before, every (context, candidate) a separate sequence. The floor is
 2 x parameters x (scored tokens + conditioning tokens, each context counted once) at this machine's fp32
-matmul rate, measured in the same run (before and after the timings; the higher is used). Timings alternate
-between the paths so that load from other processes hits both alike; medians of wall and process-CPU time.
+matmul rate measured in the same run (before and after the timings; the higher is used), per wall second for
+the wall times and per process-CPU second for the CPU times (the steadier measure on a shared machine).
+Timings alternate between the paths so that load from other processes hits both alike; medians.
+``--repeats 0`` times the first (cold) pass of each path instead of repeating them after it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import matmul_gflops, median_seconds  # noqa: E402
+from common import matmul_gflops, matmul_rates, median_seconds  # noqa: E402
 
 from fairforget.models import DEFAULT_EMBEDDED, load_model  # noqa: E402
 from fairforget.progress import progress  # noqa: E402
@@ -62,40 +64,56 @@ def floor_tokens(tokenizer, examples) -> dict[str, int]:
     return counts
 
 
+def timed(fn):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - start, time.process_time() - start_cpu
+
+
 def dev_mix(model, tokenizer, examples, batch_size: int, repeats: int, n_params: int) -> None:
     tokens = floor_tokens(tokenizer, examples)
     n_tokens = sum(tokens.values())
     separate_tokens = sum(len(encode(tokenizer, p, c).ids) for ex in examples for _, p, c in scoring_requests(ex))
-    peak_before = matmul_gflops()
-    ours, theirs = score_examples(model, tokenizer, examples, batch_size), separate_scores(
-        model, tokenizer, examples, batch_size)  # also the warm-up
-    max_diff = max(abs(a["logprob_sum"] - b.logprob) for a, b in zip(ours, theirs))
+    rates_before = matmul_rates()
     paths = {"shared": lambda: score_examples(model, tokenizer, examples, batch_size),
              "separate": lambda: separate_scores(model, tokenizer, examples, batch_size)}
     wall: dict[str, list[float]] = {k: [] for k in paths}
     cpu: dict[str, list[float]] = {k: [] for k in paths}
+    first = {}
+    for name, fn in paths.items():  # the scores compared; also the warm-up (timed when repeats is 0)
+        first[name], w, c = timed(fn)
+        if repeats == 0:
+            wall[name].append(w)
+            cpu[name].append(c)
+    max_diff = max(abs(a["logprob_sum"] - b.logprob) for a, b in zip(first["shared"], first["separate"]))
     for _ in progress(range(repeats), desc="dev-mix repeats", unit="repeat", delay=0):
         for name, fn in paths.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    peak = max(peak_before, matmul_gflops())
-    floor = 2 * n_params * n_tokens / (peak * 1e9)
+            _, w, c = timed(fn)
+            wall[name].append(w)
+            cpu[name].append(c)
+    rates_after = matmul_rates()
+    peak, peak_cpu = (max(b, a) for b, a in zip(rates_before, rates_after))
+    flops = 2 * n_params * n_tokens
+    floors = {"wall": flops / (peak * 1e9), "CPU": flops / (peak_cpu * 1e9)}
     n_inter = sum(e.split == "intersentence" for e in examples)
     print(f"dev mix: {len(examples)} examples ({len(examples) - n_inter} intra, {n_inter} inter), "
           f"{3 * len(examples)} sentences; floor tokens {n_tokens} (intra {tokens['intrasentence']}, "
           f"inter {tokens['intersentence']}; {separate_tokens} when every candidate is its own sequence)")
-    print(f"fp32 matmul {peak:.1f} GFLOP/s (before {peak_before:.1f}), {n_params / 1e6:.1f}M parameters: "
-          f"floor {floor:.2f} s; max |score difference| shared vs separate {max_diff:.2e}")
+    print(f"fp32 matmul {peak:.1f} GFLOP/s wall, {peak_cpu:.1f} GFLOP per CPU-second (before the timings "
+          f"{rates_before[0]:.1f} / {rates_before[1]:.1f}), {n_params / 1e6:.1f}M parameters: floor "
+          f"{floors['wall']:.2f} s wall, {floors['CPU']:.2f} CPU-s; max |score difference| shared vs separate "
+          f"{max_diff:.2e}")
     for label, times in (("wall", wall), ("CPU", cpu)):
+        floor = floors[label]
         t_shared, t_separate = (statistics.median(times[k]) for k in paths)
         print(f"{label:>4}: shared contexts {t_shared:7.2f} s = {t_shared / floor:.2f}x floor (aim <= 1.5x); "
               f"separate {t_separate:7.2f} s = {t_separate / floor:.2f}x floor; "
-              f"speed-up {t_separate / t_shared:.2f}x (median of {repeats}, batch {batch_size})")
+              f"speed-up {t_separate / t_shared:.2f}x (median of {max(repeats, 1)}"
+              f"{', cold' if repeats == 0 else ''}, batch {batch_size})")
 
 
 def versus_reference(model, tokenizer, examples, n: int, batch_size: int, repeats: int, n_params: int) -> None:
+    repeats = max(repeats, 1)
     requests = [("", s) for e in examples if e.split == "intrasentence" for _, s in e.sentences.values()][:n]
     n_tokens = sum(len(encode(tokenizer, p, c).ids) for p, c in requests)
     ours = score_continuations(model, tokenizer, requests, batch_size=batch_size)
