@@ -74,6 +74,7 @@ class Config:
     evals: list[str] = field(default_factory=lambda: ["bbq", "stereoset", "crows", "perplexity"])
     stereoset_path: Path = Path("data/stereoset/dev.json")
     stereoset_limit: int | None = field(default=300, metadata={"help": "held-out overall sample (+ all gender)"})
+    stereoset_gender_limit: int | None = field(default=None, metadata={"help": "held-out gender examples (all)"})
     half_seed: int = field(default=0, metadata={"help": "StereoSet selection / held-out halves"})
     crows_path: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
     crows_limit: int | None = 300

@@ -1,8 +1,9 @@
 """The controls that attribute a head-pruning effect to the heads: one evaluation suite on held-out sets,
 paired changes against "before", chosen minus random heads, the controls table and the dose-response plot.
 
-Held-out sets: BBQ items from scenarios not used for mitigation; the StereoSet *held-out* half (every
-gender example plus a stratified sample for "overall"; the head signal uses the selection half only);
+Held-out sets: BBQ items from scenarios not used for mitigation; the StereoSet *held-out* half (its gender
+examples, all or a stratified sample, plus a stratified sample for "overall"; the head signal uses the
+selection half only);
 CrowS-Pairs (a proportional sample); neutral perplexity texts (``fairforget.perplexity``, held-out half).
 Every model variant is scored on exactly the same items, so every comparison is paired.
 """
@@ -30,7 +31,7 @@ class HeldOut:
     """The held-out items every model variant is evaluated on."""
 
     bbq: list
-    stereoset: list = field(default_factory=list)  # every held-out gender example + the overall sample
+    stereoset: list = field(default_factory=list)  # held-out gender examples (all by default) + overall sample
     stereoset_overall: set[str] = field(default_factory=set)  # ids of the stratified overall sample
     crows: list = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -51,7 +52,9 @@ def held_out_sets(bbq_examples: Sequence[Any], cfg: Any) -> HeldOut:
     if "stereoset" in cfg.evals:
         heldout = stereoset.select_half(stereoset.load_stereoset(cfg.stereoset_path), "heldout", cfg.half_seed)
         sets.stereoset_overall = {e.id for e in stereoset.stratified_limit(heldout, cfg.stereoset_limit, cfg.seed)}
-        sets.stereoset = [e for e in heldout if e.bias_type == "gender" or e.id in sets.stereoset_overall]
+        gender = {e.id for e in stereoset.stratified_limit([e for e in heldout if e.bias_type == "gender"],
+                                                           cfg.stereoset_gender_limit, cfg.seed)}
+        sets.stereoset = [e for e in heldout if e.id in gender or e.id in sets.stereoset_overall]
     if "crows" in cfg.evals:
         sets.crows = crows.sample_pairs(crows.load_crows(cfg.crows_path), cfg.crows_limit, cfg.seed)
     if "perplexity" in cfg.evals:
