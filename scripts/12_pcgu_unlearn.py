@@ -112,7 +112,7 @@ class Config:
     half_seed: int = 0
     heldout_eval: bool = field(default=False, metadata={"help": "score start and kept model on the held-out half"})
     heldout_limit: int = field(default=600, metadata={"help": "held-out sample for overall SS (plus every gender "
-                                                              "example)"})
+                                                              "example; 0: gender examples only)"})
     perplexity_texts: int = field(default=100, metadata={"help": "neutral held-out texts for perplexity"})
     crows: Path | None = field(default=Path("data/crows_pairs/data/crows_pairs_anonymized.csv"),
                                metadata={"help": "CrowS-Pairs file for the gender pairs in the held-out report "
@@ -148,8 +148,8 @@ class Config:
             raise FairforgetError("--evals-per-epoch must be at least 1")
         if self.retain_weight < 0 or self.retain_batch_size < 1:
             raise FairforgetError("--retain-weight must be >= 0 and --retain-batch-size >= 1")
-        if self.heldout_limit < 1 or self.perplexity_texts < 1:
-            raise FairforgetError("--heldout-limit and --perplexity-texts must be at least 1")
+        if self.heldout_limit < 0 or self.perplexity_texts < 1:
+            raise FairforgetError("--heldout-limit must be >= 0 and --perplexity-texts at least 1")
         if not self.pairs.is_file():
             raise FairforgetError(f"--pairs {self.pairs} not found (run scripts/10_preprocess_winogender.py)")
         if self.heldout_eval and self.crows is not None and not self.crows.is_file():
@@ -202,7 +202,7 @@ def heldout_examples(cfg: Config) -> tuple[list, set[str], set[str]]:
     sample ids)."""
     half = select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed)
     gender = [e for e in half if e.bias_type == "gender"]
-    sample = stratified_limit(half, cfg.heldout_limit, cfg.sample_seed)
+    sample = stratified_limit(half, cfg.heldout_limit, cfg.sample_seed) if cfg.heldout_limit else []
     union = {e.id: e for e in gender + sample}
     return list(union.values()), {e.id for e in gender}, {e.id for e in sample}
 
@@ -225,17 +225,24 @@ def heldout_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, text
 
 
 def start_scores(model: Any, tokenizer: Any, cfg: Config, examples: list, texts: list[str]) -> dict[str, Any]:
-    """The start model's held-out scores, from the cache when it was made for the same model and material."""
+    """The start model's held-out scores, from the cache where it holds them for the same model and material
+    (StereoSet items per example, so a run on a subset of the cached examples scores nothing again)."""
     cache = cfg.start_cache or Path("outputs/pcgu") / f"start-{model_name(cfg.model)}"
-    key = {"model": cfg.model, "stereoset": str(cfg.stereoset), "half_seed": cfg.half_seed, "seed": cfg.sample_seed,
-           "heldout_limit": cfg.heldout_limit, "texts": texts_provenance(texts)["sha256"],
-           "eval_batch_size": cfg.eval_batch_size}
-    if not ((cache / "key.json").is_file() and read_json(cache / "key.json") == key):
-        scores = heldout_scores(model, tokenizer, cfg, examples, texts, ("items", "perplexity"))
-        write_jsonl(cache / "items.jsonl", scores["items"])
-        write_json(cache / "perplexity.json", scores["perplexity"])
+    key = {"model": cfg.model, "stereoset": str(cfg.stereoset), "half_seed": cfg.half_seed,
+           "texts": texts_provenance(texts)["sha256"], "eval_batch_size": cfg.eval_batch_size}
+    fresh = (cache / "key.json").is_file() and read_json(cache / "key.json") == key
+    cached = read_jsonl(cache / "items.jsonl") if fresh else []
+    wanted = {e.id for e in examples}
+    if not wanted <= {i["example_id"] for i in cached} or not (cache / "perplexity.json").is_file():
+        cached = [i for i in cached if i["example_id"] not in wanted] + \
+            heldout_scores(model, tokenizer, cfg, examples, texts, ("items",))["items"]
+        write_jsonl(cache / "items.jsonl", cached)
+        if not fresh or not (cache / "perplexity.json").is_file():
+            write_json(cache / "perplexity.json", heldout_scores(model, tokenizer, cfg, examples, texts,
+                                                                 ("perplexity",))["perplexity"])
         write_json(cache / "key.json", key)
-    scores = {"items": read_jsonl(cache / "items.jsonl"), "perplexity": read_json(cache / "perplexity.json")}
+    scores = {"items": [i for i in cached if i["example_id"] in wanted],
+              "perplexity": read_json(cache / "perplexity.json")}
     for part, setting in (("crows", cfg.crows), ("completions", cfg.completion_tokens)):
         if not setting:  # that part is off
             continue
@@ -254,6 +261,8 @@ def heldout_report(before: dict, after: dict, gender_ids: set[str], sample_ids: 
     paired McNemar tests, and the perplexity change on the neutral held-out texts."""
     report: dict[str, Any] = {}
     for name, ids in (("gender", gender_ids), ("overall", sample_ids)):
+        if not ids:
+            continue
         part = {}
         for when, scores in (("before", before), ("after", after)):
             items = [i for i in scores["items"] if i["example_id"] in ids]
@@ -400,11 +409,12 @@ def main(cfg: Config) -> None:
         summary["heldout"] = heldout_report(held, after, gender_ids, sample_ids, cfg)
         summary["heldout"]["texts"] = texts_provenance(texts)
         summary["heldout_seconds"] = round(time.perf_counter() - t0, 1)
-        g, o = summary["heldout"]["gender"], summary["heldout"]["overall"]
+        g, o = summary["heldout"]["gender"], summary["heldout"].get("overall")
         print(f"held-out gender SS {g['before']['ss']:.2f} -> {g['after']['ss']:.2f} [{g['after']['ss_ci'][0]:.2f}, "
-              f"{g['after']['ss_ci'][1]:.2f}] (n {g['after']['n']}, McNemar p {g['paired']['p_value']:.3g}); overall "
-              f"SS {o['before']['ss']:.2f} -> {o['after']['ss']:.2f}, LMS {o['before']['lms']:.2f} -> "
-              f"{o['after']['lms']:.2f}; perplexity {summary['heldout']['perplexity']['before']:.2f} -> "
+              f"{g['after']['ss_ci'][1]:.2f}] (n {g['after']['n']}, McNemar p {g['paired']['p_value']:.3g}); "
+              + (f"overall SS {o['before']['ss']:.2f} -> {o['after']['ss']:.2f}, LMS {o['before']['lms']:.2f} -> "
+                 f"{o['after']['lms']:.2f}; " if o else "")
+              + f"perplexity {summary['heldout']['perplexity']['before']:.2f} -> "
               f"{summary['heldout']['perplexity']['after']:.2f}", flush=True)
     summary["provenance"] = provenance(cfg, [cfg.pairs, cfg.stereoset])
     write_json(log_dir / "summary.json", summary)
