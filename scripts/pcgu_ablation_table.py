@@ -41,6 +41,14 @@ def _words(counts: dict | None) -> str:
     return f"{counts['male_words']}/{counts['female_words']}" if counts else "-"
 
 
+def _overall(overall: dict | None, when: str) -> str:
+    """Overall SS and LMS cells (with the LMS interval), or dashes for a gender-only run."""
+    if not overall:
+        return "- | -"
+    m = overall[when]
+    return f"{m['ss']:.2f} | {_ci(m['lms'], m['lms_ci'])}"
+
+
 def _crows(metrics: dict | None) -> str:
     return _ci(metrics["metric"], metrics["metric_ci"]) if metrics else "-"
 
@@ -48,24 +56,24 @@ def _crows(metrics: dict | None) -> str:
 def row(name: str, s: dict, g: dict | None) -> str:
     h = s["heldout"]
     kept = next(e for e in s["epochs"] if e["step"] == s["kept_step"])
-    gender, overall, ppl = h["gender"], h["overall"], h["perplexity"]
+    gender, overall, ppl = h["gender"], h.get("overall"), h["perplexity"]
     crows = h.get("crows_gender", {}).get("after")
     comp = h.get("completions", {}).get("after")
     wall = f"{g['wall_seconds']} ({g['gflops_before']}/{g['gflops_after']})" if g else "?"
     return (f"| {name} | {kept['ss_gender']:.2f} | {_ci(gender['after']['ss'], gender['after']['ss_ci'])} | "
-            f"{gender['paired']['p_value']:.2g} | {overall['after']['ss']:.2f} | {overall['after']['lms']:.2f} | "
+            f"{gender['paired']['p_value']:.2g} | {_overall(overall, 'after')} | "
             f"{ppl['ppl_change_pct']:+.2f} [{ppl['ppl_change_pct_ci'][0]:+.2f}, {ppl['ppl_change_pct_ci'][1]:+.2f}] | "
             f"{_crows(crows)} | {_words(comp)} | {100 * kept['share_adv_preferred']:.1f}% | {kept['step']} | {wall} |")
 
 
 def start_row(s: dict) -> str:
     h = s["heldout"]
-    gender, overall = h["gender"]["before"], h["overall"]["before"]
+    gender = h["gender"]["before"]
     crows = h.get("crows_gender", {}).get("before")
     comp = h.get("completions", {}).get("before")
     first = s["epochs"][0]
     return (f"| start model | {first['ss_gender']:.2f} | {_ci(gender['ss'], gender['ss_ci'])} | - | "
-            f"{overall['ss']:.2f} | {overall['lms']:.2f} | ppl {h['perplexity']['before']:.2f} | "
+            f"{_overall(h.get('overall'), 'before')} | ppl {h['perplexity']['before']:.2f} | "
             f"{_crows(crows)} | {_words(comp)} | {100 * first['share_adv_preferred']:.1f}% | 0 | - |")
 
 
@@ -77,7 +85,7 @@ def main(cfg: Config) -> None:
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     by_config: dict[str, list[float]] = {}
     summaries = {r.name: read_json(r / "summary.json") for r in runs}
-    lines.append(start_row(next(iter(summaries.values()))))
+    lines.append(start_row(max(summaries.values(), key=lambda s: len(s["heldout"]))))
     for name, s in summaries.items():
         g = read_json(cfg.root / name / "gflops.json") if (cfg.root / name / "gflops.json").is_file() else None
         lines.append(row(name, s, g))

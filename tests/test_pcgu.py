@@ -258,3 +258,18 @@ def test_retain_kl_is_zero_at_the_start_and_positive_after_a_change(tiny_models,
     value = lm.loss(model, lm.next_batch())
     expected = sum(-_token_logprobs(model, list(e.ids)).mean() for e in lm.encoded)
     assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
+
+
+def test_every_ablation_config_loads_into_the_stage_config():
+    from pathlib import Path
+
+    from conftest import REPO, load_script
+    from fairforget.config import _load_overrides
+
+    stage = load_script("12_pcgu_unlearn.py")
+    files = sorted((REPO / "configs" / "pcgu").glob("*.json"))
+    assert files
+    for path in files:
+        overrides = _load_overrides(path, stage.Config())
+        assert overrides["heldout_eval"] and overrides["selection_metric"] == "gender"
+        assert Path(overrides["pairs"]).name.startswith("pairs")
