@@ -17,7 +17,7 @@ Each cell has its 95% interval (bootstrap). Paired tests of each method against 
 StereoSet change in gender |SS - 50| and overall SS (paired bootstrap, McNemar on the stereotype-preferred
 decisions), CrowS-Pairs (McNemar, paired bootstrap), BBQ (paired bootstrap of each metric, McNemar on
 correctness), perplexity (paired bootstrap of the relative change). Wall time and peak memory of each method
-come from its ``method.json`` (--records). Each model's scores are kept in ``<out>/<name>/`` and reused when the
+come from its ``method.json`` (--records). Each model's scores are kept in ``<out>/scores/<name>/`` and reused when the
 settings match, so an interrupted comparison resumes. Writes ``summary.csv``, ``summary.md``,
 ``paired.csv``, ``bias_vs_capability.png`` and ``metrics.json`` (with provenance) to --out.
 """
@@ -64,10 +64,10 @@ class Config:
     stereoset: Path = Path("data/stereoset/dev.json")
     crows: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
     bbq_dir: Path = Path("data/bbq")
-    stereoset_limit: int | None = field(default=600, metadata={"help": "held-out StereoSet sample (None: all)"})
-    crows_limit: int | None = 300
-    bbq_per_category: int | None = field(default=10, metadata={"help": "held-out BBQ examples per category"})
-    ppl_limit: int | None = field(default=100, metadata={"help": "neutral held-out texts for perplexity"})
+    stereoset_limit: int | None = field(default=300, metadata={"help": "held-out StereoSet sample (None: all)"})
+    crows_limit: int | None = 200
+    bbq_per_category: int | None = field(default=8, metadata={"help": "held-out BBQ examples per category"})
+    ppl_limit: int | None = field(default=50, metadata={"help": "neutral held-out texts for perplexity"})
     half_seed: int = 0
     split_seed: int = field(default=0, metadata={"help": "stage 22's scenario split seed (held-out BBQ side)"})
     mitigation_fraction: float = 0.5
@@ -126,7 +126,7 @@ def eval_settings(cfg: Config, spec: str) -> dict:
 
 def evaluate_model(name: str, spec: str, items: Items, cfg: Config) -> dict:
     """Score one model on every benchmark; reuse ``<out>/<name>/`` when it was scored with the same settings."""
-    folder = cfg.out / name
+    folder = cfg.out / "scores" / name
     settings = eval_settings(cfg, spec)
     done = folder / "eval.json"
     if done.is_file() and read_json(done).get("settings") == settings:

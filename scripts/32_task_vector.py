@@ -43,9 +43,9 @@ class Config:
     lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate of the advantaged-side fine-tune"})
     lora_r: int = 8
     lora_alpha: int = 16
-    lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    lambdas: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     selection_metric: Literal["overall", "gender"] = "gender"
-    selection_limit: int | None = field(default=200, metadata={"help": "selection-half sample size (None: all)"})
+    selection_limit: int | None = field(default=120, metadata={"help": "selection-half sample size (None: all)"})
     max_lms_drop: float | None = field(default=2.0, metadata={"help": "LMS points a lambda may lose vs lambda=0"})
     half_seed: int = 0
     limit: int = field(default=0, metadata={"help": "use the first N pairs only (0: all)"})

@@ -37,7 +37,7 @@ class Config:
     epsilon: float = DEFAULT_EPSILON
     stereoset: Path = Path("data/stereoset/dev.json")
     selection_metric: Literal["overall", "gender"] = "gender"
-    selection_limit: int | None = 200
+    selection_limit: int | None = 120
     half_seed: int = 0
     eval_batch_size: int = 8
     out: Path = Path("models/methods/self_debias")

@@ -32,7 +32,7 @@ Pipeline = Literal[PIPELINES]  # type: ignore[valid-type]
 
 @dataclass
 class Config:
-    preset: Literal["quick", "full"] = "quick"
+    preset: Literal["quick", "full", "methods"] = "quick"
     pipelines: list[Pipeline] = field(default_factory=lambda: list(PIPELINES),
                                       metadata={"help": "which pipelines to run: pcgu, bbq or both"})
     data_source: Path | None = field(default=None, metadata={"help": "copy the datasets from this folder (data/ "

@@ -30,7 +30,7 @@ LIBRARY = Path(__file__).resolve().parent
 REPO = LIBRARY.parents[1]
 SCRIPTS = REPO / "scripts"
 PIPELINES = ("pcgu", "bbq")
-Preset = Literal["quick", "full"]
+Preset = Literal["quick", "full", "methods"]
 DISTRIBUTED_SCRIPTS = ("11_finetune_lora.py", "13_evaluate_stereoset.py", "15_evaluate_crows.py",
                        "20_evaluate_bbq.py")
 # stages whose run folder is swapped in whole with a completion marker (artifacts.run_folder): a folder of theirs
@@ -262,6 +262,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                             pcgu_epochs=None, pcgu_selection_limit=None, prompt_tokens=None, bbq_per_category=None,
                             localize_per_category=None, mitigation_per_category=100,
                             mitigation_eval_per_category=10**6, recovery_epochs=None)},
+    # every debiasing method on the embedded SmolLM2, then stage 30 (fairforget.methods.plan): CPU
+    "methods": {"pcgu_model": DEFAULT_EMBEDDED, "bbq_model": DEFAULT_EMBEDDED, "sizes": None},
 }
 
 
@@ -294,7 +296,7 @@ def build_plan(preset: Preset, pipelines: Sequence[str] = PIPELINES, data_source
                bbq_model: str | None = None) -> list[Stage]:
     """The stages of ``preset`` for the chosen pipelines, in order."""
     if preset not in PRESETS:
-        raise FairforgetError(f"unknown preset {preset!r}: use quick or full")
+        raise FairforgetError(f"unknown preset {preset!r}: use quick, full or methods")
     unknown = [p for p in pipelines if p not in PIPELINES]
     if unknown or not pipelines:
         raise FairforgetError(f"--pipelines takes one or more of {', '.join(PIPELINES)}; got {list(pipelines)}")
@@ -313,6 +315,11 @@ def build_plan(preset: Preset, pipelines: Sequence[str] = PIPELINES, data_source
                             {"model": spec, "models_dir": layout.models / EMBEDDED_DIR.name, "device": "cpu"},
                             outputs=[folder or out / "prepared" / name]))
     common = {"seed": seed, "device": device}
+    if preset == "methods":
+        from .methods.plan import method_stages
+
+        spec = pcgu_model or chosen["pcgu_model"]
+        return stages + method_stages(spec, layout, model_inputs(spec, layout), common, SCRIPTS)
     if "pcgu" in pipelines:
         stages += _pcgu_stages(pcgu_model or chosen["pcgu_model"], sizes, layout, common)
     if "bbq" in pipelines:
