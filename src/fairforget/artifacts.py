@@ -40,6 +40,7 @@ FAULT_ENV = "FAIRFORGET_FAULT_AFTER_WRITES"  # test hook: die right after the N-
 FAULT_MODE_ENV = "FAIRFORGET_FAULT_MODE"  # "kill" (SIGKILL, the default) or "raise" (InjectedFault)
 NULL_NOTE = ("null marks an undefined value (NaN or infinite: e.g. a metric of a group with no examples, or an "
              "interval without finite bootstrap replicates)")
+_TEMP_NAME = re.compile(r"(?P<pid>\d+)-[^/]*\.tmp|old-(?P<old>\d+)")  # atomic_dir's temporaries, after ".NAME."
 SMALL_N = 10  # below this many items a 95% interval is unreliable (often zero-width): the stages warn
 
 
@@ -145,9 +146,6 @@ def _clean_stale(path: Path) -> None:
             os.replace(item, path)
         elif item.is_dir():
             shutil.rmtree(item, ignore_errors=True)
-
-
-_TEMP_NAME = re.compile(r"(?P<pid>\d+)-[^/]*\.tmp|old-(?P<old>\d+)")  # what atomic_dir names them
 
 
 def _alive(pid: int) -> bool:
