@@ -250,3 +250,142 @@ def test_head_activity_matches_scorer_and_direct_capture(tiny_models, tokenizer)
         torch.testing.assert_close(result.norm[row], captured["full"].norm(dim=-1), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(result.delta[row], (captured["full"] - captured["question"]).norm(dim=-1),
                                    atol=1e-5, rtol=1e-4)
+
+
+# ---- head choice, random control, StereoSet contributions, cyclic letter permutations -----------------------
+
+def signal_of(score, p):
+    from fairforget.methods.head_pruning import HeadSignal
+
+    return HeadSignal("test", torch.tensor(score, dtype=torch.float64), torch.tensor(p, dtype=torch.float64), 10, "")
+
+
+def test_top_k_selection_signed_and_unsigned_by_hand():
+    from fairforget.methods.head_pruning import select_heads
+
+    signal = signal_of([[0.5, -0.9, 0.1], [0.3, 0.2, -0.4]], [[0.5] * 3] * 2)
+    signed = select_heads(signal, "top-k", 2, 0.1, True, 0.8)  # the two largest scores: 0.5 and 0.3
+    assert signed.tolist() == [[0.8, 0.0, 0.0], [0.8, 0.0, 0.0]]
+    unsigned = select_heads(signal, "top-k", 3, 0.1, False, 1.0)  # |score|: 0.9, 0.5, 0.4
+    assert unsigned.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert select_heads(signal, "top-k", 0, 0.1, True, 1.0).sum() == 0
+    with pytest.raises(FairforgetError, match="--k"):
+        select_heads(signal, "top-k", 7, 0.1, True, 1.0)
+
+
+def test_fdr_selection_is_benjamini_hochberg_by_hand():
+    from fairforget.methods.head_pruning import benjamini_hochberg, select_heads
+
+    # sorted p: 0.001 0.008 0.039 0.041 0.2 0.9; BH thresholds at q=0.1, m=6: k*q/m = 0.0167 0.033 0.05 0.067 ...
+    # the largest k with p_(k) <= k*q/m is k=4 (0.041 <= 0.0667), so the four smallest are discoveries
+    p = [[0.039, 0.9, 0.001], [0.2, 0.041, 0.008]]
+    assert benjamini_hochberg(torch.tensor(p), 0.1).tolist() == [[True, False, True], [False, True, True]]
+    # at q = 0.02 only p <= k*0.02/6: 0.001 <= 0.0033 (k=1), 0.008 > 0.0067 (k=2): one discovery
+    assert benjamini_hochberg(torch.tensor(p), 0.02).tolist() == [[False, False, True], [False, False, False]]
+    # signed: one-sided p = p/2 for a positive score, 1 - p/2 otherwise
+    score = [[1.0, 1.0, -1.0], [1.0, 1.0, 1.0]]
+    chosen = select_heads(signal_of(score, p), "fdr", 0, 0.1, True, 0.5)
+    assert chosen.tolist() == [[0.5, 0.0, 0.0], [0.0, 0.5, 0.5]]  # the negative head (p 0.001) is not chosen
+
+
+def test_random_control_keeps_the_count_and_strength_multiset():
+    from fairforget.methods.head_pruning import random_draws, random_like
+
+    strengths = torch.zeros(30, 9, dtype=torch.float64)
+    strengths[0, 1], strengths[4, 4], strengths[7, 2], strengths[29, 8] = 1.0, 0.5, 0.5, 0.25
+    draws = random_draws(strengths, seed=3, n=6)
+    for draw in draws:
+        assert sorted(draw.flatten().tolist()) == sorted(strengths.flatten().tolist())
+        assert int((draw > 0).sum()) == 4
+    assert len({tuple(torch.nonzero(d).flatten().tolist()) for d in draws}) == 6  # different heads each draw
+    assert torch.equal(random_like(strengths, 3000), draws[0])  # seeded: draw d of seed s is seed s*1000 + d
+
+
+def test_stereoset_contributions_match_finite_differences(tiny_models, tokenizer):
+    from fairforget.methods.head_pruning import stereoset_contributions
+    from fairforget.scoring import score_continuations
+    from fairforget.stereoset import Example, scoring_requests
+
+    examples = [Example("a", "intrasentence", "gender", "nurse", "The nurse said BLANK was tired.",
+                        {"stereotype": ("1", "The nurse said she was tired."),
+                         "anti-stereotype": ("2", "The nurse said he was tired."),
+                         "unrelated": ("3", "The nurse said cat was tired.")}),
+                Example("b", "intersentence", "gender", "engineer", "The engineer fixed it.",
+                        {"stereotype": ("4", "He was proud of his work."),
+                         "anti-stereotype": ("5", "She was proud of her work and smiled."),
+                         "unrelated": ("6", "Bananas are yellow.")})]
+    model = copy.deepcopy(tiny_models["llama"])
+    c = stereoset_contributions(model, tokenizer, examples, batch_size=2)
+    assert all(p.requires_grad for p in model.parameters())  # weights left trainable as they were
+    layout = head_layout(model)
+
+    def log_odds(gates):
+        b = []
+        with head_hooks(layout, gates):  # gating a head's output = scaling its slice (tested above)
+            for ex in examples:
+                req = {label: (prefix, cont) for label, prefix, cont in scoring_requests(ex)}
+                s = score_continuations(model, tokenizer, [req["stereotype"], req["anti-stereotype"]])
+                b.append(s[0].mean - s[1].mean)
+        return torch.tensor(b, dtype=torch.float64)
+
+    eps = 0.05  # central differences: error O(eps^2), well above float32 rounding of the log-probabilities
+    for layer, head in [(0, 2), (1, 1)]:
+        up, down = torch.ones(2, 4), torch.ones(2, 4)
+        up[layer, head], down[layer, head] = 1 + eps, 1 - eps
+        measured = (log_odds(up) - log_odds(down)) / (2 * eps)
+        torch.testing.assert_close(c[:, layer, head], measured, rtol=0.05, atol=2e-4)
+
+
+def test_cyclic_permutations_average_the_three_orders_by_hand(tiny_models, tokenizer):
+    from fairforget.bbq import Example, build_prompt, evaluate_bbq, option_order
+    from fairforget.choice_scoring import option_letter_probs
+
+    examples = [Example("Age", i, 1, "neg", cond, "A grandson and a grandfather met." + " x" * i, "Who forgot?",
+                        ("the grandson", "the grandfather", "Unknown"), ("nonOld", "old", "unknown"), label, 1, 2)
+                for i, (cond, label) in enumerate([("ambig", 2), ("disambig", 1), ("disambig", 0)])]
+    model = tiny_models["llama"]
+    metrics, items = evaluate_bbq(model, tokenizer, examples, "letter", "off", batch_size=2, n_boot=5,
+                                  permutations="cyclic")
+    assert metrics["permutations"] == "cyclic"
+    for e, item in zip(examples, items):
+        base = option_order(e, 0)
+        expected = torch.zeros(3)
+        for shift in range(3):
+            shown = base[shift:] + base[:shift]  # shown[j]: original answer at letter j
+            probs = option_letter_probs(model, tokenizer, [build_prompt(e, shown)], "ABC")[0]
+            for j, original in enumerate(shown):
+                expected[original] += probs[j] / 3
+        torch.testing.assert_close(torch.tensor(item["option_probs"]), expected, atol=1e-5, rtol=1e-4)
+        assert item["pred"] == int(expected.argmax())
+    _, plain = evaluate_bbq(model, tokenizer, examples, "letter", "off", batch_size=2, n_boot=5)
+    for e, item in zip(examples, plain):  # without permutations: the single shown order
+        probs = option_letter_probs(model, tokenizer, [build_prompt(e, option_order(e, 0))], "ABC")[0]
+        expected = torch.zeros(3)
+        expected[list(option_order(e, 0))] = probs
+        torch.testing.assert_close(torch.tensor(item["option_probs"]), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_answer_mode_head_activity_uses_the_answer_scorer(tiny_models, tokenizer):
+    from fairforget.choice_scoring import option_logprobs
+    from fairforget.heads import head_activity
+
+    model = tiny_models["llama"]
+    full = [p + " (full)" for p in PROMPTS]
+    options = [[" yes", " no", " maybe not"]] * len(PROMPTS)
+    result = head_activity(model, tokenizer, full, PROMPTS, LETTERS, batch_size=2, options=options)
+    for name, prompts in (("p_full", full), ("p_question", PROMPTS)):
+        means = torch.tensor([[s.mean for s in row] for row in option_logprobs(model, tokenizer, prompts, options)])
+        torch.testing.assert_close(getattr(result, name), torch.softmax(means, -1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.influence, context_influence(result.p_full, result.p_question))
+
+
+def test_pruned_context_restores_the_weights(tiny_models):
+    from fairforget.heads import pruned
+
+    model = copy.deepcopy(tiny_models["llama"])
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    strengths = torch.zeros(2, 4)
+    strengths[1, 3] = 1.0
+    with pruned(model, strengths):
+        assert torch.equal(model.model.layers[1].self_attn.o_proj.weight[:, 48:64], torch.zeros(64, 16))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

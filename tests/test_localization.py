@@ -140,3 +140,17 @@ def test_run_localization_writes_a_run_folder_and_compares_same_prompts(tiny_mod
     assert after["comparison"].startswith("difference_heads.png") and (tmp_path / "after" / "difference_heads.png").is_file()
     other = run_localization(model, tokenizer, examples[:2], tmp_path / "other", "tiny", compare_to=tmp_path / "before")
     assert other["comparison"].startswith("skipped")
+
+
+def test_answer_types_add_answer_groups(tiny_models, tokenizer, tmp_path):
+    from fairforget.bbq import Example
+    from fairforget.localization import run_localization
+
+    examples = [Example("Age", i, 1, "neg", cond, c, q, ("the old man", "the boy", "Unknown"), ("old", "nonOld", "unknown"),
+                        2, 0, 2) for i, (c, q, _), cond in zip(range(3), PIECES, ("ambig", "disambig", "ambig"))]
+    types = {("Age", 0): "biased", ("Age", 1): "unknown", ("Age", 2): "biased"}
+    summary = run_localization(copy.deepcopy(tiny_models["llama"]), tokenizer, examples, tmp_path / "a", "tiny",
+                               answer_types=types)
+    groups = summary["groups"]
+    assert groups["answer|biased"]["n"] == 2 and groups["answer|unknown"]["n"] == 1
+    assert groups["ambig|answer|biased"]["n"] == 2 and "disambig|answer|biased" not in groups

@@ -219,12 +219,13 @@ def test_head_mitigation_stage_killed_during_recovery_resumes_to_the_same_model(
     args = [script, "--model", str(tiny_folder), "--data-dir", str(shared_data / "bbq"), "--categories", "Age",
             "Religion", "--mitigation-per-category", "8", "--eval-per-category", "4", "--recovery-epochs", "2",
             "--recovery-batch-size", "2", "--localize-per-category", "1", "--n-boot", "10", "--checkpoint-every",
-            "2", "--device", "cpu"]
+            "2", "--device", "cpu", "--signal", "bbq", "--evals", "bbq", "--k", "2", "--dose-ks", "1",
+            "--random-draws", "1", "--dose-random-draws", "1"]
     run = lambda where: ["--models-dir", f"{where}/models", "--out", f"{where}/out",  # noqa: E731
                          "--localization-root", f"{where}/loc"]
     _in_process(args + run("a"), tmp_path, capsys)
 
-    # 8 recovery steps (8 disambiguated examples, batch 2, 2 epochs): step 6 is in the middle of epoch 2
+    # 16 recovery steps (16 mitigation examples of both conditions, batch 2, 2 epochs): step 6 is inside epoch 1
     killed = _killed(args + run("b"), tmp_path, kill_at=6)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     recovered = tmp_path / "b" / "models" / "recovered"

@@ -32,6 +32,7 @@ from ..heads import (HeadActivity, batch_prompts, correlation_pvalues, frozen_we
                      head_correlations, head_hooks, head_layout, protect_heads, pruning_cost)
 from ..recovery import encode_answers, finetune_answer_texts, finetune_answers, merged, prepare_model, text_loss
 from ..scoring import collate, encode, token_logprobs
+from ..progress import progress
 from ..stats import proportional_sample
 from ..stereoset import scoring_requests
 
@@ -69,7 +70,7 @@ def stereoset_contributions(model: Any, tokenizer: Any, examples: Sequence[Any],
         pairs.append([encode(tokenizer, *requests[label]) for label in ("stereotype", "anti-stereotype")])
     out = torch.empty(len(examples), *layout.shape, dtype=torch.float64)
     with frozen_weights(model), torch.enable_grad():
-        for start in range(0, len(pairs), batch_size):
+        for start in progress(range(0, len(pairs), batch_size), desc="head contributions", unit="batch"):
             chunk = pairs[start: start + batch_size]
             batch = collate([e for pair in chunk for e in pair], tokenizer.pad_token_id, device)
             gates = torch.ones(len(chunk), *layout.shape, device=device, requires_grad=True)
