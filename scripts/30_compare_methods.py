@@ -6,8 +6,8 @@ Per model (the "before" model first, then each ``name=folder`` of --methods, loa
 ``fairforget.methods.load_method``, so Self-Debias is its scoring wrapper):
 
 * StereoSet (held-out half of dev, never the selection half a method chose on): overall SS and LMS on a
-  seeded proportional sample of --stereoset-limit examples, gender SS on every gender example of the
-  held-out half (the sample alone holds too few for a useful interval);
+  seeded proportional sample of --stereoset-limit examples, gender SS on the gender examples of the
+  held-out half (all, or a seeded --gender-limit sample; the proportional sample alone holds too few);
 * CrowS-Pairs, gender and all bias types;
 * BBQ in answer mode on the held-out scenarios of stage 22's split (``bbq_split.split_by_scenario``, the same
   --split-seed, so head pruning never saw them): s_DIS, s_AMB, accuracy;
@@ -65,6 +65,8 @@ class Config:
     crows: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
     bbq_dir: Path = Path("data/bbq")
     stereoset_limit: int | None = field(default=300, metadata={"help": "held-out StereoSet sample (None: all)"})
+    gender_limit: int | None = field(default=None, metadata={"help": "seeded sample of the held-out gender "
+                                                                      "examples for gender SS (None: every one)"})
     crows_limit: int | None = 200
     bbq_per_category: int | None = field(default=8, metadata={"help": "held-out BBQ examples per category"})
     ppl_limit: int | None = field(default=50, metadata={"help": "neutral held-out texts for perplexity"})
@@ -110,7 +112,8 @@ def held_out_items(cfg: Config) -> Items:
     heldout = select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed)
     sample = stratified_limit(heldout, cfg.stereoset_limit, cfg.seed)
     ids = {e.id for e in sample}
-    stereo = sample + [e for e in heldout if e.bias_type == "gender" and e.id not in ids]
+    gender = stratified_limit([e for e in heldout if e.bias_type == "gender"], cfg.gender_limit, cfg.seed)
+    stereo = sample + [e for e in gender if e.id not in ids]
     crows = sample_pairs(load_crows(cfg.crows), cfg.crows_limit, cfg.seed)
     data = load_bbq(cfg.bbq_dir)
     _, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
@@ -119,7 +122,7 @@ def held_out_items(cfg: Config) -> Items:
 
 
 def eval_settings(cfg: Config, spec: str) -> dict:
-    keys = ("stereoset_limit", "crows_limit", "bbq_per_category", "ppl_limit", "half_seed", "split_seed",
+    keys = ("stereoset_limit", "gender_limit", "crows_limit", "bbq_per_category", "ppl_limit", "half_seed", "split_seed",
             "mitigation_fraction", "n_boot", "seed")
     return {"model": spec, **{k: getattr(cfg, k) for k in keys}}
 
@@ -163,7 +166,7 @@ def in_sample(stereo_items: list[dict], items: Items) -> list[dict]:
 
 
 def stereoset_metrics(stereo_items: list[dict], items: Items, cfg: Config) -> dict:
-    """Overall SS / LMS on the proportional sample, gender SS on every held-out gender example."""
+    """Overall SS / LMS on the proportional sample, gender SS on the held-out gender examples scored."""
     overall = compute_stereoset(in_sample(stereo_items, items), cfg.n_boot, cfg.seed)["overall"]["all"]
     gender = compute_stereoset([it for it in stereo_items if it["bias_type"] == "gender"], cfg.n_boot,
                                cfg.seed)["overall"]["gender"]
@@ -251,7 +254,7 @@ def markdown(rows: list[dict], items: Items, cfg: Config, seconds: float) -> str
 
     head = [f"# Debiasing methods side by side (before: `{cfg.before}`)\n",
             f"Held-out items: StereoSet dev held-out half, {len(items.stereoset_sample)} examples (proportional sample: "
-            f"overall SS, LMS) plus every gender example ({len(items.stereoset) - len(items.stereoset_sample)} more; "
+            f"overall SS, LMS) plus held-out gender examples ({len(items.stereoset) - len(items.stereoset_sample)} more; "
             f"gender SS on all {sum(e.bias_type == 'gender' for e in items.stereoset)}), {len(items.crows)} "
             f"CrowS-Pairs pairs, {len(items.bbq)} BBQ examples (answer mode, held-out scenarios), "
             f"{len(items.neutral)} neutral texts. 95% bootstrap intervals in brackets. Comparison wall time "

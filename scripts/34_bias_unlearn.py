@@ -22,7 +22,7 @@ from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.lora import add_lora, save_adapter, target_modules
 from fairforget.methods import write_method_record
-from fairforget.methods.bias_unlearn import Weights, unlearn
+from fairforget.methods.bias_unlearn import Weights, check_sample, unlearn
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.pcgu import encode_pairs, pair_gap
 from fairforget.winogender import read_pairs_tsv
@@ -45,6 +45,8 @@ class Config:
     beta: float = field(default=0.1, metadata={"help": "NPO temperature"})
     check_every: int = field(default=10, metadata={"help": "score the pairs every N steps and swap the sets when "
                                                           "the bias has reversed (0: never)"})
+    check_pairs: int | None = field(default=32, metadata={"help": "pairs (seeded sample) scored by the reversal "
+                                                                  "check and the before/after gap (None: all)"})
     limit: int = field(default=0, metadata={"help": "use the first N pairs only (0: all)"})
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -66,18 +68,20 @@ def main(cfg: Config) -> None:
     adv, dis = encode_pairs(tokenizer, pairs)
     model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, 0.0, cfg.seed)
     model.eval()
-    gap_before = pair_gap(model, adv, dis, tokenizer.pad_token_id)
+    checked = check_sample(len(pairs), cfg.check_pairs, cfg.seed)
+    gap_before = pair_gap(model, [adv[i] for i in checked], [dis[i] for i in checked], tokenizer.pad_token_id)
     weights = Weights(cfg.w_forget, cfg.w_retain, cfg.w_kl, cfg.beta)
     log = unlearn(model, tokenizer.pad_token_id, adv, dis, weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed,
-                  cfg.check_every)
-    gap_after = pair_gap(model, adv, dis, tokenizer.pad_token_id)
+                  cfg.check_every, check_pairs=cfg.check_pairs)
+    gap_after = pair_gap(model, [adv[i] for i in checked], [dis[i] for i in checked], tokenizer.pad_token_id)
     save_adapter(model, tokenizer, cfg.out, cfg.model)
     write_csv(cfg.log_dir / "steps.csv", log.steps)
     if log.swaps:
         write_csv(cfg.log_dir / "swaps.csv", log.swaps)
     record = write_method_record(cfg.log_dir, "bias_unlearn", cfg, time.perf_counter() - start, [cfg.pairs],
                                  model_folder=str(cfg.out), weights=asdict(weights), n_pairs=len(pairs),
-                                 steps=len(log.steps), swaps=log.swaps, pair_gap_before=gap_before,
+                                 steps=len(log.steps), swaps=log.swaps, n_pairs_checked=len(checked),
+                                 pair_gap_before=gap_before,
                                  pair_gap_after=gap_after)
     print(f"BiasUnlearn: {len(log.steps)} steps, {len(log.swaps)} swaps; stereotype side preferred in "
           f"{100 * gap_before['share_adv_preferred']:.1f}% -> {100 * gap_after['share_adv_preferred']:.1f}% of pairs "

@@ -11,13 +11,14 @@ For pairs (stereotype side, anti-stereotype side), the same pairs PCGU trains on
 * L_CE: mean negative log-likelihood per token of the retain sentences (the anti-stereotype side).
 * KL: mean over the retain sentences' scored tokens of KL(pi_ref(. | prefix) || pi_theta(. | prefix)) over
   the whole vocabulary, pi_ref the starting model (the LoRA adapter switched off, or a frozen copy).
-* Swapping: every ``check_every`` steps the pairs are scored; when the model prefers the side currently
+* Swapping: every ``check_every`` steps the pairs (or a seeded sample of them) are scored; when the model prefers the side currently
   being forgotten in fewer than half of them (the bias has reversed), forget and retain swap.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -101,16 +102,25 @@ class UnlearnLog:
     swaps: list[dict] = field(default_factory=list)
 
 
+def check_sample(n_pairs: int, n_check: int | None, seed: int = 0) -> list[int]:
+    """The seeded pair indices the reversal check scores (all pairs when ``n_check`` is None or larger)."""
+    if n_check is None or n_check >= n_pairs:
+        return list(range(n_pairs))
+    return sorted(random.Random(seed).sample(range(n_pairs), n_check))
+
+
 def unlearn(model: Any, pad_id: int, adv: Sequence[Encoded], dis: Sequence[Encoded], weights: Weights,
             epochs: int = 1, batch_size: int = 8, lr: float = 1e-4, seed: int = 0, check_every: int = 10,
-            reference: Any | None = None) -> UnlearnLog:
-    """Train ``model``'s trainable parameters with BiasUnlearn on the pairs (``adv[i]``, ``dis[i]``)."""
+            reference: Any | None = None, check_pairs: int | None = None) -> UnlearnLog:
+    """Train ``model``'s trainable parameters with BiasUnlearn on the pairs (``adv[i]``, ``dis[i]``); the
+    reversal check scores ``check_pairs`` of them (seeded; None: all)."""
     if len(adv) != len(dis) or not adv:
         raise FairforgetError(f"BiasUnlearn needs equal, non-zero numbers of pair sides, got {len(adv)}, {len(dis)}")
     device = next(model.parameters()).device
     run = start_training(model, lr, 0.0, seed, None)
     log = UnlearnLog()
     forget, retain, forgetting = list(adv), list(dis), "stereotype"
+    checked = check_sample(len(adv), check_pairs, seed)
     batches = list(shuffled_batches(len(adv), epochs, batch_size, seed, run.checkpoint))
     for epoch, step, idx in progress(batches, desc="BiasUnlearn", unit="step"):
         terms = losses(model, collate([forget[i] for i in idx], pad_id, device),
@@ -126,7 +136,7 @@ def unlearn(model: Any, pad_id: int, adv: Sequence[Encoded], dis: Sequence[Encod
                           **{k: float(v.detach()) for k, v in terms.items()}})
         if check_every and step % check_every == 0:
             model.eval()
-            gap = pair_gap(model, forget, retain, pad_id)
+            gap = pair_gap(model, [forget[i] for i in checked], [retain[i] for i in checked], pad_id)
             model.train()
             if gap["share_adv_preferred"] < 0.5:  # the forgotten side is now the less likely one
                 forget, retain = retain, forget

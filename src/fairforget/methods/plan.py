@@ -1,7 +1,7 @@
 """The stages of the ``methods`` pipeline preset: every method on one model, then the comparison (stage 30).
 
 Sizes (:data:`SIZES`) are the reduced CPU budget the README's comparison ran with on a shared 2-core machine:
-one training epoch per method, 60 selection-half examples for choices, head pruning on 4 examples per
+one training epoch per method, 20-30 selection-half examples for choices, head pruning on 4 examples per
 category, and the held-out items of stage 30 below.
 """
 
@@ -12,9 +12,10 @@ from typing import Any
 
 from ..models import model_name
 
-SIZES = {"cda": {"epochs": 1}, "task_vector": {"epochs": 1, "selection_limit": 60},
-         "self_debias": {"selection_limit": 60}, "bias_unlearn": {"epochs": 1},
-         "compare": {"stereoset_limit": 100, "crows_limit": 100, "bbq_per_category": 4, "ppl_limit": 30}}
+SIZES = {"cda": {"epochs": 1}, "task_vector": {"epochs": 1, "lambdas": [1.0, 2.0], "selection_limit": 30},
+         "self_debias": {"selection_limit": 20},
+         "bias_unlearn": {"epochs": 1, "check_every": 15, "check_pairs": 32},
+         "compare": {"stereoset_limit": 30, "gender_limit": 45, "crows_limit": 40, "bbq_per_category": 2, "ppl_limit": 12}}
 METHOD_SCRIPTS = {"cda": "31_cda.py", "task_vector": "32_task_vector.py", "self_debias": "33_self_debias.py",
                   "bias_unlearn": "34_bias_unlearn.py"}
 
@@ -40,7 +41,7 @@ def method_stages(spec: str, layout: Any, base_inputs: list[Path], common: dict,
     measured = {
         "pcgu": (mdir / "pcgu", [pairs, stereo], f"{scripts / '12_pcgu_unlearn.py'} --model {spec} --pairs {pairs} "
                  f"--stereoset {stereo} --out {mdir / 'pcgu'} --log-dir {odir / 'pcgu_log'} --epochs 1 "
-                 f"--selection-limit 60"),
+                 f"--selection-limit 20"),
         "head_pruning": (recovered, [data / "bbq"], f"{scripts / '22_mitigate_heads.py'} --model {spec} "
                          f"--data-dir {data / 'bbq'} --mitigation-per-category 4 --eval-per-category 4 "
                          f"--recovery-epochs 1 --localize-per-category 0 --models-dir {layout.models} "
