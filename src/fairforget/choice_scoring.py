@@ -279,7 +279,9 @@ def encoded_option_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     done = []
     with torch.inference_mode():
         preamble = shared_preamble(model, prompt_ids, device)
-        batches = distributed.my_batches(length_sorted_batches([len(p) for p in prompt_ids], batch_size))
+        # grouped by row length (prompt + its options), which sets a batch's padded width
+        rows = [len(p) + sum(len(o) for o in opts) for p, opts in zip(prompt_ids, option_ids)]
+        batches = distributed.my_batches(length_sorted_batches(rows, batch_size))
         for idx in progress(batches, desc=desc, unit="batch"):
             done.append((idx, run_batch(model, [prompt_ids[i] for i in idx], [option_ids[i] for i in idx],
                                         pad_id, device, preamble)))
