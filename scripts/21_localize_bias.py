@@ -28,6 +28,7 @@ from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.localization import run_localization
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
+from fairforget.progress import set_quiet
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Config:
     batch_size: int = 8
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
     dtype: str = "auto"
 
     def validate(self) -> None:
@@ -55,6 +57,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    set_quiet(cfg.quiet)
     data = load_bbq(cfg.data_dir, cfg.categories or None)
     examples = sample_per_category(data.examples, cfg.per_category, cfg.seed)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
