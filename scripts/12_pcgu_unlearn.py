@@ -121,6 +121,9 @@ class Config:
                                                                  "prompts in the held-out report (0: skip)"})
     start_cache: Path | None = field(default=None, metadata={"help": "cache of the start model's held-out scores "
                                                                      "(default outputs/pcgu/start-<model>)"})
+    heldout_gender: bool = field(default=True, metadata={"help": "include every held-out gender example"})
+    eval_only: Path | None = field(default=None, metadata={
+        "help": "no training: write the held-out report of this model folder against --model (the start)"})
     eval_batch_size: int = 32
     n_boot: int = 200
     checkpoint_every: int = field(default=10, metadata={"help": "also save the training state every N steps "
@@ -148,6 +151,8 @@ class Config:
             raise FairforgetError("--evals-per-epoch must be at least 1")
         if self.retain_weight < 0 or self.retain_batch_size < 1:
             raise FairforgetError("--retain-weight must be >= 0 and --retain-batch-size >= 1")
+        if self.eval_only is not None and not (self.eval_only / "config.json").is_file():
+            raise FairforgetError(f"--eval-only {self.eval_only} is not a saved model folder")
         if self.heldout_limit < 0 or self.perplexity_texts < 1:
             raise FairforgetError("--heldout-limit must be >= 0 and --perplexity-texts at least 1")
         if not self.pairs.is_file():
@@ -201,7 +206,7 @@ def heldout_examples(cfg: Config) -> tuple[list, set[str], set[str]]:
     """Every held-out gender example plus a ``--heldout-limit`` sample of the held-out half: (union, gender ids,
     sample ids)."""
     half = select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed)
-    gender = [e for e in half if e.bias_type == "gender"]
+    gender = [e for e in half if e.bias_type == "gender"] if cfg.heldout_gender else []
     sample = stratified_limit(half, cfg.heldout_limit, cfg.sample_seed) if cfg.heldout_limit else []
     union = {e.id: e for e in gender + sample}
     return list(union.values()), {e.id for e in gender}, {e.id for e in sample}
@@ -273,8 +278,8 @@ def heldout_report(before: dict, after: dict, gender_ids: set[str], sample_ids: 
                               cfg.sample_seed)["overall"]
         part["paired"] = paired
         report[name] = part
-    pb, pa = before["perplexity"], after["perplexity"]
-    report["perplexity"] = {"before": pb["perplexity"], "before_ci": pb["perplexity_ci"], "after": pa["perplexity"],
+    pb, pa = before["perplexity"], after.get("perplexity")
+    report["perplexity"] = None if pa is None else {"before": pb["perplexity"], "before_ci": pb["perplexity_ci"], "after": pa["perplexity"],
                             "after_ci": pa["perplexity_ci"], "n_texts": pb["n_texts"], "n_tokens": pb["n_tokens"],
                             **perplexity_change(pb, pa, cfg.n_boot, cfg.sample_seed)}
     if "crows" in before and "crows" in after:
@@ -324,6 +329,16 @@ def main(cfg: Config) -> None:
         held_examples, gender_ids, sample_ids = heldout_examples(cfg)
         texts = load_neutral_texts("heldout", cfg.perplexity_texts)
         held = start_scores(model, tokenizer, cfg, held_examples, texts)
+    if cfg.eval_only is not None:
+        if held is None:
+            raise FairforgetError("--eval-only needs --heldout-eval")
+        kept = load_model(str(cfg.eval_only), cfg.device)
+        after = heldout_scores(kept.model, kept.tokenizer, cfg, held_examples, texts, ("items", "crows", "completions"))
+        report = {**heldout_report(held, after, gender_ids, sample_ids, cfg), "texts": texts_provenance(texts)}
+        write_json(log_dir / "summary.json", {"eval_only": str(cfg.eval_only), "heldout": report,
+                                              "provenance": provenance(cfg, [cfg.stereoset])})
+        print(f"held-out report of {cfg.eval_only} -> {log_dir / 'summary.json'}")
+        return
 
     def evaluate(epoch: int, step: int, seconds: float) -> dict:
         row = {"epoch": epoch, "step": step, **pair_gap(model, adv, dis, pad, cfg.eval_batch_size),

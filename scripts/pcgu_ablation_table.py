@@ -2,7 +2,7 @@
 
     python scripts/pcgu_ablation_table.py [--root outputs/pcgu_ablation] [--out outputs/pcgu_ablation/table.md]
 
-One row per run: selection-half gender SS of the kept point, held-out gender SS [95% CI] (every held-out gender
+One row per run (with ``<run>/extra/summary.json``, an ``--eval-only`` report, filling in overall and CrowS): selection-half gender SS of the kept point, held-out gender SS [95% CI] (every held-out gender
 example), McNemar p on them, overall SS and LMS on the held-out sample, perplexity change on the neutral texts,
 CrowS-Pairs gender, greedy completion male/female words, training pairs' advantaged-preferred share, steps and
 wall time with the fp32 matmul rate measured in the same run. Configurations with several seeds also get a
@@ -77,6 +77,18 @@ def start_row(s: dict) -> str:
             f"{_crows(crows)} | {_words(comp)} | {100 * first['share_adv_preferred']:.1f}% | 0 | - |")
 
 
+def with_extra(run: Path) -> dict:
+    """A run's summary, with the overall sample and CrowS gender of ``<run>/extra`` (an ``--eval-only`` report
+    of the kept model) where the run's own report lacks them."""
+    summary = read_json(run / "summary.json")
+    if (run / "extra" / "summary.json").is_file():
+        extra = read_json(run / "extra" / "summary.json")["heldout"]
+        for key in ("overall", "crows_gender"):
+            if key in extra and key not in summary["heldout"]:
+                summary["heldout"][key] = extra[key]
+    return summary
+
+
 def main(cfg: Config) -> None:
     runs = sorted(p.parent for p in cfg.root.glob("*/summary.json"))
     runs = [r for r in runs if "heldout" in read_json(r / "summary.json")]
@@ -84,7 +96,7 @@ def main(cfg: Config) -> None:
         raise FairforgetError(f"no finished runs with a held-out report under {cfg.root}")
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     by_config: dict[str, list[float]] = {}
-    summaries = {r.name: read_json(r / "summary.json") for r in runs}
+    summaries = {r.name: with_extra(r) for r in runs}
     lines.append(start_row(max(summaries.values(), key=lambda s: len(s["heldout"]))))
     for name, s in summaries.items():
         g = read_json(cfg.root / name / "gflops.json") if (cfg.root / name / "gflops.json").is_file() else None
