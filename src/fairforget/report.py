@@ -200,20 +200,20 @@ def _bbq(page: _Page, stages: Sequence[Stage]) -> None:
         page.add("### BBQ (stage 20)\n\nNot run.\n")
     for label, stage, out in runs:
         m = read_json(out / "metrics.json")
-        page.add(f"### BBQ, {label} (stage 20)\n\n{m.get('definition', '')} 95% bootstrap intervals.\n")
+        page.add(f"### BBQ, {label} (stage 20)\n\n{m.get('definition', '')}.\n")
         page.add(_table(header, _bbq_rows(m)))
         page.image(out / "bias_scores.png", "BBQ bias scores by category")
     for stage in stages:
         if stage.script != "22_mitigate_heads.py":
             continue
         out = Path(stage.args["out"])
-        page.add("### Head pruning and recovery (stage 22), held-out question templates\n")
+        page.add("### Head pruning and recovery (stage 22), held-out scenarios\n")
         if not (out / "metrics.json").is_file():
             page.add("Not run.\n")
             continue
         summary = read_json(out / "metrics.json")
         page.add(f"{summary['n_mitigation']} mitigation examples, {summary['n_held_out']} held-out examples from "
-                 f"other templates; {summary['heads_pruned']} heads soft-pruned ({summary['heads_by_strength']} by "
+                 f"other scenarios; {summary['heads_pruned']} heads soft-pruned ({summary['heads_by_strength']} by "
                  f"strength), {len(summary.get('protected', []))} protected; recovery on "
                  f"{summary['n_recovery_examples']} disambiguated examples.\n")
         stage_runs = [name for name in ("before", "pruned", "recovered") if (out / name / "items.jsonl").is_file()]
@@ -232,7 +232,8 @@ def _bbq(page: _Page, stages: Sequence[Stage]) -> None:
                          _ci(c["s_amb_delta"], c["s_amb_delta_ci"], 3, True), _p(c["mcnemar_correct"]["p_value"]),
                          _p(c["mcnemar_biased"]["p_value"])])
         if rows:
-            page.add("Paired changes on the same held-out items (95% paired-bootstrap intervals; McNemar exact "
+            page.add("Paired changes on the same held-out items (95% paired cluster-bootstrap intervals over "
+                     "scenarios; McNemar exact "
                      "p on correct and on biased answers):\n")
             page.add(_table(["comparison", "change in accuracy", "change in s_DIS", "change in s_AMB",
                              "p (correct)", "p (biased)"], rows))
