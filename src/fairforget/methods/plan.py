@@ -1,8 +1,9 @@
 """The stages of the ``methods`` pipeline preset: every method on one model, then the comparison (stage 30).
 
 Sizes (:data:`SIZES`) are the reduced CPU budget the README's comparison ran with on a shared 2-core machine:
-one training epoch per method, 20-30 selection-half examples for choices, head pruning on 4 examples per
-category, and the held-out items of stage 30 below.
+one training epoch per method (BiasUnlearn on the first 80 pairs), 20-30 selection-half examples for choices,
+head pruning on 4 BBQ examples per category with BBQ-only evaluation and one random-heads draw, and the
+held-out items of stage 30 below.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ..models import model_name
 
 SIZES = {"cda": {"epochs": 1}, "task_vector": {"epochs": 1, "lambdas": [1.0, 2.0], "selection_limit": 30},
          "self_debias": {"selection_limit": 20},
-         "bias_unlearn": {"epochs": 1, "check_every": 15, "check_pairs": 32},
+         "bias_unlearn": {"epochs": 1, "limit": 80, "check_every": 5, "check_pairs": 16},
          "compare": {"stereoset_limit": 30, "gender_limit": 45, "crows_limit": 40, "bbq_per_category": 2, "ppl_limit": 12}}
 METHOD_SCRIPTS = {"cda": "31_cda.py", "task_vector": "32_task_vector.py", "self_debias": "33_self_debias.py",
                   "bias_unlearn": "34_bias_unlearn.py"}
@@ -43,7 +44,8 @@ def method_stages(spec: str, layout: Any, base_inputs: list[Path], common: dict,
                  f"--stereoset {stereo} --out {mdir / 'pcgu'} --log-dir {odir / 'pcgu_log'} --epochs 1 "
                  f"--selection-limit 20"),
         "head_pruning": (recovered, [data / "bbq"], f"{scripts / '22_mitigate_heads.py'} --model {spec} "
-                         f"--data-dir {data / 'bbq'} --mitigation-per-category 4 --eval-per-category 4 "
+                         f"--data-dir {data / 'bbq'} --mitigation-per-category 4 --eval-per-category 4 --signal-limit 30 "
+                         f"--evals bbq --random-draws 1 --dose-ks 20 --dose-random-draws 0 "
                          f"--recovery-epochs 1 --localize-per-category 0 --models-dir {layout.models} "
                          f"--out {layout.outputs / 'mitigation' / model_name(spec)}")}
     for name, (folder, needs, command) in measured.items():
