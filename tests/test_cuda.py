@@ -39,6 +39,8 @@ pytestmark = [pytest.mark.cuda,
                                  reason="no CUDA device (run scripts/gpu_check.sh on a machine with one)")]
 
 SCORE_ATOL = 1e-3
+ON_CUDA = OTHER == "cuda"
+N_STEREOSET, BBQ_PER_CATEGORY = (200, 3) if ON_CUDA else (16, 1)  # the CPU-only self-test stays small
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +74,7 @@ def report(what: str, units: float, unit: str, cpu_s: float, cuda_s: float) -> N
 
 def test_scorer_and_stereoset_match_cpu(smollm, shared_data):
     (cpu, cuda) = smollm
-    examples = stratified_limit(load_stereoset(shared_data / "stereoset" / "dev.json"), 200, seed=0)
+    examples = stratified_limit(load_stereoset(shared_data / "stereoset" / "dev.json"), N_STEREOSET, seed=0)
     items_cpu, cpu_s = timed(lambda: score_examples(cpu.model, cpu.tokenizer, examples, batch_size=32))
     score_examples(cuda.model, cuda.tokenizer, examples, batch_size=32)  # warm-up
     items_cuda, cuda_s = timed(lambda: score_examples(cuda.model, cuda.tokenizer, examples, batch_size=96))
@@ -89,7 +91,7 @@ def test_scorer_and_stereoset_match_cpu(smollm, shared_data):
 
 def test_bbq_options_and_letters_match_cpu(smollm, shared_data):
     (cpu, cuda) = smollm
-    examples = sample_per_category(load_bbq(shared_data / "bbq").examples, 3, seed=0)
+    examples = sample_per_category(load_bbq(shared_data / "bbq").examples, BBQ_PER_CATEGORY, seed=0)
     prompts, options = [], []
     for e in examples:
         order = option_order(e)
@@ -135,7 +137,7 @@ def test_pcgu_step_matches_cpu(tiny_models, tokenizer, shared_data):
 
 
 def test_mamba_kernels_forward_backward_match_cpu(tiny_models, tokenizer, shared_data):
-    if OTHER == "cuda":
+    if ON_CUDA:
         if importlib.util.find_spec("mamba_ssm") is None:
             if os.environ.get("FAIRFORGET_REQUIRE_MAMBA_SSM") == "1":
                 pytest.fail("mamba-ssm is not installed (pip install -r requirements-cuda.txt)")
@@ -163,7 +165,8 @@ def test_mamba_kernels_forward_backward_match_cpu(tiny_models, tokenizer, shared
         logits, seconds[side] = timed(step)
         outputs[side] = (logits, {n: p.grad.detach().cpu() for n, p in model.named_parameters()})
     (l_cpu, g_cpu), (l_other, g_other) = outputs["cpu"], outputs["other"]
-    assert torch.allclose(l_cpu, l_other, atol=1e-3), (l_cpu - l_other).abs().max()
+    real = batch["attention_mask"].bool()  # the fused training kernel does not zero right-padding positions
+    assert torch.allclose(l_cpu[real], l_other[real], atol=1e-3), (l_cpu[real] - l_other[real]).abs().max()
     for name, grad in g_cpu.items():
         rel = (grad - g_other[name]).norm() / grad.norm().clamp(min=1e-12)
         assert rel < 1e-2, (name, float(rel))
