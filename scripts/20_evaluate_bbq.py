@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget import distributed
-from fairforget.artifacts import provenance, sha256_text
+from fairforget.artifacts import check_run_target, provenance, sha256_text
 from fairforget.bbq import (CATEGORIES, PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, evaluate_bbq, load_bbq,
                             sample_per_category, write_bbq_run)
 from fairforget.bbq_metrics import format_table
@@ -62,7 +62,7 @@ def main(cfg: Config) -> None:
     distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     data = load_bbq(cfg.data_dir, cfg.categories or None)
     examples = sample_per_category(data.examples, cfg.per_category, cfg.seed)
-    out = cfg.out or Path("outputs/bbq") / model_name(cfg.model)
+    out = check_run_target(cfg.out or Path("outputs/bbq") / model_name(cfg.model))
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     print(f"evaluating {len(examples)} BBQ examples ({cfg.mode} mode) with {loaded.source}", flush=True)
     start = time.time()

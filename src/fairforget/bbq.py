@@ -22,9 +22,12 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from .artifacts import write_csv, write_json, write_jsonl, write_text, writes_run_folder
 from .bbq_metrics import bbq_metrics, format_table, metric_groups, metrics_rows
 from .bbq_split import scenario_of_templates, template_key
+from .choice_scoring import option_letter_logprobs, option_logprobs
 from .errors import FairforgetError
+from .plots import interval_bars
 
 CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
               "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
@@ -294,8 +297,6 @@ def evaluate_bbq(model: Any, tokenizer: Any, examples: Sequence[Example], mode: 
     ``permutations="cyclic"`` (letter mode): each item is scored under the three cyclic shifts of its option
     order and the per-answer probabilities are averaged, cancelling a letter-position prior (Zheng et al. 2024).
     """
-    from .choice_scoring import option_letter_logprobs, option_logprobs
-
     if not examples:
         raise FairforgetError("no BBQ examples to evaluate")
     chat = use_chat_template(tokenizer, chat_template)
@@ -375,12 +376,11 @@ def annotate_items(items: list[dict]) -> list[dict]:
     return items
 
 
+@writes_run_folder
 def write_bbq_run(out_dir: Path | str, metrics: dict, items: Sequence[dict], provenance: dict) -> None:
     """Write a run folder: metrics.json (with provenance), metrics.csv, items.jsonl, bias_scores.txt and
-    bias_scores.png (s_AMB and s_DIS by category with 95% intervals), each atomically."""
-    from .artifacts import write_csv, write_json, write_jsonl, write_text
-    from .plots import interval_bars
-
+    bias_scores.png (s_AMB and s_DIS by category with 95% intervals), swapped in whole with its completion
+    marker (:func:`fairforget.artifacts.run_folder`)."""
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "items.jsonl", items)
     write_csv(out_dir / "metrics.csv", metrics_rows(metrics))

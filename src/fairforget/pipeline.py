@@ -35,7 +35,7 @@ DISTRIBUTED_SCRIPTS = ("11_finetune_lora.py", "13_evaluate_stereoset.py", "15_ev
                        "20_evaluate_bbq.py")
 # stages whose run folder is swapped in whole with a completion marker (artifacts.run_folder): a folder of theirs
 # without a valid marker is incomplete, never a result
-ATOMIC_RUN_SCRIPTS = ("13_evaluate_stereoset.py", "15_evaluate_crows.py")
+ATOMIC_RUN_SCRIPTS = ("13_evaluate_stereoset.py", "15_evaluate_crows.py", "20_evaluate_bbq.py")
 
 
 @dataclass
