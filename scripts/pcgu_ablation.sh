@@ -10,7 +10,7 @@ python=${PYTHON:-.venv/bin/python}
 run=$name-s$seed
 log=outputs/pcgu_ablation/$run
 mkdir -p "$log"
-gflops() { PYTHONPATH="$code/benchmarks" "$python" -c "from common import matmul_gflops; print(round(matmul_gflops(), 1))"; }
+gflops() { PYTHONPATH="$code/benchmarks" "$python" -c "from common import matmul_gflops; print(round(matmul_gflops(), 1))" | tail -1; }
 before=$(gflops)
 start=$(date +%s)
 PYTHONPATH="$code/src" "$python" "$code/scripts/12_pcgu_unlearn.py" --config "$code/configs/pcgu/$name.json" \
