@@ -12,7 +12,9 @@ matching ``.stage.json`` (same script, arguments and input sha256) is skipped; `
 the held-out half, CrowS-Pairs 200 pairs, BBQ 8 per category, 1 LoRA epoch on 240 sentences, 2 PCGU
 epochs). ``full``: state-spaces/mamba-130m-hf (pipeline 1) and meta-llama/Llama-3.2-1B-Instruct (pipeline 2),
 every example. With ``--nproc N`` the evaluations and the LoRA fine-tuning run in N processes under torchrun
-(same results). The run stops at the first failing stage, with its error, and still writes the report.
+(same results). A preset is a file, ``configs/<name>.json``: the models and each stage's flags; copy one,
+edit it and pass ``--preset my_preset.json``. The run stops at the first failing stage, with its error, and
+still writes the report.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ Pipeline = Literal[PIPELINES]  # type: ignore[valid-type]
 
 @dataclass
 class Config:
-    preset: Literal["quick", "full", "methods"] = "quick"
+    preset: str = field(default="quick", metadata={"help": "quick, full, methods (configs/<name>.json) or a preset "
+                                                           "file of your own (copy one of configs/ and edit it)"})
     pipelines: list[Pipeline] = field(default_factory=lambda: list(PIPELINES),
                                       metadata={"help": "which pipelines to run: pcgu, bbq or both"})
     data_source: Path | None = field(default=None, metadata={"help": "copy the datasets from this folder (data/ "

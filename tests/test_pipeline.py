@@ -72,6 +72,23 @@ def test_full_plan_uses_the_predecessors_models_and_every_example():
         build_plan("quick", ["pcgu", "heads"])
 
 
+def test_a_copied_preset_file_sets_the_stage_flags(tmp_path):
+    preset = json.loads((pipeline.CONFIGS / "quick.json").read_text())
+    preset["stages"]["20_evaluate_bbq.py"] = {"per_category": 5, "mode": "answer"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(preset))
+    argv = {s.name: s for s in build_plan(str(path))}["20 BBQ before"].argv()
+    assert argv[argv.index("--per-category") + 1] == "5" and argv[argv.index("--mode") + 1] == "answer"
+    for broken, match in (({**preset, "sizes": {}}, "unknown key"),
+                          ({**preset, "stages": {"99_nothing.py": {}}}, "99_nothing.py"),
+                          ({**preset, "stages": {"20_evaluate_bbq.py": [5]}}, "JSON object")):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(FairforgetError, match=match):
+            build_plan(str(path))
+    with pytest.raises(FairforgetError, match="unknown preset 'nope'"):
+        build_plan("nope")
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     scripts = tmp_path / "scripts"

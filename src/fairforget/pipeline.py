@@ -24,13 +24,13 @@ from typing import Any, Callable, Literal, Sequence
 from .artifacts import package_versions, read_json, run_problem, sha256_file, write_json
 from .datasets import data_problem
 from .errors import FairforgetError
-from .models import DEFAULT_EMBEDDED, EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
+from .models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 
 LIBRARY = Path(__file__).resolve().parent
 REPO = LIBRARY.parents[1]
 SCRIPTS = REPO / "scripts"
+CONFIGS = REPO / "configs"
 PIPELINES = ("pcgu", "bbq")
-Preset = Literal["quick", "full", "methods"]
 DISTRIBUTED_SCRIPTS = ("11_finetune_lora.py", "13_evaluate_stereoset.py", "15_evaluate_crows.py",
                        "20_evaluate_bbq.py")
 # stages whose run folder is swapped in whole with a completion marker (artifacts.run_folder): a folder of theirs
@@ -231,40 +231,31 @@ def _run_streaming(command: list[str], cwd: Path | None, env: dict[str, str],
 
 # ---- presets ------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Sizes:
-    """How much of each dataset and how much training a preset uses (None: everything / the stage default)."""
-
-    stereoset_limit: int | None
-    crows_limit: int | None
-    lora_limit: int | None
-    lora_epochs: int | None
-    pcgu_epochs: int | None
-    pcgu_selection_limit: int | None
-    prompt_tokens: int | None
-    bbq_per_category: int | None
-    localize_per_category: int | None
-    mitigation_per_category: int | None
-    mitigation_eval_per_category: int | None
-    recovery_epochs: int | None
+PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages")
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # about 15 minutes on a quiet 2-core CPU with the embedded SmolLM2-135M
-    "quick": {"pcgu_model": DEFAULT_EMBEDDED, "bbq_model": DEFAULT_EMBEDDED,
-              "sizes": Sizes(stereoset_limit=300, crows_limit=200, lora_limit=240, lora_epochs=1, pcgu_epochs=2,
-                             pcgu_selection_limit=200, prompt_tokens=20, bbq_per_category=8,
-                             localize_per_category=3, mitigation_per_category=8, mitigation_eval_per_category=8,
-                             recovery_epochs=1)},
-    # every example, the predecessors' models: a GPU job
-    "full": {"pcgu_model": "state-spaces/mamba-130m-hf", "bbq_model": "meta-llama/Llama-3.2-1B-Instruct",
-             "sizes": Sizes(stereoset_limit=None, crows_limit=None, lora_limit=None, lora_epochs=None,
-                            pcgu_epochs=None, pcgu_selection_limit=None, prompt_tokens=None, bbq_per_category=None,
-                            localize_per_category=None, mitigation_per_category=100,
-                            mitigation_eval_per_category=10**6, recovery_epochs=None)},
-    # every debiasing method on the embedded SmolLM2, then stage 30 (fairforget.methods.plan): CPU
-    "methods": {"pcgu_model": DEFAULT_EMBEDDED, "bbq_model": DEFAULT_EMBEDDED, "sizes": None},
-}
+def load_preset(preset: str) -> dict[str, Any]:
+    """A preset: ``configs/<name>.json`` or a JSON file of the same shape (copy one to make your own): the two
+    pipelines' models and, per stage script, the flags it gets on top of the pipeline's paths."""
+    path = Path(preset) if preset.endswith(".json") else CONFIGS / f"{preset}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
+        raise FairforgetError(f"unknown preset {preset!r}: {path} not found (presets: {known}, or a .json file)")
+    chosen = read_json(path, "preset")
+    if not isinstance(chosen, dict):
+        raise FairforgetError(f"preset {path} must hold a JSON object")
+    unknown = [k for k in chosen if k not in PRESET_KEYS]
+    missing = [k for k in ("pcgu_model", "bbq_model") if not isinstance(chosen.get(k), str)]
+    if unknown or missing:
+        raise FairforgetError(f"preset {path}: unknown key(s) {unknown} / missing model(s) {missing}; "
+                              f"keys: {', '.join(PRESET_KEYS)}")
+    stages = chosen.setdefault("stages", {})
+    for script, flags in stages.items():
+        if not (SCRIPTS / script).is_file():
+            raise FairforgetError(f"preset {path}: 'stages' names {script!r}, which is not a script in {SCRIPTS}")
+        if not isinstance(flags, dict):
+            raise FairforgetError(f"preset {path}: the flags of {script} must be a JSON object")
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -291,17 +282,15 @@ def dataset_inputs(dataset: str, layout: Layout, only: Sequence[str] = ()) -> li
             if not only or any(part in spec.file for part in only)]
 
 
-def build_plan(preset: Preset, pipelines: Sequence[str] = PIPELINES, data_source: Path | None = None,
+def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: Path | None = None,
                device: str = "auto", seed: int = 0, layout: Layout = Layout(), pcgu_model: str | None = None,
                bbq_model: str | None = None) -> list[Stage]:
-    """The stages of ``preset`` for the chosen pipelines, in order."""
-    if preset not in PRESETS:
-        raise FairforgetError(f"unknown preset {preset!r}: use quick, full or methods")
+    """The stages of ``preset`` (a name in configs/ or a preset file) for the chosen pipelines, in order."""
+    chosen = load_preset(preset)
     unknown = [p for p in pipelines if p not in PIPELINES]
     if unknown or not pipelines:
         raise FairforgetError(f"--pipelines takes one or more of {', '.join(PIPELINES)}; got {list(pipelines)}")
-    chosen = PRESETS[preset]
-    sizes: Sizes = chosen["sizes"]
+    flags = lambda script: dict(chosen["stages"].get(script, {}))  # noqa: E731
     out, data = layout.outputs, layout.data
     stages = [Stage("00 fetch data", "00_fetch_data.py", {"out": data, "source": data_source},
                     outputs=[data / "MANIFEST.json"])]
@@ -315,19 +304,19 @@ def build_plan(preset: Preset, pipelines: Sequence[str] = PIPELINES, data_source
                             {"model": spec, "models_dir": layout.models / EMBEDDED_DIR.name, "device": "cpu"},
                             outputs=[folder or out / "prepared" / name]))
     common = {"seed": seed, "device": device}
-    if preset == "methods":
+    if chosen.get("plan") == "methods":
         from .methods.plan import method_stages
 
         spec = pcgu_model or chosen["pcgu_model"]
         return stages + method_stages(spec, layout, model_inputs(spec, layout), common, SCRIPTS)
     if "pcgu" in pipelines:
-        stages += _pcgu_stages(pcgu_model or chosen["pcgu_model"], sizes, layout, common)
+        stages += _pcgu_stages(pcgu_model or chosen["pcgu_model"], flags, layout, common)
     if "bbq" in pipelines:
-        stages += _bbq_stages(bbq_model or chosen["bbq_model"], sizes, layout, common)
+        stages += _bbq_stages(bbq_model or chosen["bbq_model"], flags, layout, common)
     return stages
 
 
-def _pcgu_stages(spec: str, sizes: Sizes, layout: Layout, common: dict) -> list[Stage]:
+def _pcgu_stages(spec: str, flags: Callable[[str], dict], layout: Layout, common: dict) -> list[Stage]:
     name, out, data = model_name(spec), layout.outputs, layout.data
     base_in = model_inputs(spec, layout)
     mdir = layout.models / name
@@ -344,40 +333,39 @@ def _pcgu_stages(spec: str, sizes: Sizes, layout: Layout, common: dict) -> list[
         run = out / "stereoset" / f"{name}-{label}"
         compare = out / "stereoset" / f"{name}-{before}" if before else None
         return Stage(f"13 StereoSet {label}", "13_evaluate_stereoset.py",
-                     {"model": model, "data": stereo, "half": "heldout", "limit": sizes.stereoset_limit,
-                      "out": run, "compare_to": compare, **common},
+                     {"model": model, "data": stereo, "half": "heldout", "out": run,
+                      "compare_to": compare, **flags("13_evaluate_stereoset.py"), **common},
                      [stereo, *inputs, *([compare / "items.jsonl"] if compare else [])], [run], "pcgu")
 
     def crows_pairs(label: str, model: str, inputs: list[Path], before: str | None) -> Stage:
         run = out / "crows" / f"{name}-{label}"
         compare = out / "crows" / f"{name}-{before}" if before else None
         return Stage(f"15 CrowS-Pairs {label}", "15_evaluate_crows.py",
-                     {"model": model, "data": crows, "limit": sizes.crows_limit, "out": run, "compare_to": compare,
-                      **common},
+                     {"model": model, "data": crows, "out": run, "compare_to": compare,
+                      **flags("15_evaluate_crows.py"), **common},
                      [crows, *inputs, *([compare / "items.jsonl"] if compare else [])], [run], "pcgu")
 
     stages += [stereoset("base", spec, base_in, None), crows_pairs("base", spec, base_in, None)]
     stages.append(Stage("11 LoRA fine-tuning", "11_finetune_lora.py",
                         {"model": spec, "sentences": wino / "all_sentences.tsv", "out": finetuned,
-                         "epochs": sizes.lora_epochs, "limit": sizes.lora_limit, **common},
+                         **flags("11_finetune_lora.py"), **common},
                         [wino / "all_sentences.tsv", *base_in], [finetuned, mdir / "finetuned_lora_log"], "pcgu"))
     stages += [stereoset("finetuned", str(finetuned), [finetuned], "base"),
                crows_pairs("finetuned", str(finetuned), [finetuned], "base")]
     stages.append(Stage("12 PCGU unlearning", "12_pcgu_unlearn.py",
                         {"model": finetuned, "pairs": pairs, "stereoset": stereo, "out": debiased,
-                         "log_dir": out / "pcgu" / name, "epochs": sizes.pcgu_epochs,
-                         "selection_limit": sizes.pcgu_selection_limit, **common},
+                         "log_dir": out / "pcgu" / name, **flags("12_pcgu_unlearn.py"), **common},
                         [finetuned, pairs, stereo], [debiased, out / "pcgu" / name], "pcgu"))
     stages += [stereoset("debiased", str(debiased), [debiased], "finetuned"),
                crows_pairs("debiased", str(debiased), [debiased], "finetuned")]
     stages.append(Stage("14 prompt completions", "14_compare_prompts.py",
                         {"models": [f"base={spec}", f"finetuned={finetuned}", f"debiased={debiased}"],
-                         "max_new_tokens": sizes.prompt_tokens, "out": out / "prompts" / name, **common},
+                         "out": out / "prompts" / name, **flags("14_compare_prompts.py"), **common},
                         [*base_in, finetuned, debiased], [out / "prompts" / name], "pcgu"))
     return stages
 
 
-def _bbq_stages(spec: str, sizes: Sizes, layout: Layout, common: dict) -> list[Stage]:
+def _bbq_stages(spec: str, flags: Callable[[str], dict], layout: Layout, common: dict) -> list[Stage]:
     name, out = model_name(spec), layout.outputs
     base_in = model_inputs(spec, layout)
     bbq_dir = layout.data / "bbq"
@@ -385,18 +373,15 @@ def _bbq_stages(spec: str, sizes: Sizes, layout: Layout, common: dict) -> list[S
     localization = out / "localization"
     return [
         Stage("20 BBQ before", "20_evaluate_bbq.py",
-              {"model": spec, "data_dir": bbq_dir, "per_category": sizes.bbq_per_category,
-               "out": out / "bbq" / name, **common},
+              {"model": spec, "data_dir": bbq_dir, "out": out / "bbq" / name, **flags("20_evaluate_bbq.py"), **common},
               [*bbq_files, *base_in], [out / "bbq" / name], "bbq"),
         Stage("21 localization before", "21_localize_bias.py",
-              {"model": spec, "data_dir": bbq_dir, "per_category": sizes.localize_per_category, "stage": "before",
-               "name": name, "out_root": localization, **common},
+              {"model": spec, "data_dir": bbq_dir, "stage": "before", "name": name, "out_root": localization,
+               **flags("21_localize_bias.py"), **common},
               [*bbq_files, *base_in], [localization / name / "before"], "bbq"),
         Stage("22 head pruning + recovery", "22_mitigate_heads.py",
-              {"model": spec, "data_dir": bbq_dir, "mitigation_per_category": sizes.mitigation_per_category,
-               "eval_per_category": sizes.mitigation_eval_per_category, "recovery_epochs": sizes.recovery_epochs,
-               "localize_per_category": sizes.localize_per_category, "localization_root": localization,
-               "models_dir": layout.models, "out": out / "mitigation" / name, **common},
+              {"model": spec, "data_dir": bbq_dir, "localization_root": localization, "models_dir": layout.models,
+               "out": out / "mitigation" / name, **flags("22_mitigate_heads.py"), **common},
               [*bbq_files, *base_in, localization / name / "before"],
               [out / "mitigation" / name, layout.models / "pruned" / name, layout.models / "recovered" / name,
                localization / name / "after"],
