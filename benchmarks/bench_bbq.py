@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fairforget.bbq import answer_continuation, build_prompt, load_bbq, option_order, sample_per_category
+from fairforget.evals.bbq import answer_continuation, build_prompt, load_bbq, option_order, sample_per_category
 from fairforget.choice_scoring import (encode_option, encode_prompt, option_logprobs, score_options_separately,
                                        shared_preamble)
 from fairforget.models import DEFAULT_EMBEDDED, load_model

@@ -18,7 +18,7 @@ import torch
 
 from fairforget.config import run_script
 from fairforget.models import DEFAULT_EMBEDDED, load_model
-from fairforget.pcgu import encode_pairs, gradients, partition_cosines, partition_tensors, pcgu_step
+from fairforget.methods.pcgu import encode_pairs, gradients, partition_cosines, partition_tensors, pcgu_step
 from fairforget.progress import progress
 from fairforget.scoring import collate
 from fairforget.winogender import load_winogender_pairs

@@ -30,7 +30,7 @@ from common import matmul_gflops, matmul_rates, median_seconds  # noqa: E402
 from fairforget.models import DEFAULT_EMBEDDED, load_model  # noqa: E402
 from fairforget.progress import progress  # noqa: E402
 from fairforget.scoring import encode, score_continuations  # noqa: E402
-from fairforget.stereoset import load_stereoset, score_examples, scoring_requests, stratified_limit  # noqa: E402
+from fairforget.evals.stereoset import load_stereoset, score_examples, scoring_requests, stratified_limit  # noqa: E402
 
 
 def reference_scores(model, tokenizer, requests):

@@ -1,6 +1,6 @@
 """LoRA fine-tuning on the WinoGender sentences (the model PCGU then starts from).
 
-Targets are chosen per architecture (``fairforget.lora.TARGET_MODULES``, overridable with
+Targets are chosen per architecture (``fairforget.methods.lora.TARGET_MODULES``, overridable with
 ``--target-modules``). The adapter is saved with peft ``save_pretrained`` to ``--out`` (atomically), naming
 ``--model`` as its base, so ``fairforget.models.load_model(out)`` rebuilds the fine-tuned model. A loss log
 (CSV and PNG) and a summary with the loss before and after on the training sentences are written beside it.
@@ -21,7 +21,7 @@ from fairforget.artifacts import provenance, save_figure, write_csv, write_json
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, run_script
 from fairforget.errors import FairforgetError
-from fairforget.lora import add_lora, finetune, kernel_bypass_warning, mean_loss, save_adapter, target_modules
+from fairforget.methods.lora import add_lora, finetune, kernel_bypass_warning, mean_loss, save_adapter, target_modules
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import set_quiet
 from fairforget.winogender import load_winogender_sentences

@@ -5,7 +5,7 @@ as the reference does), or any ``--model``. Every batch: two backward passes giv
 tokens (``--target-tokens``: all, the differing span, it and what follows, or only what follows); partitions
 (rows or columns of each weight, each 1-D tensor whole) are ranked by the cosine of the two gradients and the
 k lowest (optionally only those below ``--min-cos``) get a plain SGD step in ``--direction`` (see
-``fairforget.pcgu``), plus an optional retain term on neutral text (``--retain kl|lm``, ``--retain-weight``).
+``fairforget.methods.pcgu``), plus an optional retain term on neutral text (``--retain kl|lm``, ``--retain-weight``).
 ``--balance`` draws as many male- as female-advantaged pairs per source.
 
 ``--evals-per-epoch`` times per epoch the model is scored on the *selection* half of StereoSet dev (every
@@ -14,7 +14,7 @@ the training pairs; the point with the smallest |SS - 50| is kept as ``--out`` (
 folder). ``--stop-at-parity`` ends training at the first point where at most half of the training pairs
 prefer the advantaged side. ``--heldout-eval`` then scores the start and the kept model on every held-out
 gender example plus a ``--heldout-limit`` sample of the held-out half, with paired McNemar tests, and their
-perplexity on the neutral held-out texts (``fairforget.perplexity``); the start model's scores are cached.
+perplexity on the neutral held-out texts (``fairforget.evals.perplexity``); the start model's scores are cached.
 
 Presets (flags override them): ``default`` is the predecessor's learning rate 2e-5 with the PCGU paper's
 k = 10,000, batch 16, 5 epochs; ``aggressive`` takes 10x the learning rate (2e-4) and 5x the partitions
@@ -44,18 +44,18 @@ from fairforget.artifacts import (atomic_dir, provenance, read_json, read_jsonl,
                                   write_jsonl)
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, run_script
-from fairforget.crows import compare_runs as crows_compare
-from fairforget.crows import compute_metrics as crows_metrics
-from fairforget.crows import load_crows, score_pairs
+from fairforget.evals.crows import compare_runs as crows_compare
+from fairforget.evals.crows import compute_metrics as crows_metrics
+from fairforget.evals.crows import load_crows, score_pairs
 from fairforget.errors import FairforgetError
-from fairforget.generation import complete, load_prompts, pronoun_counts
+from fairforget.evals.generation import complete, load_prompts, pronoun_counts
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.pairs import balance_pairs, orientation_counts
-from fairforget.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
+from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
                              pcgu_step)
-from fairforget.perplexity import load_neutral_texts, perplexity, perplexity_change, texts_provenance
+from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change, texts_provenance
 from fairforget.progress import progress
-from fairforget.stereoset import (compare_runs, compute_metrics, evaluate_stereoset, load_stereoset, score_examples,
+from fairforget.evals.stereoset import (compare_runs, compute_metrics, evaluate_stereoset, load_stereoset, score_examples,
                                   select_half, stratified_limit)
 from fairforget.training import shuffled_batches
 from fairforget.winogender import read_pairs_tsv

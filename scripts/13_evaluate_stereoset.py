@@ -23,7 +23,7 @@ from fairforget.errors import FairforgetError
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.plots import interval_bars
 from fairforget.progress import set_quiet
-from fairforget.stereoset import (DOMAINS, SCORING_NOTE, SPLITS, compare_runs, evaluate_stereoset, load_stereoset,
+from fairforget.evals.stereoset import (DOMAINS, SCORING_NOTE, SPLITS, compare_runs, evaluate_stereoset, load_stereoset,
                                   select_half, stratified_limit)
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 from fairforget.artifacts import provenance, write_csv, write_json, write_text
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.generation import comparison_markdown, complete, load_prompts, pronoun_counts
+from fairforget.evals.generation import comparison_markdown, complete, load_prompts, pronoun_counts
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import set_quiet
 

@@ -20,7 +20,7 @@ from fairforget import distributed
 from fairforget.artifacts import (check_run_target, provenance, read_jsonl, require_complete_run, run_folder,
                                   small_n_warnings, write_csv, write_json, write_jsonl, write_text)
 from fairforget.config import run_script
-from fairforget.crows import compare_runs, compute_metrics, load_crows, sample_pairs, score_pairs, scoring_note
+from fairforget.evals.crows import compare_runs, compute_metrics, load_crows, sample_pairs, score_pairs, scoring_note
 from fairforget.errors import FairforgetError
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.plots import interval_bars

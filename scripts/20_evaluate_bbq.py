@@ -7,7 +7,7 @@ Multiple-choice prompt (context, question, options A/B/C in a seeded per-item or
 model's chat template when it has one (--chat-template auto). --mode letter: the option letter with the
 highest next-token probability (bare and space-prefixed letter tokens summed); --mode answer: each answer
 text's log-likelihood after the prompt (per-token mean by default, --answer-norm sum), the prompt computed
-once for its three options. Bias scores as in Parrish et al. 2022 (see fairforget.bbq_metrics).
+once for its three options. Bias scores as in Parrish et al. 2022 (see fairforget.evals.bbq_metrics).
 Writes metrics.json (per category and overall, provenance, exclusions), metrics.csv, items.jsonl,
 bias_scores.txt and bias_scores.png to --out (default outputs/bbq/<model>/).
 """
@@ -21,9 +21,9 @@ from typing import Literal
 
 from fairforget import distributed
 from fairforget.artifacts import check_run_target, provenance, sha256_text
-from fairforget.bbq import (CATEGORIES, PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, evaluate_bbq, load_bbq,
+from fairforget.evals.bbq import (CATEGORIES, PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, evaluate_bbq, load_bbq,
                             sample_per_category, write_bbq_run)
-from fairforget.bbq_metrics import format_table
+from fairforget.evals.bbq_metrics import format_table
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name

@@ -6,7 +6,7 @@
 For a stratified sample of BBQ prompts per category (the evaluation prompts, same option order), captures the
 residual stream and MLP output of every layer, and every head's output and attention map (eager attention),
 reduced on the fly to per-layer / per-head statistics (norms, attention entropy, attention mass on the
-context and question tokens at the answer position; see fairforget.localization), averaged per group: all,
+context and question tokens at the answer position; see fairforget.evals.localization), averaged per group: all,
 each category, and each category x context condition. Writes to outputs/localization/<model>/<stage>/:
 arrays.npz, per_group.csv, summary.json (per-group curves, top heads, provenance), items.jsonl,
 heads_all.png, layers_by_category.png, and for --stage after, difference_heads.png against before/.
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import provenance
-from fairforget.bbq import evaluate_bbq, load_bbq, sample_per_category, use_chat_template
+from fairforget.evals.bbq import evaluate_bbq, load_bbq, sample_per_category, use_chat_template
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.localization import run_localization
+from fairforget.evals.localization import run_localization
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 from fairforget.progress import set_quiet
 

@@ -2,14 +2,14 @@
 
     python scripts/22_mitigate_heads.py --signal stereoset --select top-k --k 20 [--select fdr --q 0.1]
 
-BBQ scenarios are split by --split-seed into mitigation and held-out sides (fairforget.bbq_split). A per-head
+BBQ scenarios are split by --split-seed into mitigation and held-out sides (fairforget.evals.bbq_split). A per-head
 signal (``stereoset``: contribution to the stereotype-vs-anti log-odds on StereoSet's selection half;
 ``bbq``: correlation with context influence on the mitigation side; fairforget.methods.head_pruning) chooses
 the heads (top k or Benjamini-Hochberg at q, signed or by magnitude), each scaled by 1 - --strength. On the
 same held-out items (BBQ held-out scenarios, StereoSet held-out half, CrowS-Pairs, perplexity texts;
 fairforget.methods.head_controls): before / pruned / random heads (same strengths, --random-draws draws) /
 recovered (pruned, then fine-tuned on mitigation items of both conditions; trainable set in
-fairforget.recovery) / recovery only (same data, steps, seed, no pruning), paired against before; chosen
+fairforget.methods.recovery) / recovery only (same data, steps, seed, no pruning), paired against before; chosen
 minus random; a dose-response over --dose-ks; localization of held-out prompts before and after.
 A killed recovery resumes from <models-dir>/recovered/<model>_resume/.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.bbq import CATEGORIES, load_bbq, sample_per_category, use_chat_template
+from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category, use_chat_template
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods import head_pruning as hp

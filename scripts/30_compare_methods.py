@@ -11,7 +11,7 @@ Per model (the "before" model first, then each ``name=folder`` of --methods, loa
 * CrowS-Pairs, gender and all bias types;
 * BBQ in answer mode on the held-out scenarios of stage 22's split (``bbq_split.split_by_scenario``, the same
   --split-seed, so head pruning never saw them): s_DIS, s_AMB, accuracy;
-* perplexity on the neutral held-out texts (``fairforget.perplexity``).
+* perplexity on the neutral held-out texts (``fairforget.evals.perplexity``).
 
 Each cell has its 95% interval (bootstrap). Paired tests of each method against "before" on the same items:
 StereoSet change in gender |SS - 50| and overall SS (paired bootstrap, McNemar on the stereotype-preferred
@@ -33,21 +33,21 @@ from typing import Any, Literal
 import numpy as np
 
 from fairforget.artifacts import provenance, read_json, read_jsonl, save_figure, write_csv, write_json, write_jsonl, write_text
-from fairforget.bbq import evaluate_bbq, load_bbq, sample_per_category
-from fairforget.bbq_metrics import compare_runs as compare_bbq
-from fairforget.bbq_split import split_by_scenario
+from fairforget.evals.bbq import evaluate_bbq, load_bbq, sample_per_category
+from fairforget.evals.bbq_metrics import compare_runs as compare_bbq
+from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.config import run_script
-from fairforget.crows import compare_runs as compare_crows
-from fairforget.crows import compute_metrics as crows_metrics
-from fairforget.crows import load_crows, sample_pairs, score_pairs
+from fairforget.evals.crows import compare_runs as compare_crows
+from fairforget.evals.crows import compute_metrics as crows_metrics
+from fairforget.evals.crows import load_crows, sample_pairs, score_pairs
 from fairforget.errors import FairforgetError
 from fairforget.methods import load_method
 from fairforget.models import DEFAULT_EMBEDDED
-from fairforget.perplexity import load_neutral_texts, perplexity, perplexity_change, texts_provenance
+from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change, texts_provenance
 from fairforget.stats import bootstrap_ci, mcnemar
-from fairforget.stereoset import compare_runs as compare_stereoset
-from fairforget.stereoset import compute_metrics as compute_stereoset
-from fairforget.stereoset import decisions, load_stereoset, score_examples, select_half, stratified_limit
+from fairforget.evals.stereoset import compare_runs as compare_stereoset
+from fairforget.evals.stereoset import compute_metrics as compute_stereoset
+from fairforget.evals.stereoset import decisions, load_stereoset, score_examples, select_half, stratified_limit
 
 METHODS = ("cda", "task_vector", "self_debias", "bias_unlearn", "pcgu", "head_pruning")
 

@@ -7,7 +7,7 @@ stage 10): the text a plain fine-tune would teach the bias from, and the text ta
 fine-tunes on. Each sentence is kept and joined by its gender-swapped counterfactual (WinoBias word lists,
 ``fairforget.methods.cda``); pairs are kept, in a seeded order, while they fit the token budget of the plain
 fine-tune on the source sentences, so CDA reads no more tokens than that fine-tune, over the same epochs.
-Fine-tuning is ``fairforget.lora.finetune`` (stage 11's loop). Writes the adapter to --out and
+Fine-tuning is ``fairforget.methods.lora.finetune`` (stage 11's loop). Writes the adapter to --out and
 ``method.json`` (wall time, peak memory, token counts, provenance) and ``train_texts.txt`` to --log-dir.
 """
 
@@ -21,7 +21,7 @@ from typing import Literal
 from fairforget.artifacts import write_csv, write_text
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.lora import add_lora, finetune, save_adapter, target_modules
+from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
 from fairforget.methods import write_method_record
 from fairforget.methods.cda import augment, budget_pairs, load_swaps, token_count
 from fairforget.models import DEFAULT_EMBEDDED, load_model

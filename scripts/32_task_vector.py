@@ -3,7 +3,7 @@ selection half.
 
     python scripts/32_task_vector.py --model embedded:smollm2-135m-instruct [--lambdas 0.5 1 2]
 
-1. LoRA fine-tune theta_0 (``fairforget.lora.finetune``) on the stereotype-consistent (advantaged) side of the
+1. LoRA fine-tune theta_0 (``fairforget.methods.lora.finetune``) on the stereotype-consistent (advantaged) side of the
    pair data, merged: theta_ft; tau = theta_ft - theta_0 (``fairforget.methods.task_vector``).
 2. For each lambda in --lambdas: theta_0 - lambda * tau scored on a seeded sample of the StereoSet *selection*
    half (gender examples with --selection-metric gender); the lambda with the smallest |SS - 50| whose LMS is
@@ -22,7 +22,7 @@ from typing import Literal
 from fairforget.artifacts import write_csv
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.lora import add_lora, finetune, target_modules
+from fairforget.methods.lora import add_lora, finetune, target_modules
 from fairforget.methods import save_model_folder, write_method_record
 from fairforget.methods.selection import choose, selection_examples, selection_score
 from fairforget.methods.task_vector import apply_negation, state_copy, task_vector, tau_norms

@@ -2,7 +2,7 @@
 
     python scripts/34_bias_unlearn.py --model embedded:smollm2-135m-instruct [--epochs 2]
 
-LoRA on the model (``fairforget.lora``), its adapter switched off as the frozen reference. Each step: NPO on
+LoRA on the model (``fairforget.methods.lora``), its adapter switched off as the frozen reference. Each step: NPO on
 the stereotype-consistent (advantaged) sentences, cross-entropy on their anti-stereotype counterparts, KL to
 the reference on those, weighted by --w-forget / --w-retain / --w-kl; every --check-every steps the pairs are
 scored and forget / retain swap when the bias has reversed (``fairforget.methods.bias_unlearn``). The
@@ -20,11 +20,11 @@ from typing import Literal
 from fairforget.artifacts import write_csv
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.lora import add_lora, save_adapter, target_modules
+from fairforget.methods.lora import add_lora, save_adapter, target_modules
 from fairforget.methods import write_method_record
 from fairforget.methods.bias_unlearn import Weights, check_sample, unlearn
 from fairforget.models import DEFAULT_EMBEDDED, load_model
-from fairforget.pcgu import encode_pairs, pair_gap
+from fairforget.methods.pcgu import encode_pairs, pair_gap
 from fairforget.winogender import read_pairs_tsv
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fairforget.crows import compare_runs, compute_metrics, load_crows, score_pairs
+from fairforget.evals.crows import compare_runs, compute_metrics, load_crows, score_pairs
 from fairforget.errors import FairforgetError
 from fairforget.scoring import score_continuations
 

@@ -24,13 +24,13 @@ import time
 import pytest
 import torch
 
-from fairforget.bbq import answer_continuation, build_prompt, load_bbq, option_order, sample_per_category
+from fairforget.evals.bbq import answer_continuation, build_prompt, load_bbq, option_order, sample_per_category
 from fairforget.choice_scoring import option_letter_logprobs, option_logprobs
 from fairforget.mamba_scan import disable_fast_mamba, enable_fast_mamba
 from fairforget.models import DEFAULT_EMBEDDED, load_model
-from fairforget.pcgu import encode_pairs, partition_tensors, pcgu_step
+from fairforget.methods.pcgu import encode_pairs, partition_tensors, pcgu_step
 from fairforget.scoring import collate, encode, score_continuations
-from fairforget.stereoset import load_stereoset, score_examples, stratified_limit
+from fairforget.evals.stereoset import load_stereoset, score_examples, stratified_limit
 from fairforget.winogender import load_winogender_pairs
 
 OTHER = os.environ.get("FAIRFORGET_CHECK_DEVICE", "cuda")  # the device compared with the CPU

@@ -29,8 +29,8 @@ def _free_port() -> int:
 
 def _workload(data: Path, tokenizer, rank_dir: Path | None = None) -> dict:
     """What each process computes; with several processes every call below is sharded / data-parallel."""
-    from fairforget import bbq, crows, stereoset
-    from fairforget.lora import add_lora, finetune
+    from fairforget.evals import bbq, crows, stereoset
+    from fairforget.methods.lora import add_lora, finetune
     from fairforget.tiny import build_tiny_model
 
     model = build_tiny_model("llama", tokenizer, seed=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fairforget.errors import FairforgetError
-from fairforget.localization import (LocalizationPrompt, load_arrays, localize, save_arrays, summary_rows,
+from fairforget.evals.localization import (LocalizationPrompt, load_arrays, localize, save_arrays, summary_rows,
                                      token_regions, use_eager_attention)
 
 PIECES = [
@@ -126,8 +126,8 @@ def test_arrays_round_trip_and_rows(tiny_models, tokenizer, tmp_path):
 
 
 def test_run_localization_writes_a_run_folder_and_compares_same_prompts(tiny_models, tokenizer, tmp_path):
-    from fairforget.bbq import Example
-    from fairforget.localization import run_localization
+    from fairforget.evals.bbq import Example
+    from fairforget.evals.localization import run_localization
 
     examples = [Example(cat, i, 1, "neg", cond, c, q, ("the old man", "the boy", "Unknown"), ("old", "nonOld", "unknown"),
                         2, 0, 2) for i, (c, q, cat), cond in zip(range(3), PIECES, ("ambig", "disambig", "ambig"))]
@@ -143,8 +143,8 @@ def test_run_localization_writes_a_run_folder_and_compares_same_prompts(tiny_mod
 
 
 def test_answer_types_add_answer_groups(tiny_models, tokenizer, tmp_path):
-    from fairforget.bbq import Example
-    from fairforget.localization import run_localization
+    from fairforget.evals.bbq import Example
+    from fairforget.evals.localization import run_localization
 
     examples = [Example("Age", i, 1, "neg", cond, c, q, ("the old man", "the boy", "Unknown"), ("old", "nonOld", "unknown"),
                         2, 0, 2) for i, (c, q, _), cond in zip(range(3), PIECES, ("ambig", "disambig", "ambig"))]

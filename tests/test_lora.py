@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fairforget.errors import FairforgetError
-from fairforget.lora import TARGET_MODULES, add_lora, finetune, mean_loss, save_adapter, target_modules
+from fairforget.methods.lora import TARGET_MODULES, add_lora, finetune, mean_loss, save_adapter, target_modules
 from fairforget.models import load_model
 from fairforget.tiny import save_tiny_model
 

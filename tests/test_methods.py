@@ -14,7 +14,7 @@ from fairforget.methods.cda import augment, budget_pairs, load_swaps, swap_gende
 from fairforget.methods.self_debias import PREFIXES, SelfDebiasLM
 from fairforget.methods.selection import choose
 from fairforget.methods.task_vector import apply_negation, state_copy, task_vector
-from fairforget.lora import add_lora
+from fairforget.methods.lora import add_lora
 from fairforget.scoring import collate, conditioning_token_id, encode, score_continuations, token_logprobs
 
 SENTENCES = ["The nurse said that she would help.", "The engineer fixed it because he was asked.",

@@ -7,9 +7,9 @@ import torch
 
 from fairforget.errors import FairforgetError
 
-from fairforget.pcgu import (RetainTerm, apply_update, differing_span, encode_pairs, gradients, partition_cosines,
+from fairforget.methods.pcgu import (RetainTerm, apply_update, differing_span, encode_pairs, gradients, partition_cosines,
                              partition_tensors, pcgu_step, select_lowest, sequence_scores)
-from fairforget.perplexity import load_neutral_texts
+from fairforget.evals.perplexity import load_neutral_texts
 from fairforget.scoring import collate
 from fairforget.winogender import Pair
 
@@ -89,7 +89,7 @@ def test_select_lowest_picks_the_global_k_smallest_and_never_undefined():
 
 def test_apply_update_changes_only_the_given_columns():
     p = torch.nn.Parameter(torch.zeros(3, 4))
-    from fairforget.pcgu import PartitionedTensor
+    from fairforget.methods.pcgu import PartitionedTensor
 
     t = PartitionedTensor("w", p, 1)
     apply_update(t, torch.ones(3, 4), torch.tensor([0, 2]), -0.5)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fairforget.perplexity import GENDERED, load_neutral_texts, perplexity, perplexity_change
+from fairforget.evals.perplexity import GENDERED, load_neutral_texts, perplexity, perplexity_change
 
 
 def test_neutral_halves_are_disjoint_fixed_and_ungendered():

@@ -97,7 +97,7 @@ def test_half_written_and_corrupt_states(tmp_path):
 def test_recovery_finetuning_resumes(tmp_path, tokenizer, tiny_models):
     import copy
 
-    from fairforget.recovery import finetune_answers, prepare_model
+    from fairforget.methods.recovery import finetune_answers, prepare_model
 
     prompts = [f"Context {i}. Question? A. x B. y C. z Answer:" for i in range(10)]
     gold = [i % 3 for i in range(10)]

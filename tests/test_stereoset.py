@@ -9,7 +9,7 @@ import pytest
 from conftest import load_script
 from fairforget.errors import FairforgetError
 from fairforget.scoring import score_continuations
-from fairforget.stereoset import (compare_runs, compute_metrics, decisions, load_stereoset, score_examples,
+from fairforget.evals.stereoset import (compare_runs, compute_metrics, decisions, load_stereoset, score_examples,
                                   select_half, stratified_limit)
 
 def _items(example_id, target, bias_type, stereo, anti, unrelated, split="intrasentence"):

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import FairforgetError
+from fairforget.errors import FairforgetError
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "safetensors", "tokenizers")
 RUN_MARKER = "run_complete.json"  # written last into every run folder; readers require it
@@ -102,7 +102,7 @@ def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
 
 def _writes_results() -> bool:
     """Only rank 0 of a multi-process run puts results in place (see fairforget.distributed)."""
-    from .distributed import is_main
+    from fairforget.distributed import is_main
 
     return is_main()
 
@@ -390,9 +390,9 @@ def package_versions() -> dict[str, str | None]:
 def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extra: Any) -> dict[str, Any]:
     """The provenance block of a result: config, versions, git commit, data hashes, time, command line and
     the number of processes that computed it."""
-    from . import distributed
-    from .config import config_to_dict
-    from .datasets import pinned_files
+    from fairforget import distributed
+    from fairforget.config import config_to_dict
+    from fairforget.datasets import pinned_files
 
     block: dict[str, Any] = {
         "fairforget_version": __import__("fairforget").__version__,

@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from . import distributed
-from .artifacts import atomic_dir, sha256_text, write_json
-from .errors import FairforgetError
+from fairforget import distributed
+from fairforget.artifacts import atomic_dir, sha256_text, write_json
+from fairforget.errors import FairforgetError
 
 STATE_FILE = "state.pt"
 STEP_DIR = re.compile(r"step-(\d{8})")

@@ -34,10 +34,10 @@ from typing import Any, Sequence
 
 import torch
 
-from . import distributed
-from .errors import FairforgetError
-from .progress import progress
-from .scoring import Encoded, Score, backbone_and_head, collate, length_sorted_batches, score_encoded
+from fairforget import distributed
+from fairforget.errors import FairforgetError
+from fairforget.progress import progress
+from fairforget.scoring import Encoded, Score, backbone_and_head, collate, length_sorted_batches, score_encoded
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:

@@ -15,8 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
-from .datasets import check_data_inputs
-from .errors import FairforgetError
+from fairforget.datasets import check_data_inputs
+from fairforget.errors import FairforgetError
 
 C = TypeVar("C")
 

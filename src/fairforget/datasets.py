@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Literal, get_args
 
-from .artifacts import atomic_path, sha256_file
-from .errors import FairforgetError
+from fairforget.artifacts import atomic_path, sha256_file
+from fairforget.errors import FairforgetError
 
 Dataset = Literal["stereoset", "bbq", "winogender", "crows_pairs", "winobias"]
 DATASETS: tuple[str, ...] = get_args(Dataset)

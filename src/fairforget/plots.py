@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .artifacts import save_figure  # noqa: E402
+from fairforget.artifacts import save_figure  # noqa: E402
 
 
 def interval_bars(path: Path | str, groups: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence]],

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from . import distributed
+from fairforget import distributed
 
 LOG_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"

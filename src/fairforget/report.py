@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .artifacts import git_commit, package_versions, read_json, read_jsonl, run_problem, write_text
-from .errors import FairforgetError
-from .pipeline import ATOMIC_RUN_SCRIPTS, Stage, StageResult
+from fairforget.artifacts import git_commit, package_versions, read_json, read_jsonl, run_problem, write_text
+from fairforget.errors import FairforgetError
+from fairforget.pipeline import ATOMIC_RUN_SCRIPTS, Stage, StageResult
 
 
 def _ci(value: float, interval: Sequence[float] | None, digits: int = 2, signed: bool = False) -> str:
@@ -83,7 +83,7 @@ def _pairs(labels: list[str]) -> list[tuple[str, str]]:
 
 
 def _stereoset(page: _Page, stages: Sequence[Stage]) -> None:
-    from .stereoset import DOMAINS, compare_runs
+    from fairforget.evals.stereoset import DOMAINS, compare_runs
 
     page.add("### StereoSet (held-out half of dev)\n")
     runs = _runs(stages, "13_evaluate_stereoset.py", page)
@@ -127,7 +127,7 @@ def _stereoset(page: _Page, stages: Sequence[Stage]) -> None:
 
 
 def _crows(page: _Page, stages: Sequence[Stage]) -> None:
-    from .crows import compare_runs
+    from fairforget.evals.crows import compare_runs
 
     page.add("### CrowS-Pairs\n")
     runs = _runs(stages, "15_evaluate_crows.py", page)
@@ -184,15 +184,15 @@ def _training(page: _Page, stages: Sequence[Stage]) -> None:
 
 
 def _bbq_rows(metrics: dict) -> list[list[str]]:
-    from .bbq_metrics import metric_groups
+    from fairforget.evals.bbq_metrics import metric_groups
 
     return [[name, g["n"], _ci(g["acc"], g["acc_ci"], 3), _ci(g["s_dis"], g["s_dis_ci"], 3, True),
              _ci(g["s_amb"], g["s_amb_ci"], 3, True)] for name, g in metric_groups(metrics).items()]
 
 
 def _bbq(page: _Page, stages: Sequence[Stage]) -> None:
-    from .bbq import read_items
-    from .bbq_metrics import compare_runs
+    from fairforget.evals.bbq import read_items
+    from fairforget.evals.bbq_metrics import compare_runs
 
     header = ["category", "n", "accuracy", "s_DIS", "s_AMB"]
     runs = _runs(stages, "20_evaluate_bbq.py")

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import distributed
-from .errors import FairforgetError
-from .progress import progress
+from fairforget import distributed
+from fairforget.errors import FairforgetError
+from fairforget.progress import progress
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .errors import FairforgetError
+from fairforget.errors import FairforgetError
 
 ARCHITECTURES = ("llama", "mamba", "gpt2")
 

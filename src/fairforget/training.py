@@ -9,9 +9,9 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import Checkpointer
-from .errors import FairforgetError
-from .progress import progress
+from fairforget.checkpoint import Checkpointer
+from fairforget.errors import FairforgetError
+from fairforget.progress import progress
 
 
 @dataclass

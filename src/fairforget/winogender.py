@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Literal
 
-from .datasets import read_table
-from .errors import FairforgetError
+from fairforget.datasets import read_table
+from fairforget.errors import FairforgetError
 
 Statistic = Literal["bergsma", "bls"]
 PAIR_COLUMNS = ("pair_id", "occupation", "template", "advantaged", "disadvantaged", "adv_gender", "pct_female",
@@ -130,7 +130,7 @@ def _read_winobias(path: Path) -> list[tuple[int, str]]:
 
 
 def write_pairs_tsv(path: Path | str, pairs: list[Pair]) -> None:
-    from .artifacts import atomic_path
+    from fairforget.artifacts import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=PAIR_COLUMNS, delimiter="\t")

@@ -6,7 +6,7 @@
 * :mod:`.bias_unlearn`: BiasUnlearn (Liu et al. 2025): NPO forget, cross-entropy retain, KL to the start.
 * :mod:`.selection`: the StereoSet selection-half score that chooses a method's setting (never the held-out half).
 
-PCGU (``fairforget.pcgu``, stage 12) and head pruning (``fairforget.heads``, stage 22) enter the comparison as
+PCGU (``fairforget.methods.pcgu``, stage 12) and head pruning (``fairforget.methods.heads``, stage 22) enter the comparison as
 they are. Every method ends in a folder that :func:`fairforget.methods.load_method` loads: a Hugging Face
 model or peft adapter folder, or a ``self_debias.json`` naming a base model and the Self-Debias settings.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import read_json
-from ..models import LoadedModel, load_model
+from fairforget.artifacts import read_json
+from fairforget.models import LoadedModel, load_model
 
 SELF_DEBIAS_FILE = "self_debias.json"
 
@@ -27,7 +27,7 @@ def load_method(spec: str, device: str = "auto") -> LoadedModel:
     settings_file = Path(spec) / SELF_DEBIAS_FILE
     if not settings_file.is_file():
         return load_model(spec, device)
-    from .self_debias import SelfDebiasLM
+    from fairforget.methods.self_debias import SelfDebiasLM
 
     settings: dict[str, Any] = read_json(settings_file, "Self-Debias settings")
     loaded = load_model(settings["base_model"], device)
@@ -48,7 +48,7 @@ def peak_memory_mib() -> float:
 
 def write_method_record(log_dir: Path, method: str, cfg: Any, seconds: float, data_files: list, **details: Any) -> dict:
     """``<log_dir>/method.json``: the method's wall time, peak memory, details and provenance."""
-    from ..artifacts import provenance, write_json
+    from fairforget.artifacts import provenance, write_json
 
     record = {"method": method, "wall_seconds": round(seconds, 1), "peak_memory_mib": peak_memory_mib(),
               **details, "provenance": provenance(cfg, data_files)}
@@ -60,7 +60,7 @@ def save_model_folder(model: Any, tokenizer: Any, folder: Path) -> Path:
     """A loadable Hugging Face folder (peft adapters merged into a copy first), written atomically."""
     import copy
 
-    from ..artifacts import atomic_dir
+    from fairforget.artifacts import atomic_dir
 
     to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
     with atomic_dir(folder) as tmp:

@@ -26,11 +26,11 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import FairforgetError
-from ..pcgu import pair_gap
-from ..progress import progress
-from ..scoring import Encoded, backbone_and_head, collate
-from ..training import StepLog, shuffled_batches, start_training
+from fairforget.errors import FairforgetError
+from fairforget.methods.pcgu import pair_gap
+from fairforget.progress import progress
+from fairforget.scoring import Encoded, backbone_and_head, collate
+from fairforget.training import StepLog, shuffled_batches, start_training
 
 
 def position_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import FairforgetError
+from fairforget.errors import FairforgetError
 
 WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?\.?")
 

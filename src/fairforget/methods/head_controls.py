@@ -4,7 +4,7 @@ paired changes against "before", chosen minus random heads, the controls table a
 Held-out sets: BBQ items from scenarios not used for mitigation; the StereoSet *held-out* half (its gender
 examples, all or a stratified sample, plus a stratified sample for "overall"; the head signal uses the
 selection half only);
-CrowS-Pairs (a proportional sample); neutral perplexity texts (``fairforget.perplexity``, held-out half).
+CrowS-Pairs (a proportional sample); neutral perplexity texts (``fairforget.evals.perplexity``, held-out half).
 Every model variant is scored on exactly the same items, so every comparison is paired.
 """
 
@@ -16,12 +16,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .. import crows, plots, stereoset
-from ..bbq import evaluate_bbq
-from ..bbq_metrics import _Arrays, compare_runs, metric_functions
-from ..errors import FairforgetError
-from ..perplexity import load_neutral_texts, perplexity, perplexity_change
-from ..stats import bootstrap_ci
+from fairforget.evals import crows, stereoset
+
+from fairforget import plots
+from fairforget.evals.bbq import evaluate_bbq
+from fairforget.evals.bbq_metrics import _Arrays, compare_runs, metric_functions
+from fairforget.errors import FairforgetError
+from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change
+from fairforget.stats import bootstrap_ci
 
 EVALS = ("bbq", "stereoset", "crows", "perplexity")
 

@@ -15,19 +15,19 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .. import plots
-from ..artifacts import atomic_dir, provenance, sha256_text, write_csv, write_json, write_jsonl, write_text
-from ..bbq import (PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, sample_per_category,
+from fairforget import plots
+from fairforget.artifacts import atomic_dir, provenance, sha256_text, write_csv, write_json, write_jsonl, write_text
+from fairforget.evals.bbq import (PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, sample_per_category,
                    write_bbq_run)
-from ..bbq_split import split_by_scenario
-from ..checkpoint import Checkpointer
-from ..config import config_to_dict
-from ..heads import head_layout, pruned, scale_heads
-from ..localization import run_localization
-from ..perplexity import texts_provenance
-from . import head_controls as hc
-from . import head_pruning as hp
-from .selection import selection_examples
+from fairforget.evals.bbq_split import split_by_scenario
+from fairforget.checkpoint import Checkpointer
+from fairforget.config import config_to_dict
+from fairforget.methods.heads import head_layout, pruned, scale_heads
+from fairforget.evals.localization import run_localization
+from fairforget.evals.perplexity import texts_provenance
+from fairforget.methods import head_controls as hc
+from fairforget.methods import head_pruning as hp
+from fairforget.methods.selection import selection_examples
 
 
 def save_model(model: Any, tokenizer: Any, folder: Path, info: dict) -> None:

@@ -25,16 +25,16 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from ..bbq import answer_continuation, build_prompt, option_order
-from ..errors import FairforgetError
-from ..choice_scoring import letter_token_ids
-from ..heads import (HeadActivity, batch_prompts, correlation_pvalues, frozen_weights, gate_gradient, head_activity,
+from fairforget.evals.bbq import answer_continuation, build_prompt, option_order
+from fairforget.errors import FairforgetError
+from fairforget.choice_scoring import letter_token_ids
+from fairforget.methods.heads import (HeadActivity, batch_prompts, correlation_pvalues, frozen_weights, gate_gradient, head_activity,
                      head_correlations, head_hooks, head_layout, protect_heads, pruning_cost)
-from ..recovery import encode_answers, finetune_answer_texts, finetune_answers, merged, prepare_model, text_loss
-from ..scoring import collate, encode, token_logprobs
-from ..progress import progress
-from ..stats import proportional_sample
-from ..stereoset import scoring_requests
+from fairforget.methods.recovery import encode_answers, finetune_answer_texts, finetune_answers, merged, prepare_model, text_loss
+from fairforget.scoring import collate, encode, token_logprobs
+from fairforget.progress import progress
+from fairforget.stats import proportional_sample
+from fairforget.evals.stereoset import scoring_requests
 
 Signal = Literal["stereoset", "bbq"]
 Select = Literal["top-k", "fdr"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..models import model_name
+from fairforget.models import model_name
 
 SIZES = {"cda": {"epochs": 1}, "task_vector": {"epochs": 1, "lambdas": [1.0, 2.0], "selection_limit": 30},
          "self_debias": {"selection_limit": 20},
@@ -23,7 +23,7 @@ METHOD_SCRIPTS = {"cda": "31_cda.py", "task_vector": "32_task_vector.py", "self_
 
 def method_stages(spec: str, layout: Any, base_inputs: list[Path], common: dict, scripts: Path) -> list:
     """Pairs (stage 10), stages 31-34, PCGU and head pruning measured by stage 35, and stage 30."""
-    from ..pipeline import Stage
+    from fairforget.pipeline import Stage
 
     data, mdir, odir = layout.data, layout.models / "methods", layout.outputs / "methods"
     wino, pairs, stereo = data / "winogender" / "data", data / "processed" / "pairs.tsv", data / "stereoset" / "dev.json"

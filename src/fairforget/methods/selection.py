@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from ..stereoset import Example, evaluate_stereoset, load_stereoset, select_half, stratified_limit
+from fairforget.evals.stereoset import Example, evaluate_stereoset, load_stereoset, select_half, stratified_limit
 
 Metric = Literal["overall", "gender"]
 

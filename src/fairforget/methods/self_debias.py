@@ -29,8 +29,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import FairforgetError
-from ..scoring import backbone_and_head, conditioning_token_id
+from fairforget.errors import FairforgetError
+from fairforget.scoring import backbone_and_head, conditioning_token_id
 
 # bias-bench (Meade et al. 2022) prefixes, one per bias type, as Schick et al. wrote them
 PREFIXES = {

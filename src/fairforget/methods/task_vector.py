@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FairforgetError
+from fairforget.errors import FairforgetError
 
 
 def state_copy(model: Any) -> dict[str, torch.Tensor]:

@@ -18,9 +18,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from .errors import FairforgetError
-from .scoring import encode, score_encoded
-from .stats import bootstrap_ci
+from fairforget.errors import FairforgetError
+from fairforget.scoring import encode, score_encoded
+from fairforget.stats import bootstrap_ci
 
 Split = Literal["heldout", "retain", "all"]
 NEUTRAL_SOURCE = "pydoc_data.topics (Python Language Reference topics shipped with CPython)"

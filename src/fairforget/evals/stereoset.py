@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import FairforgetError
-from .choice_scoring import encoded_option_logprobs
-from .scoring import Score, encode, score_continuations
-from .stats import bootstrap_ci, bootstrap_intervals, mcnemar, proportional_sample
+from fairforget.errors import FairforgetError
+from fairforget.choice_scoring import encoded_option_logprobs
+from fairforget.scoring import Score, encode, score_continuations
+from fairforget.stats import bootstrap_ci, bootstrap_intervals, mcnemar, proportional_sample
 
 SPLITS = ("intrasentence", "intersentence")
 DOMAINS = ("gender", "profession", "race", "religion")

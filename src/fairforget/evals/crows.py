@@ -16,10 +16,10 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from .datasets import read_table
-from .errors import FairforgetError
-from .scoring import score_continuations
-from .stats import bootstrap_ci, mcnemar, proportional_sample
+from fairforget.datasets import read_table
+from fairforget.errors import FairforgetError
+from fairforget.scoring import score_continuations
+from fairforget.stats import bootstrap_ci, mcnemar, proportional_sample
 
 ScoreKind = Literal["sum", "mean"]
 REQUIRED_COLUMNS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")

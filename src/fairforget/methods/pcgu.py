@@ -34,8 +34,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from .errors import FairforgetError
-from .scoring import Encoded, collate, encode, hidden_states, backbone_and_head, token_logprobs
+from fairforget.errors import FairforgetError
+from fairforget.scoring import Encoded, collate, encode, hidden_states, backbone_and_head, token_logprobs
 
 Aggregation = Literal["rows", "columns"]
 Direction = Literal["advantaged", "disadvantaged", "both", "dynamic", "dynamic_lower"]
@@ -354,7 +354,7 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Any],
 def pair_gap(model: Any, adv: Sequence[Encoded], dis: Sequence[Encoded], pad_id: int,
              batch_size: int = 32) -> dict[str, float]:
     """Mean f(adv) - f(dis) over pairs and the share of pairs where the advantaged side is more likely."""
-    from .scoring import score_encoded
+    from fairforget.scoring import score_encoded
 
     fa = [s.mean for s in score_encoded(model, adv, pad_id, batch_size)]
     fd = [s.mean for s in score_encoded(model, dis, pad_id, batch_size)]

@@ -28,11 +28,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .choice_scoring import encode_prompt
-from .errors import FairforgetError
-from .heads import HeadLayout, batch_prompts, decoder_layers, head_hooks, head_layout
-from .progress import progress
-from .scoring import backbone_and_head, length_sorted_batches
+from fairforget.choice_scoring import encode_prompt
+from fairforget.errors import FairforgetError
+from fairforget.methods.heads import HeadLayout, batch_prompts, decoder_layers, head_hooks, head_layout
+from fairforget.progress import progress
+from fairforget.scoring import backbone_and_head, length_sorted_batches
 
 LAYER_STATS = ("hidden_norm_last", "hidden_norm_mean", "mlp_norm_last", "mlp_norm_mean")
 HEAD_STATS = ("head_norm_last", "attn_entropy_last", "attn_entropy_mean", "attn_max_last",
@@ -133,7 +133,7 @@ def batch_statistics(model: Any, layout: HeadLayout, batch: dict[str, torch.Tens
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
                 raise FairforgetError("attention maps are not available: load the model with eager attention "
-                                      "(fairforget.localization.use_eager_attention)")
+                                      "(fairforget.evals.localization.use_eager_attention)")
             weights = weights.float()  # [batch, heads, query, key]
             at_last = weights[rows, :, last]  # [batch, heads, key]
             per_layer["attn_entropy_last"][layer] = _entropy(at_last)
@@ -220,7 +220,7 @@ def group_summary(means: dict[str, dict[str, np.ndarray]], counts: dict[str, int
 
 def save_arrays(path: Path | str, means: dict[str, dict[str, np.ndarray]], counts: dict[str, int]) -> None:
     """All means in one ``.npz`` (keys ``GROUP::STAT`` and ``GROUP::n``), written atomically."""
-    from .artifacts import atomic_path
+    from fairforget.artifacts import atomic_path
 
     arrays = {f"{g}::{n}": v for g, stats in means.items() for n, v in stats.items()}
     arrays.update({f"{g}::n": np.array(c) for g, c in counts.items()})
@@ -255,8 +255,8 @@ def plot_heads(path: Path | str, stats: dict[str, np.ndarray], title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .artifacts import save_figure
-    from .plots import layer_head_panel
+    from fairforget.artifacts import save_figure
+    from fairforget.plots import layer_head_panel
 
     fig, axes = plt.subplots(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
     for ax, name in zip(axes, HEAD_STATS):
@@ -273,7 +273,7 @@ def plot_groups(path: Path | str, means: dict[str, dict[str, np.ndarray]], group
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .artifacts import save_figure
+    from fairforget.artifacts import save_figure
 
     panels = {"hidden_norm_last": lambda s: s["hidden_norm_last"], "mlp_norm_last": lambda s: s["mlp_norm_last"],
               "attn_context_last (head mean)": lambda s: s["attn_context_last"].mean(1),
@@ -296,7 +296,7 @@ def bbq_prompts(examples: Sequence[Any], chat_tokenizer: Any = None, seed: int =
     """BBQ evaluation prompts (same option order as the evaluation), grouped as all / category /
     category|condition, and with ``answer_types`` ((category, example_id) -> the model's answer type in the
     chosen scoring mode) also ``answer|<type>`` and ``<condition>|answer|<type>``."""
-    from .bbq import build_prompt, option_order
+    from fairforget.evals.bbq import build_prompt, option_order
 
     def groups(e: Any) -> tuple[str, ...]:
         base = ("all", e.category, f"{e.category}|{e.context_condition}")
@@ -314,8 +314,8 @@ def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .artifacts import save_figure
-    from .plots import layer_head_panel
+    from fairforget.artifacts import save_figure
+    from fairforget.plots import layer_head_panel
 
     fig, axes = plt.subplots(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
     for ax, name in zip(axes, HEAD_STATS):
@@ -336,7 +336,7 @@ def run_localization(model: Any, tokenizer: Any, examples: Sequence[Any], folder
     folder) ``difference_heads.png``. The model is switched to eager attention. Returns the summary."""
     import time
 
-    from .artifacts import write_csv, write_json, write_jsonl
+    from fairforget.artifacts import write_csv, write_json, write_jsonl
 
     folder = Path(folder)
     use_eager_attention(model)

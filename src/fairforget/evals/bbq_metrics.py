@@ -11,7 +11,7 @@ A biased answer is ``pred == target_loc`` for both polarities: the released ``ta
 polarity-corrected (upstream ``BBQ_calculate_bias_score.R`` counts ``neg_Target + nonneg_Target``). All range
 -1..1 for the scores, 0..1 for accuracy. "overall" pools every item.
 Intervals: cluster percentile bootstrap (``fairforget.stats.bootstrap_ci`` with ``clusters``) resampling
-whole scenarios (a template with its name/label twins, :mod:`fairforget.bbq_split`) within categories,
+whole scenarios (a template with its name/label twins, :mod:`fairforget.evals.bbq_split`) within categories,
 since the items of one scenario are correlated.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .stats import bootstrap_ci, mcnemar
+from fairforget.stats import bootstrap_ci, mcnemar
 
 METRICS = ("acc", "acc_ambig", "acc_disambig", "s_dis", "s_amb")
 ANSWER_TYPES = ("unknown", "biased", "counter_biased")

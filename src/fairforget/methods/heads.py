@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .choice_scoring import encode_prompt, letter_token_ids, option_logprobs
-from .errors import FairforgetError
-from .scoring import Encoded, backbone_and_head, collate, length_sorted_batches
+from fairforget.choice_scoring import encode_prompt, letter_token_ids, option_logprobs
+from fairforget.errors import FairforgetError
+from fairforget.scoring import Encoded, backbone_and_head, collate, length_sorted_batches
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense")

@@ -13,7 +13,7 @@ import random
 from collections import Counter, defaultdict
 from typing import Any, Sequence, TypeVar
 
-from .errors import FairforgetError
+from fairforget.errors import FairforgetError
 
 T = TypeVar("T")
 

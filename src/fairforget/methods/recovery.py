@@ -21,13 +21,13 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from .checkpoint import Checkpointer
-from .choice_scoring import encode_option, encode_prompt, letter_token_ids
-from .errors import FairforgetError
-from .heads import batch_prompts, letter_logprobs_and_heads
-from .lora import add_lora
-from .scoring import Encoded, collate, token_logprobs
-from .training import StepLog, shuffled_batches, start_training
+from fairforget.checkpoint import Checkpointer
+from fairforget.choice_scoring import encode_option, encode_prompt, letter_token_ids
+from fairforget.errors import FairforgetError
+from fairforget.methods.heads import batch_prompts, letter_logprobs_and_heads
+from fairforget.methods.lora import add_lora
+from fairforget.scoring import Encoded, collate, token_logprobs
+from fairforget.training import StepLog, shuffled_batches, start_training
 
 Mode = Literal["lora", "full"]
 # modules that cannot rescale a head's output (see the module docstring), per architecture

@@ -11,7 +11,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from .errors import FairforgetError
+from fairforget.errors import FairforgetError
 
 Mode = Literal["greedy", "sample"]
 DEFAULT_PROMPTS = (

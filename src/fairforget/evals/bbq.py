@@ -5,8 +5,8 @@ Each example is joined on (category, example_id) with ``supplemental/additional_
 ``target_loc`` are kept once (64 Gender_identity keys in the released file); examples whose ``target_loc``
 is NA (16) are excluded and counted. The released ``target_loc`` is already polarity-corrected (upstream
 ``BBQ_results_metadata.R`` rewrites it for non-negative questions), so the biased answer is ``target_loc`` for
-both polarities. Each example also carries its scenario (:mod:`fairforget.bbq_split`), the unit that splits
-and intervals respect. Metrics are in :mod:`fairforget.bbq_metrics`.
+both polarities. Each example also carries its scenario (:mod:`fairforget.evals.bbq_split`), the unit that splits
+and intervals respect. Metrics are in :mod:`fairforget.evals.bbq_metrics`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from .artifacts import write_csv, write_json, write_jsonl, write_text, writes_run_folder
-from .bbq_metrics import bbq_metrics, format_table, metric_groups, metrics_rows
-from .bbq_split import scenario_of_templates, template_key
-from .choice_scoring import option_letter_logprobs, option_logprobs
-from .errors import FairforgetError
-from .plots import interval_bars
+from fairforget.artifacts import write_csv, write_json, write_jsonl, write_text, writes_run_folder
+from fairforget.evals.bbq_metrics import bbq_metrics, format_table, metric_groups, metrics_rows
+from fairforget.evals.bbq_split import scenario_of_templates, template_key
+from fairforget.choice_scoring import option_letter_logprobs, option_logprobs
+from fairforget.errors import FairforgetError
+from fairforget.plots import interval_bars
 
 CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
               "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
@@ -400,7 +400,7 @@ def write_bbq_run(out_dir: Path | str, metrics: dict, items: Sequence[dict], pro
 
 
 def read_items(path: Path | str) -> list[dict]:
-    """Items of a finished run (``items.jsonl``), e.g. for :func:`fairforget.bbq_metrics.compare_runs`."""
+    """Items of a finished run (``items.jsonl``), e.g. for :func:`fairforget.evals.bbq_metrics.compare_runs`."""
     path = Path(path)
     if path.is_dir():
         path = path / "items.jsonl"

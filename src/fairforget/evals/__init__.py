@@ -1,0 +1,1 @@
+"""fairforget evals."""
