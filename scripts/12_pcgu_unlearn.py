@@ -30,7 +30,6 @@ resumes there and ends with the same model.
 
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 import time
@@ -40,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 
-from fairforget.artifacts import (atomic_dir, provenance, read_json, read_jsonl, save_figure, write_csv, write_json,
+from fairforget.artifacts import (atomic_dir, provenance, read_json, read_jsonl, save_figure, save_model, write_csv, write_json,
                                   write_jsonl)
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, run_script
@@ -176,14 +175,6 @@ def load_start_model(cfg: Config) -> Any:
     for name, param in loaded.model.named_parameters():
         param.requires_grad_(cfg.scope == "full" or "lora_" in name)
     return loaded
-
-
-def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
-    """A loadable Hugging Face folder (adapters merged into a copy first), written atomically."""
-    to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    with atomic_dir(folder) as tmp:
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
 
 
 def selection_examples(cfg: Config) -> list:
@@ -394,7 +385,7 @@ def main(cfg: Config) -> None:
         epochs.append(row)
         kept = next((e for e in epochs[1:-1] if e["step"] == best_step), None)
         if kept is None or row["distance_from_50"] < kept["distance_from_50"]:
-            save_checkpoint(model, tokenizer, ckpt_dir / "best")
+            save_model(model, tokenizer, ckpt_dir / "best")
             best_step = step
         if cfg.stop_at_parity and row["share_adv_preferred"] <= 0.5:
             stopped = step

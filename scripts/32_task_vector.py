@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import write_csv
+from fairforget.artifacts import save_model, write_csv
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, target_modules
-from fairforget.methods import save_model_folder, write_method_record
+from fairforget.methods import write_method_record
 from fairforget.methods.selection import choose, selection_examples, selection_score
 from fairforget.methods.task_vector import apply_negation, state_copy, task_vector, tau_norms
 from fairforget.models import DEFAULT_EMBEDDED, load_model
@@ -84,7 +84,7 @@ def main(cfg: Config) -> None:
         print(f"lambda {lam:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
     best = choose(rows[1:], "lambda", cfg.max_lms_drop, rows[0]["lms"])
     apply_negation(model, theta_0, tau, best["lambda"])
-    save_model_folder(model, tokenizer, cfg.out)
+    save_model(model, tokenizer, cfg.out)
     write_csv(cfg.log_dir / "lambdas.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
     record = write_method_record(
         cfg.log_dir, "task_vector", cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],

@@ -11,6 +11,7 @@ JSON is written strictly: NaN and infinities become ``null``, with a note saying
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import ctypes
 import errno
@@ -131,6 +132,18 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_disk_full(exc, path)
         raise
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path | str, info: dict[str, Any] | None = None) -> Path:
+    """A loadable Hugging Face model folder (safetensors; a peft model is merged into a copy first), with
+    each ``info`` entry written as a JSON file beside the weights; swapped in whole (:func:`atomic_dir`)."""
+    to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    with atomic_dir(folder) as tmp:
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, content in (info or {}).items():
+            write_json(tmp / name, content)
+    return Path(folder)
 
 
 def _clean_stale(path: Path) -> None:

