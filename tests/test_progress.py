@@ -51,3 +51,14 @@ def test_quiet_and_short_loops_print_nothing(every_update, monkeypatch):
         set_quiet(False)
         monkeypatch.delenv("FAIRFORGET_QUIET", raising=False)
     assert not progress_module.is_quiet()
+
+
+def test_a_nested_bar_in_a_log_prints_no_cursor_moves(every_update):
+    out = io.StringIO()
+    with progress(total=2, desc="outer", delay=0, file=out) as outer:
+        for _ in range(2):
+            list(progress(range(2), desc="inner", delay=0, file=out))
+            outer.update(1)
+    lines = out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue() and all(line.split(":")[0] in ("outer", "inner") for line in lines)
+    assert sum(line.startswith("inner") for line in lines) == 6

@@ -17,6 +17,7 @@ rank 0 shows one.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Iterable
 
@@ -50,6 +51,9 @@ def _line_seconds() -> float:
         return 5.0
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
     """A stream wrapper turning tqdm's ``\\r``-redrawn status into whole lines (empty redraws dropped)."""
 
@@ -57,7 +61,7 @@ class _Lines:
         self.stream = stream
 
     def write(self, text: str) -> None:
-        line = text.strip()
+        line = ANSI_ESCAPE.sub("", text).strip()  # a nested bar's cursor moves would print as "[A" lines
         if line:
             self.stream.write(line + "\n")
 
