@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from fairforget.evals.bbq import answer_continuation, build_prompt, load_bbq, option_order, sample_per_category
+from fairforget.evals.bbq import load_bbq, sample_per_category
+from fairforget.evals.bbq_eval import answer_continuation, build_prompt, option_order
 from fairforget.choice_scoring import (encode_option, encode_prompt, option_logprobs, score_options_separately,
                                        shared_preamble)
 from fairforget.models import DEFAULT_EMBEDDED, load_model

@@ -21,8 +21,8 @@ from typing import Literal
 
 from fairforget import distributed
 from fairforget.artifacts import check_run_target, provenance, sha256_text
-from fairforget.evals.bbq import (CATEGORIES, PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, evaluate_bbq, load_bbq,
-                            sample_per_category, write_bbq_run)
+from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category
+from fairforget.evals.bbq_eval import PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, evaluate_bbq, write_bbq_run
 from fairforget.evals.bbq_metrics import format_table
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError

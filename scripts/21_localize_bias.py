@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import provenance
-from fairforget.evals.bbq import evaluate_bbq, load_bbq, sample_per_category, use_chat_template
+from fairforget.evals.bbq import load_bbq, sample_per_category
+from fairforget.evals.bbq_eval import evaluate_bbq, use_chat_template
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.evals.localization import run_localization

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category, use_chat_template
+from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category
+from fairforget.evals.bbq_eval import use_chat_template
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods import head_pruning as hp

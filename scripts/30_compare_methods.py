@@ -33,7 +33,8 @@ from typing import Any, Literal
 import numpy as np
 
 from fairforget.artifacts import provenance, read_json, read_jsonl, save_figure, write_csv, write_json, write_jsonl, write_text
-from fairforget.evals.bbq import evaluate_bbq, load_bbq, sample_per_category
+from fairforget.evals.bbq import load_bbq, sample_per_category
+from fairforget.evals.bbq_eval import evaluate_bbq
 from fairforget.evals.bbq_metrics import compare_runs as compare_bbq
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.config import run_script

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import load_script
-from fairforget.evals.bbq import (CATEGORIES, Example, annotate_items, build_prompt, evaluate_bbq, load_bbq, option_order,
-                            read_items, sample_per_category, write_bbq_run)
+from fairforget.evals.bbq import CATEGORIES, Example, load_bbq, sample_per_category
+from fairforget.evals.bbq_eval import (annotate_items, build_prompt, evaluate_bbq, option_order, read_items,
+                                       write_bbq_run)
 from fairforget.evals.bbq_metrics import bbq_metrics, compare_runs
 from fairforget.choice_scoring import (encode_prompt, option_letter_logprobs, option_letter_probs, option_logprobs,
                                        score_options_separately, shared_preamble)

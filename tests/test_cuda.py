@@ -24,7 +24,8 @@ import time
 import pytest
 import torch
 
-from fairforget.evals.bbq import answer_continuation, build_prompt, load_bbq, option_order, sample_per_category
+from fairforget.evals.bbq import load_bbq, sample_per_category
+from fairforget.evals.bbq_eval import answer_continuation, build_prompt, option_order
 from fairforget.choice_scoring import option_letter_logprobs, option_logprobs
 from fairforget.mamba_scan import disable_fast_mamba, enable_fast_mamba
 from fairforget.models import DEFAULT_EMBEDDED, load_model

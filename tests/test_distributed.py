@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 def _workload(data: Path, tokenizer, rank_dir: Path | None = None) -> dict:
     """What each process computes; with several processes every call below is sharded / data-parallel."""
-    from fairforget.evals import bbq, crows, stereoset
+    from fairforget.evals import bbq, bbq_eval, crows, stereoset
     from fairforget.methods.lora import add_lora, finetune
     from fairforget.tiny import build_tiny_model
 
@@ -40,8 +40,8 @@ def _workload(data: Path, tokenizer, rank_dir: Path | None = None) -> dict:
     crows_items = crows.score_pairs(model, tokenizer, pairs, batch_size=4)
     bbq_data = bbq.load_bbq(data / "bbq", ["Age", "Religion"])
     chosen = bbq.sample_per_category(bbq_data.examples, 6, 0)
-    _, letter_items = bbq.evaluate_bbq(model, tokenizer, chosen, "letter", "off", batch_size=3, n_boot=20)
-    _, answer_items = bbq.evaluate_bbq(model, tokenizer, chosen, "answer", "off", batch_size=3, n_boot=20)
+    _, letter_items = bbq_eval.evaluate_bbq(model, tokenizer, chosen, "letter", "off", batch_size=3, n_boot=20)
+    _, answer_items = bbq_eval.evaluate_bbq(model, tokenizer, chosen, "answer", "off", batch_size=3, n_boot=20)
     lora = add_lora(build_tiny_model("llama", tokenizer, seed=1), ["q_proj", "v_proj"], dropout=0.0, seed=0)
     history = finetune(lora, tokenizer, TEXTS, epochs=2, batch_size=5, lr=5e-3, seed=0)  # last batch: 5 of 15
     if rank_dir is not None:

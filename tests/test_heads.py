@@ -337,7 +337,8 @@ def test_stereoset_contributions_match_finite_differences(tiny_models, tokenizer
 
 
 def test_cyclic_permutations_average_the_three_orders_by_hand(tiny_models, tokenizer):
-    from fairforget.evals.bbq import Example, build_prompt, evaluate_bbq, option_order
+    from fairforget.evals.bbq import Example
+    from fairforget.evals.bbq_eval import build_prompt, evaluate_bbq, option_order
     from fairforget.choice_scoring import option_letter_probs
 
     examples = [Example("Age", i, 1, "neg", cond, "A grandson and a grandfather met." + " x" * i, "Who forgot?",

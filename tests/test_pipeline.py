@@ -212,7 +212,8 @@ def test_cli_rejects_a_bad_flag_value(tmp_path):
 
 
 def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tiny_models, shared_data):
-    from fairforget.evals.bbq import evaluate_bbq, load_bbq, sample_per_category, write_bbq_run
+    from fairforget.evals.bbq import load_bbq, sample_per_category
+    from fairforget.evals.bbq_eval import evaluate_bbq, write_bbq_run
     from fairforget.report import build_report
     from fairforget.tiny import build_tiny_model
 

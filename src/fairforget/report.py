@@ -191,7 +191,7 @@ def _bbq_rows(metrics: dict) -> list[list[str]]:
 
 
 def _bbq(page: _Page, stages: Sequence[Stage]) -> None:
-    from fairforget.evals.bbq import read_items
+    from fairforget.evals.bbq_eval import read_items
     from fairforget.evals.bbq_metrics import compare_runs
 
     header = ["category", "n", "accuracy", "s_DIS", "s_AMB"]

@@ -296,7 +296,7 @@ def bbq_prompts(examples: Sequence[Any], chat_tokenizer: Any = None, seed: int =
     """BBQ evaluation prompts (same option order as the evaluation), grouped as all / category /
     category|condition, and with ``answer_types`` ((category, example_id) -> the model's answer type in the
     chosen scoring mode) also ``answer|<type>`` and ``<condition>|answer|<type>``."""
-    from fairforget.evals.bbq import build_prompt, option_order
+    from fairforget.evals.bbq_eval import build_prompt, option_order
 
     def groups(e: Any) -> tuple[str, ...]:
         base = ("all", e.category, f"{e.category}|{e.context_condition}")

@@ -19,7 +19,7 @@ import numpy as np
 from fairforget.evals import crows, stereoset
 
 from fairforget import plots
-from fairforget.evals.bbq import evaluate_bbq
+from fairforget.evals.bbq_eval import evaluate_bbq
 from fairforget.evals.bbq_metrics import _Arrays, compare_runs, metric_functions
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change

@@ -18,8 +18,8 @@ import torch
 from fairforget import plots
 from fairforget.artifacts import (provenance, save_model, sha256_text, write_csv, write_json, write_jsonl,
                                   write_text)
-from fairforget.evals.bbq import (PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, sample_per_category,
-                   write_bbq_run)
+from fairforget.evals.bbq import sample_per_category
+from fairforget.evals.bbq_eval import PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, write_bbq_run
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict

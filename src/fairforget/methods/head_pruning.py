@@ -25,7 +25,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from fairforget.evals.bbq import answer_continuation, build_prompt, option_order
+from fairforget.evals.bbq_eval import answer_continuation, build_prompt, option_order
 from fairforget.errors import FairforgetError
 from fairforget.choice_scoring import letter_token_ids
 from fairforget.methods.heads import (HeadActivity, batch_prompts, correlation_pvalues, frozen_weights, gate_gradient, head_activity,
