@@ -17,7 +17,8 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from fairforget.mamba_scan import disable_fast_mamba, enable_fast_mamba, native_library
+from fairforget.mamba_native import native_library
+from fairforget.mamba_scan import disable_fast_mamba, enable_fast_mamba
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_gflops, median_seconds  # noqa: E402

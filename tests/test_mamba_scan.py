@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba.modeling_mamba import MambaMixer, mamba_selective_scan
 
-from fairforget import mamba_scan
+from fairforget import mamba_native
 from fairforget.mamba_scan import disable_fast_mamba, enable_fast_mamba, selective_scan
 
 RTOL = 1e-4
@@ -27,7 +27,7 @@ def assert_close(actual, expected, name=""):
 def backend(request, monkeypatch):
     """Run the test with the compiled kernels and with the pure-PyTorch fallback."""
     if request.param == "native":
-        if mamba_scan.native_library() is None:
+        if mamba_native.native_library() is None:
             pytest.fail("native kernels failed to build on this machine")
     else:
         monkeypatch.setenv("FAIRFORGET_MAMBA_NATIVE", "0")
@@ -220,13 +220,13 @@ def test_models_without_mamba_mixers_are_left_alone():
 def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    mamba_scan._load_native_library.cache_clear()
+    mamba_native._load_native_library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="falling back to the pure-PyTorch"):
-            assert mamba_scan.native_library() is None
+            assert mamba_native.native_library() is None
         inputs = random_scan_inputs(batch=1, channels=20, state=16, length=9, gated=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the failure is reported once, not on every call
             assert_close(selective_scan(**inputs), reference_scan(**inputs))
     finally:
-        mamba_scan._load_native_library.cache_clear()
+        mamba_native._load_native_library.cache_clear()

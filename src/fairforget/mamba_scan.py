@@ -8,29 +8,21 @@ backward is quadratic in sequence length. This module provides
   model (plain or wrapped in a peft ``PeftModel``) to run through it.
 
 On CPU the scan and the causal convolution are fused C loops (``csrc/selective_scan.c``),
-compiled with the system C compiler on first use and called through ctypes; the state stays in
+compiled on first use and called through ctypes (:mod:`fairforget.mamba_native`); the state stays in
 registers and the backward is an explicit reverse-time adjoint recurrence, linear in length.
 If the build fails (or ``FAIRFORGET_MAMBA_NATIVE=0``, or the tensors are not on CPU) a
 pure-PyTorch implementation with the same semantics and linear-time backward is used.
 ``FAIRFORGET_FAST_MAMBA=0`` disables the patching altogether.
 """
 
-import ctypes
 import functools
-import hashlib
 import importlib.util
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 import types
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import get_default_build_root
 from transformers.activations import ACT2FN
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.mamba.modeling_mamba import (
@@ -40,91 +32,9 @@ from transformers.models.mamba.modeling_mamba import (
     causal_conv1d_update,
 )
 
+from fairforget.mamba_native import MAX_NATIVE_KERNEL, MAX_NATIVE_STATE, native_library
+
 logger = logging.getLogger(__name__)
-
-NATIVE_SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
-# -fno-trapping-math lets gcc turn the kernels' clamps and selects into vector blends (2-2.5x faster scan
-# on AVX-512); the kernels never read floating-point exception flags or errno.
-COMPILE_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
-MAX_NATIVE_STATE = 256  # MAX_STATE in the C source
-MAX_NATIVE_KERNEL = 16  # MAX_KERNEL in the C source
-
-_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-_NATIVE_SIGNATURES = {
-    "scan_forward": (None, [_i64] * 4 + [_ptr, _i64, _i64] * 2 + [_int, _ptr] + [_ptr, _i64, _i64] * 2
-                     + [_ptr] + [_ptr, _i64, _i64] + [_ptr] * 3 + [_int]),
-    "scan_backward": (_int, [_i64] * 4 + [_ptr, _i64, _i64] * 2 + [_int, _ptr] + [_ptr, _i64, _i64] * 2
-                      + [_ptr] + [_ptr, _i64, _i64] + [_ptr] + [_ptr, _i64, _i64] + [_ptr] * 8 + [_int]),
-    "conv_silu_forward": (None, [_i64] * 4 + [_ptr, _i64, _i64] + [_ptr] * 3 + [_int]),
-    "conv_silu_backward": (None, [_i64] * 4 + [_ptr, _i64, _i64] + [_ptr] * 2 + [_ptr, _i64, _i64]
-                           + [_ptr] * 3 + [_int]),
-}
-
-
-# ----------------------------------------------------------------------------- native build
-
-
-def _cpu_signature() -> str:
-    """Identifies the CPU model, since the library is built with -march=native."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build_native_library() -> Path:
-    """Compile the C kernels into the torch extensions cache (once per source/compiler/CPU)."""
-    compiler = os.environ.get("CC", "gcc")
-    source = NATIVE_SOURCE.read_bytes()
-    key = hashlib.sha256(
-        source + " ".join([compiler, *COMPILE_FLAGS, platform.machine(), _cpu_signature()]).encode()
-    ).hexdigest()[:16]
-    build_dir = Path(get_default_build_root()) / "fairforget_selective_scan"
-    library = build_dir / f"selective_scan_{key}.so"
-    if library.exists():
-        return library
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # Build to a temporary name and rename, so concurrent processes never load a partial file.
-    with tempfile.NamedTemporaryFile(dir=build_dir, suffix=".so", delete=False) as tmp:
-        partial = Path(tmp.name)
-    try:
-        subprocess.run(
-            [compiler, *COMPILE_FLAGS, str(NATIVE_SOURCE), "-o", str(partial), "-lm"],
-            check=True, capture_output=True, text=True,
-        )
-        os.replace(partial, library)
-    finally:
-        partial.unlink(missing_ok=True)
-    return library
-
-
-@functools.cache
-def _load_native_library() -> ctypes.CDLL | None:
-    try:
-        library = ctypes.CDLL(str(_build_native_library()))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        warnings.warn(
-            f"fairforget: could not build the native Mamba scan ({detail}); "
-            "falling back to the pure-PyTorch selective scan.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    for name, (restype, argtypes) in _NATIVE_SIGNATURES.items():
-        function = getattr(library, name)
-        function.restype, function.argtypes = restype, argtypes
-    return library
-
-
-def native_library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when disabled (``FAIRFORGET_MAMBA_NATIVE=0``) or unbuildable."""
-    if os.environ.get("FAIRFORGET_MAMBA_NATIVE", "1") == "0":
-        return None
-    return _load_native_library()
 
 
 def _can_use_native(*tensors: torch.Tensor | None) -> bool:
