@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget import distributed
-from fairforget.artifacts import (check_run_target, provenance, read_jsonl, require_complete_run, run_folder,
-                                  small_n_warnings, write_csv, write_json, write_jsonl, write_text)
+from fairforget.artifacts import (provenance, read_jsonl, small_n_warnings, write_csv, write_json, write_jsonl,
+                                  write_text)
+from fairforget.run_folders import check_run_target, require_complete_run, run_folder
 from fairforget.config import run_script
 from fairforget.evals.crows import compare_runs, compute_metrics, load_crows, sample_pairs, score_pairs, scoring_note
 from fairforget.errors import FairforgetError

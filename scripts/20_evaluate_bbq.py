@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget import distributed
-from fairforget.artifacts import check_run_target, provenance, sha256_text
+from fairforget.artifacts import provenance, sha256_text
+from fairforget.run_folders import check_run_target
 from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category
 from fairforget.evals.bbq_eval import PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, evaluate_bbq, write_bbq_run
 from fairforget.evals.bbq_metrics import format_table

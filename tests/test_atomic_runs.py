@@ -20,8 +20,8 @@ import pytest
 
 from conftest import load_script
 from fairforget import artifacts
-from fairforget.artifacts import (FAULT_ENV, FAULT_MODE_ENV, RUN_MARKER, InjectedFault, require_complete_run,
-                                  run_folder, run_problem, write_json)
+from fairforget.artifacts import FAULT_ENV, FAULT_MODE_ENV, InjectedFault, write_json
+from fairforget.run_folders import RUN_MARKER, require_complete_run, run_folder, run_problem
 from fairforget.errors import FairforgetError
 
 REPO = Path(__file__).resolve().parents[1]

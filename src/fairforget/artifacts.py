@@ -1,10 +1,9 @@
-"""Writing results safely: atomic files and folders, whole run folders, and the provenance block of results.
+"""Writing results safely: atomic files and folders, and the provenance block of results.
 
-A stage writes its run folder inside ``with run_folder(out) as tmp:`` (or through a writer decorated with
-:func:`writes_run_folder`): every file goes into a temporary sibling, a completion marker (``run_complete.json``:
-each file's size and sha256) is written last, and the folder is swapped in with one rename, so ``out`` is
-always either the earlier run, untouched, or the new one, complete. Readers call :func:`require_complete_run`
-(or :func:`run_problem`), so a folder without the marker is reported as incomplete, never read as a result.
+Every file goes to a temporary sibling and is renamed into place (:func:`atomic_path`, :func:`atomic_dir`), so
+a reader sees the earlier version or the new one, never half of one; a fault-injection hook
+(``FAIRFORGET_FAULT_AFTER_WRITES``) lets tests kill a stage after any write. Whole run folders with their
+completion marker are in :mod:`fairforget.run_folders`.
 JSON is written strictly: NaN and infinities become ``null``, with a note saying so.
 """
 
@@ -15,7 +14,6 @@ import copy
 import csv
 import ctypes
 import errno
-import functools
 import glob
 import hashlib
 import json
@@ -30,13 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from fairforget.errors import FairforgetError
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "safetensors", "tokenizers")
-RUN_MARKER = "run_complete.json"  # written last into every run folder; readers require it
-RUN_FILES = ("metrics.json", RUN_MARKER, ".stage.json")  # a folder holding none of these is not a run folder
 FAULT_ENV = "FAIRFORGET_FAULT_AFTER_WRITES"  # test hook: die right after the N-th artifact write (or swap)
 FAULT_MODE_ENV = "FAIRFORGET_FAULT_MODE"  # "kill" (SIGKILL, the default) or "raise" (InjectedFault)
 NULL_NOTE = ("null marks an undefined value (NaN or infinite: e.g. a metric of a group with no examples, or an "
@@ -204,76 +200,6 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     raise OSError(err, os.strerror(err), str(b))
 
-
-@contextlib.contextmanager
-def run_folder(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary sibling of the run folder ``path`` to write every result file into; on success write
-    the completion marker and swap it in whole (``path`` keeps the earlier run until then); on error remove it.
-
-    A folder that holds files but is not a fairforget run (no metrics.json, marker or stage record) is refused
-    rather than replaced.
-    """
-    path = check_run_target(path)
-    with atomic_dir(path) as tmp:
-        yield tmp
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        write_json(tmp / RUN_MARKER, {
-            "complete": True, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(sys.argv),
-            "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                      for p in files}})
-
-
-def check_run_target(path: Path | str) -> Path:
-    """``path`` if a run may be written there (absent, empty, or an earlier run); a stage calls this before its
-    work so a wrong ``--out`` fails at once. A folder of other files is refused rather than replaced."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FairforgetError(f"run folder {path} is a file; pass a folder with --out")
-    if path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in RUN_FILES):
-        shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
-        raise FairforgetError(f"{path} holds files that are not a fairforget run ({shown}); a run replaces its "
-                              f"folder whole, so choose a new or empty folder with --out")
-    return path
-
-
-def writes_run_folder(writer: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate ``writer(out_dir, ...)`` so it writes into a temporary folder swapped in by :func:`run_folder`."""
-    @functools.wraps(writer)
-    def wrapped(out_dir: Path | str, *args: Any, **kwargs: Any) -> Any:
-        with run_folder(out_dir) as tmp:
-            return writer(tmp, *args, **kwargs)
-
-    return wrapped
-
-
-def run_problem(folder: Path | str) -> str | None:
-    """Why ``folder`` is not a complete run (None when it is): missing, no marker, or files not as recorded."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "not found"
-    marker = folder / RUN_MARKER
-    if not marker.is_file():
-        return (f"incomplete: it has no {RUN_MARKER} (the run was interrupted, or written before fairforget "
-                f"marked complete runs)")
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"incomplete: its {RUN_MARKER} is unreadable"
-    for name, entry in files.items():
-        item = folder / name
-        if not item.is_file() or item.stat().st_size != entry.get("bytes"):
-            return f"not the run its {RUN_MARKER} describes: {name} is missing or was changed"
-    return None
-
-
-def require_complete_run(folder: Path | str, what: str = "run folder") -> Path:
-    """``folder`` if it holds a complete run; else one FairforgetError saying why and what to do."""
-    problem = run_problem(folder)
-    if problem:
-        raise FairforgetError(f"{what} {folder} is {problem}; run its stage again"
-                              if problem != "not found" else f"{what} {folder} not found")
-    return Path(folder)
 
 
 def write_text(path: Path | str, text: str) -> None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from fairforget.artifacts import package_versions, read_json, run_problem, sha256_file, write_json
+from fairforget.artifacts import package_versions, read_json, sha256_file, write_json
+from fairforget.run_folders import run_problem
 from fairforget.datasets import data_problem
 from fairforget.errors import FairforgetError
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
@@ -33,7 +34,7 @@ CONFIGS = REPO / "configs"
 PIPELINES = ("pcgu", "bbq")
 DISTRIBUTED_SCRIPTS = ("11_finetune_lora.py", "13_evaluate_stereoset.py", "15_evaluate_crows.py",
                        "20_evaluate_bbq.py")
-# stages whose run folder is swapped in whole with a completion marker (artifacts.run_folder): a folder of theirs
+# stages whose run folder is swapped in whole with a completion marker (run_folders.run_folder): a folder of theirs
 # without a valid marker is incomplete, never a result
 ATOMIC_RUN_SCRIPTS = ("13_evaluate_stereoset.py", "15_evaluate_crows.py", "20_evaluate_bbq.py")
 

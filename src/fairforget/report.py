@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fairforget.artifacts import git_commit, package_versions, read_json, read_jsonl, run_problem, write_text
+from fairforget.artifacts import git_commit, package_versions, read_json, read_jsonl, write_text
+from fairforget.run_folders import run_problem
 from fairforget.errors import FairforgetError
 from fairforget.pipeline import ATOMIC_RUN_SCRIPTS, Stage, StageResult
 

@@ -14,7 +14,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from fairforget.artifacts import write_csv, write_json, write_jsonl, write_text, writes_run_folder
+from fairforget.artifacts import write_csv, write_json, write_jsonl, write_text
+from fairforget.run_folders import writes_run_folder
 from fairforget.choice_scoring import option_letter_logprobs, option_logprobs
 from fairforget.errors import FairforgetError
 from fairforget.evals.bbq import Example
@@ -165,7 +166,7 @@ def annotate_items(items: list[dict]) -> list[dict]:
 def write_bbq_run(out_dir: Path | str, metrics: dict, items: Sequence[dict], provenance: dict) -> None:
     """Write a run folder: metrics.json (with provenance), metrics.csv, items.jsonl, bias_scores.txt and
     bias_scores.png (s_AMB and s_DIS by category with 95% intervals), swapped in whole with its completion
-    marker (:func:`fairforget.artifacts.run_folder`)."""
+    marker (:func:`fairforget.run_folders.run_folder`)."""
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "items.jsonl", items)
     write_csv(out_dir / "metrics.csv", metrics_rows(metrics))
