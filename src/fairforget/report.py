@@ -216,7 +216,8 @@ def _bbq(page: _Page, stages: Sequence[Stage]) -> None:
         page.add(f"{summary['n_mitigation']} mitigation examples, {summary['n_held_out']} held-out examples from "
                  f"other scenarios; {summary['heads_pruned']} heads soft-pruned ({summary['heads_by_strength']} by "
                  f"strength), {len(summary.get('protected', []))} protected; recovery on "
-                 f"{summary['n_recovery_examples']} disambiguated examples.\n")
+                 f"{summary['n_recovery_examples']} mitigation examples of both conditions (gold \"unknown\" for "
+                 f"ambiguous ones).\n")
         stage_runs = [name for name in ("before", "pruned", "recovered") if (out / name / "items.jsonl").is_file()]
         rows = []
         for name in stage_runs:
