@@ -94,7 +94,7 @@ class Config:
 
     def validate(self) -> None:
         for name in ("mitigation_per_category", "eval_per_category", "batch_size", "n_boot", "recovery_epochs",
-                     "recovery_batch_size", "lora_r", "localize_batch_size", "random_draws", "protect_examples"):
+                     "recovery_batch_size", "lora_r", "localize_batch_size", "random_draws", "protect_examples", "k"):
             if getattr(self, name) < 1:
                 raise FairforgetError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if min(self.checkpoint_every, self.protect_top, self.localize_per_category, self.dose_random_draws) < 0:

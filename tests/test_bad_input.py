@@ -140,6 +140,7 @@ def test_unknown_model(tmp_path, earlier, shared_data, model, message, as_subpro
     ("13_evaluate_stereoset.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0", False),
     ("12_pcgu_unlearn.py", ["--lr", "-1", "--pairs", "pairs.tsv"], "--lr must be positive", False),
     ("20_evaluate_bbq.py", ["--per-category", "0"], "--per-category must be at least 1", False),
+    ("22_mitigate_heads.py", ["--k", "0"], "--k must be at least 1, got 0", False),
     ("run_pipeline.py", ["--pipelines"], "--pipelines needs at least one", False),
 ])
 def test_bad_flag_value(tmp_path, earlier, script, flags, message, as_subprocess):
