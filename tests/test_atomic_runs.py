@@ -163,11 +163,11 @@ def test_nan_is_written_as_null_with_a_note(tmp_path):
 def test_tiny_groups_warn_that_their_interval_is_unreliable(tmp_path, tiny_model, shared_data, capsys):
     stage, cfg = _configs("13_evaluate_stereoset.py", tiny_model, shared_data, tmp_path / "run", limit=12)
     stage.main(cfg)
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    small = {f"{s}/{d}": m["n"] for s, ds in metrics.items() if s != "provenance" for d, m in ds.items()
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    small = {f"{s}/{d}": m["n"] for s, ds in written["metrics"].items() for d, m in ds.items()
              if m["n"] < artifacts.SMALL_N}
     assert small  # 12 examples over 2 splits x 4 domains
-    [warning] = metrics["provenance"]["warnings"]
+    [warning] = written["provenance"]["warnings"]
     assert f"{len(small)} group(s) with fewer than {artifacts.SMALL_N} items" in warning
     assert all(f"{k} (n={n})" in warning for k, n in small.items())
     assert f"warning: {warning}" in capsys.readouterr().err

@@ -14,8 +14,7 @@ import torch
 
 from conftest import load_script
 from fairforget.evals.bbq import CATEGORIES, Example, load_bbq, sample_per_category
-from fairforget.evals.bbq_eval import (annotate_items, build_prompt, evaluate_bbq, option_order, read_items,
-                                       write_bbq_run)
+from fairforget.evals.bbq_eval import BBQ, annotate_items, build_prompt, evaluate_bbq, option_order, write_bbq_run
 from fairforget.evals.bbq_metrics import bbq_metrics, compare_runs
 from fairforget.choice_scoring import (encode_prompt, option_letter_logprobs, option_letter_probs, option_logprobs,
                                        score_options_separately, shared_preamble)
@@ -439,13 +438,14 @@ def test_script_writes_a_run_folder(tmp_path, tokenizer, capsys):
     run_script(script.main, script.Config(), ["--model", str(model_dir), "--data-dir", str(root), "--categories",
                                               "Age", "--per-category", "8", "--n-boot", "30", "--out", str(out),
                                               "--device", "cpu"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) >= {"Age", "overall", "provenance", "excluded_na", "mode", "chat_template", "definition"}
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["evaluation"] == "bbq" and written["provenance"]["prompt_template_sha256"]
+    metrics = written["metrics"]
+    assert set(metrics) >= {"Age", "overall", "excluded_na", "mode", "chat_template", "definition"}
     assert metrics["excluded_na"] == {"Age": 1} and metrics["Age"]["n"] == 8
-    assert metrics["provenance"]["prompt_template_sha256"]
     for name in ("acc", "acc_ambig", "acc_disambig", "s_dis", "s_amb"):
         assert len(metrics["overall"][f"{name}_ci"]) == 2
-    items = read_items(out)
+    items = BBQ.read_items(out)
     assert len(items) == 8 and {"option_probs", "option_order", "pred", "label"} <= set(items[0])
     for name in ("metrics.csv", "bias_scores.txt", "bias_scores.png"):
         assert (out / name).stat().st_size > 0
@@ -458,6 +458,6 @@ def test_write_run_is_readable_back(tmp_path):
     items = items_with_preds([("ambig", "neg", "biased"), ("disambig", "nonneg", "counter")] * 3)
     metrics = bbq_metrics(items, n_boot=20)
     write_bbq_run(tmp_path, metrics, items, {"test": True})
-    assert read_items(tmp_path) == json.loads(json.dumps(items))
+    assert BBQ.read_items(tmp_path) == json.loads(json.dumps(items))
     assert "s_DIS" in (tmp_path / "bias_scores.txt").read_text()
     assert len(CATEGORIES) == 11

@@ -193,7 +193,7 @@ def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer,
     text = build_report(stages, results, report, "test", 12.0, shared_data)
     assert report.read_text() == text
     assert "### StereoSet" in text and "### CrowS-Pairs" in text and "## Provenance" in text
-    ss_base = json.loads((tmp_path / "outputs/stereoset/base/metrics.json").read_text())["overall"]["all"]
+    ss_base = json.loads((tmp_path / "outputs/stereoset/base/metrics.json").read_text())["metrics"]["overall"]["all"]
     assert f"{ss_base['ss']:.2f} [{ss_base['ss_ci'][0]:.2f}, {ss_base['ss_ci'][1]:.2f}]" in text
     assert "| base -> debiased | overall |" in text  # the paired comparison, computed from items
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -231,7 +231,7 @@ def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tin
               Stage("22 heads", "22_mitigate_heads.py", {"out": out / "mitigation" / "m"}, [],
                     [out / "mitigation" / "m"], "bbq")]
     text = build_report(stages, [], out / "report.md", "test", 1.0, tmp_path / "no-data")
-    overall = json.loads((out / "mitigation/m/pruned/metrics.json").read_text())["overall"]
+    overall = json.loads((out / "mitigation/m/pruned/metrics.json").read_text())["metrics"]["overall"]
     low, high = overall["s_amb_ci"]
     assert f"| pruned | {overall['n']} |" in text and f"{overall['s_amb']:+.3f} [{low:+.3f}, {high:+.3f}]" in text
     assert "| before -> pruned |" in text and "### BBQ, before (stage 20)" in text

@@ -124,15 +124,16 @@ def test_stage_script_writes_its_run_folder(tmp_path, shared_data, tokenizer):
     out = tmp_path / "run"
     stage.main(stage.Config(model=str(model_dir), data=shared_data / "stereoset" / "dev.json", limit=16,
                             n_boot=20, device="cpu", out=out))
-    metrics = json.loads((out / "metrics.json").read_text())
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["evaluation"] == "stereoset" and written["provenance"]["config"]["limit"] == 16
+    metrics = written["metrics"]
     assert 0 <= metrics["intrasentence"]["gender"]["ss"] <= 100
-    assert metrics["provenance"]["config"]["limit"] == 16
     items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert len(items) == 3 * metrics["overall"]["all"]["n"]
     assert (out / "metrics.csv").is_file() and (out / "ss_by_domain_overall.png").is_file()
     stage.main(stage.Config(model=str(model_dir), data=shared_data / "stereoset" / "dev.json", limit=16,
                             n_boot=20, device="cpu", out=tmp_path / "again", compare_to=out))
-    comparison = json.loads((tmp_path / "again" / "comparison.json").read_text())
+    comparison = json.loads((tmp_path / "again" / "comparison.json").read_text())["comparison"]
     assert comparison["overall"]["true_before_only"] == 0 and comparison["overall"]["true_after_only"] == 0
 
 

@@ -1,12 +1,12 @@
 """BBQ prompts and evaluation: shuffled option order, the multiple-choice prompt (optionally in the chat
-template), letter- or answer-mode scoring into per-item records, and the run folder (write and read back).
+template), letter- or answer-mode scoring into per-item records, and BBQ's :class:`Evaluation` (run-folder files,
+comparison tables, report section).
 
 Examples come from :mod:`fairforget.evals.bbq`; metrics from :mod:`fairforget.evals.bbq_metrics`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -14,12 +14,13 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from fairforget.artifacts import write_csv, write_json, write_jsonl, write_text
-from fairforget.run_folders import writes_run_folder
+from fairforget.artifacts import sha256_text, write_csv, write_text
 from fairforget.choice_scoring import option_letter_logprobs, option_logprobs
 from fairforget.errors import FairforgetError
-from fairforget.evals.bbq import Example
-from fairforget.evals.bbq_metrics import bbq_metrics, format_table, metric_groups, metrics_rows
+from fairforget.evals.bbq import Example, load_bbq, sample_per_category
+from fairforget.evals.bbq_metrics import bbq_metrics, compare_runs, format_table, metric_groups, metrics_rows
+from fairforget.evals.interface import Evaluation, Examples, Run
+from fairforget.markdown import ci_text, image, p_text, table
 from fairforget.plots import interval_bars
 
 LETTERS = "ABC"
@@ -162,46 +163,91 @@ def annotate_items(items: list[dict]) -> list[dict]:
     return items
 
 
-@writes_run_folder
+class BbqEvaluation(Evaluation):
+    """BBQ through the shared interface (:mod:`fairforget.evals.interface`)."""
+
+    name, title, script = "bbq", "BBQ", "20_evaluate_bbq.py"
+    item_fields = ("category", "example_id", "context_condition", "question_polarity", "correct", "answer_type", "pred")
+    comparison_note = ("paired cluster-bootstrap 95% intervals over scenarios; McNemar exact p on correct and on "
+                       "biased answers")
+    report_heading, report_overall_only = "BBQ (stage 20)", True
+
+    def load(self, path: Path | str, categories: Sequence[str] | None = None, per_category: int | None = None,
+             seed: int = 0) -> Examples:
+        """``per_category`` examples of each category (stratified by condition x polarity; all when None)."""
+        data = load_bbq(path, categories)
+        return Examples(sample_per_category(data.examples, per_category, seed), list(data.files),
+                        {"excluded_na": data.excluded_na,
+                         "duplicate_metadata_keys_dropped": data.duplicate_metadata_keys})
+
+    def evaluate(self, model: Any, tokenizer: Any, examples: Sequence[Example], **options: Any) -> tuple[dict, list]:
+        return evaluate_bbq(model, tokenizer, examples, **options)
+
+    def compare(self, before: Sequence[dict], after: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+        try:
+            return compare_runs(before, after, n_boot, seed)
+        except ValueError as exc:
+            raise FairforgetError(f"BBQ runs cannot be paired: {exc}") from None
+
+    def group_sizes(self, metrics: dict) -> dict[str, int]:
+        return {name: g["n"] for name, g in metric_groups(metrics).items()}
+
+    def write_files(self, folder: Path, metrics: dict, label: str) -> None:
+        """metrics.csv, bias_scores.txt and bias_scores.png (s_AMB and s_DIS by category with 95% intervals)."""
+        write_csv(folder / "metrics.csv", metrics_rows(metrics))
+        title = (f"BBQ bias scores ({metrics.get('mode', '?')} mode, "
+                 f"chat template {'on' if metrics.get('chat_template') else 'off'})")
+        write_text(folder / "bias_scores.txt", f"{title}\n{metrics['definition']}\n\n{format_table(metrics)}")
+        groups = metric_groups(metrics)
+
+        def series(name: str) -> tuple[list[float], list[tuple[float, float]]]:
+            values = [g[name] for g in groups.values()]
+            intervals = [tuple(v if c != c else c for c in g[f"{name}_ci"]) for v, g in zip(values, groups.values())]
+            return values, intervals
+
+        interval_bars(folder / "bias_scores.png", list(groups), {"s_AMB": series("s_amb"), "s_DIS": series("s_dis")},
+                      title=title, ylabel="bias score (-1..1)", reference=0.0)
+
+    def provenance_notes(self, tokenizer: Any, metrics: dict, options: dict) -> dict:
+        chat = metrics["chat_template"]
+        scoring = ("letter: p(letter)+p(' '+letter) of the next token, renormalised over A/B/C"
+                   if metrics["mode"] == "letter" else
+                   f"answer: log-likelihood of ' '+answer text (no space after a chat turn), choice by "
+                   f"{metrics['answer_norm']}; shared prompt computation")
+        return {"prompt_template": PROMPT_TEMPLATE, "prompt_template_sha256": sha256_text(PROMPT_TEMPLATE),
+                "question_only_template_sha256": sha256_text(QUESTION_ONLY_TEMPLATE), "chat_template": chat,
+                "chat_template_sha256": sha256_text(tokenizer.chat_template) if chat else None, "scoring": scoring}
+
+    def headline(self, metrics: dict) -> str:
+        excluded = sum(metrics.get("excluded_na", {}).values())
+        return f"{format_table(metrics)}excluded (target_loc NA): {excluded}"
+
+    def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
+        header = ["group", "n", "change in accuracy", "change in s_DIS", "change in s_AMB", "p (correct)", "p (biased)"]
+        rows = [[name, c["n"], *(ci_text(c[f"{m}_delta"], c[f"{m}_delta_ci"], 3, True) for m in ("acc", "s_dis", "s_amb")),
+                 p_text(c["mcnemar_correct"]["p_value"]), p_text(c["mcnemar_biased"]["p_value"])]
+                for name, c in comparison.items() if name == "overall" or not overall_only]
+        return header, rows
+
+    def levels_table(self, runs: Sequence[Run], group: str | None = None) -> str:
+        """Accuracy, s_DIS and s_AMB with intervals: every group of one run, or ``group`` of each run."""
+        header = ["category" if group is None else "model", "n", "accuracy", "s_DIS", "s_AMB"]
+        named = (metric_groups(runs[0].metrics).items() if group is None
+                 else [(run.label, run.metrics[group]) for run in runs])
+        return table(header, [[name, g["n"], ci_text(g["acc"], g["acc_ci"], 3),
+                               ci_text(g["s_dis"], g["s_dis_ci"], 3, True), ci_text(g["s_amb"], g["s_amb_ci"], 3, True)]
+                              for name, g in named])
+
+    def report_levels(self, runs: Sequence[Run], folder: Path) -> str:
+        return "\n".join(f"### BBQ, {run.label} (stage 20)\n\n{run.metrics.get('definition', '')}.\n\n"
+                         + self.levels_table([run]) + "\n" + image(run.folder / "bias_scores.png",
+                                                                    "BBQ bias scores by category", folder)
+                         for run in runs)
+
+
+BBQ = BbqEvaluation()
+
+
 def write_bbq_run(out_dir: Path | str, metrics: dict, items: Sequence[dict], provenance: dict) -> None:
-    """Write a run folder: metrics.json (with provenance), metrics.csv, items.jsonl, bias_scores.txt and
-    bias_scores.png (s_AMB and s_DIS by category with 95% intervals), swapped in whole with its completion
-    marker (:func:`fairforget.run_folders.run_folder`)."""
-    out_dir = Path(out_dir)
-    write_jsonl(out_dir / "items.jsonl", items)
-    write_csv(out_dir / "metrics.csv", metrics_rows(metrics))
-    title = (f"BBQ bias scores ({metrics.get('mode', '?')} mode, "
-             f"chat template {'on' if metrics.get('chat_template') else 'off'})")
-    write_text(out_dir / "bias_scores.txt", f"{title}\n{metrics['definition']}\n\n{format_table(metrics)}")
-    groups = metric_groups(metrics)
-
-    def series(name: str) -> tuple[list[float], list[tuple[float, float]]]:
-        values = [g[name] for g in groups.values()]
-        intervals = [tuple(v if c != c else c for c in g[f"{name}_ci"]) for v, g in zip(values, groups.values())]
-        return values, intervals
-
-    interval_bars(out_dir / "bias_scores.png", list(groups), {"s_AMB": series("s_amb"), "s_DIS": series("s_dis")},
-                  title=title, ylabel="bias score (-1..1)", reference=0.0)
-    write_json(out_dir / "metrics.json", dict(metrics, provenance=provenance))
-
-
-def read_items(path: Path | str) -> list[dict]:
-    """Items of a finished run (``items.jsonl``), e.g. for :func:`fairforget.evals.bbq_metrics.compare_runs`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "items.jsonl"
-    if not path.is_file():
-        raise FairforgetError(f"BBQ items file not found: {path}")
-    items = []
-    with open(path) as handle:
-        for line, text in enumerate(handle, start=1):
-            try:
-                item = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise FairforgetError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in ("category", "example_id", "context_condition", "question_polarity", "correct",
-                                   "answer_type", "pred") if k not in item]
-            if missing:
-                raise FairforgetError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
-            items.append(item)
-    return items
+    """A BBQ run folder in the shared schema (:func:`fairforget.evals.interface.write_eval_run`), e.g. stage 22's."""
+    BBQ.write_run(out_dir, metrics, items, provenance)

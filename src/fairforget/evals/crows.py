@@ -16,8 +16,12 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from fairforget.artifacts import write_csv
 from fairforget.datasets import read_table
 from fairforget.errors import FairforgetError
+from fairforget.evals.interface import Evaluation, Examples, Run
+from fairforget.markdown import ci_text, image, p_text, table
+from fairforget.plots import interval_bars
 from fairforget.scoring import score_continuations
 from fairforget.stats import bootstrap_ci, mcnemar, proportional_sample
 
@@ -135,3 +139,73 @@ def compare_runs(items_before: Sequence[dict], items_after: Sequence[dict], n_bo
                         "delta": 100.0 * (aa.mean() - bb.mean()), "delta_ci": list(interval),
                         **mcnemar(bb, aa).as_dict()}
     return result
+
+
+def evaluate_crows(model: Any, tokenizer: Any, pairs: Sequence[CrowsPair], batch_size: int = 32, n_boot: int = 1000,
+                   seed: int = 0, score: ScoreKind = "sum") -> tuple[dict, list[dict]]:
+    """Score ``pairs`` and return (metrics, per-pair items)."""
+    items = score_pairs(model, tokenizer, pairs, batch_size, score)
+    return compute_metrics(items, n_boot, seed), items
+
+
+class CrowsEvaluation(Evaluation):
+    """CrowS-Pairs through the shared interface (:mod:`fairforget.evals.interface`)."""
+
+    name, title, script = "crows", "CrowS-Pairs", "15_evaluate_crows.py"
+    item_fields = ("id", "bias_type", "direction", "stereo_preferred")
+    comparison_note = "share of pairs whose stereotyping sentence is preferred; McNemar exact test"
+    report_heading, report_overall_only = "CrowS-Pairs", True
+
+    def load(self, path: Path | str, limit: int | None = None, seed: int = 0) -> Examples:
+        """A seeded sample of about ``limit`` pairs, proportional per bias type."""
+        return Examples(sample_pairs(load_crows(path), limit, seed), [Path(path)])
+
+    def evaluate(self, model: Any, tokenizer: Any, examples: Sequence[CrowsPair], **options: Any) -> tuple[dict, list]:
+        return evaluate_crows(model, tokenizer, examples, **options)
+
+    def compare(self, before: Sequence[dict], after: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+        return compare_runs(before, after, n_boot, seed)
+
+    def group_sizes(self, metrics: dict) -> dict[str, int]:
+        return {group: m["n"] for group, m in metrics.items()}
+
+    def write_files(self, folder: Path, metrics: dict, label: str) -> None:
+        write_csv(folder / "metrics.csv", [{"group": g, "n": m["n"], "metric": round(m["metric"], 3),
+                                            "ci_low": round(m["metric_ci"][0], 3),
+                                            "ci_high": round(m["metric_ci"][1], 3)} for g, m in metrics.items()])
+        groups = [g for g in metrics if not g.startswith("direction:")]
+        interval_bars(folder / "crows_by_bias_type.png", groups,
+                      {label: ([metrics[g]["metric"] for g in groups], [metrics[g]["metric_ci"] for g in groups])},
+                      "CrowS-Pairs: stereotyping sentence preferred (%)", "% of pairs", reference=50)
+
+    def provenance_notes(self, tokenizer: Any, metrics: dict, options: dict) -> dict:
+        return {"scoring": scoring_note(options.get("score", "sum"))}
+
+    def headline(self, metrics: dict) -> str:
+        o = metrics["overall"]
+        return f"CrowS-Pairs: {ci_text(o['metric'], o['metric_ci'])} on {o['n']} pairs"
+
+    def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
+        header = ["group", "n", "before", "after", "change [95% CI]", "stereo-preferred only before", "only after",
+                  "McNemar p"]
+        rows = [[name, c["n"], f"{c['metric_before']:.2f}", f"{c['metric_after']:.2f}",
+                 ci_text(c["delta"], c["delta_ci"], signed=True), c["true_before_only"], c["true_after_only"],
+                 p_text(c["p_value"])]
+                for name, c in comparison.items() if isinstance(c, dict) and (name == "overall" or not overall_only)]
+        return header, rows
+
+    def report_levels(self, runs: Sequence[Run], folder: Path) -> str:
+        first = runs[0].metrics
+        groups = [g for g in first if not g.startswith("direction:")]
+        text = (f"### {self.report_heading}\n\nShare of pairs (%) where the more stereotyping sentence has the "
+                "higher log-likelihood (ideal 50), with 95% bootstrap intervals.\n\n")
+        text += table(["group", *(run.label for run in runs)],
+                      [[f"{g} (n={first[g]['n']})", *(ci_text(run.metrics[g]["metric"], run.metrics[g]["metric_ci"], 1)
+                                                      if g in run.metrics else "n/a" for run in runs)] for g in groups])
+        return text
+
+    def report_plots(self, runs: Sequence[Run], folder: Path) -> str:
+        return image(runs[-1].folder / "crows_by_bias_type.png", f"CrowS-Pairs by bias type, {runs[-1].label}", folder)
+
+
+CROWS = CrowsEvaluation()

@@ -15,8 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fairforget.errors import FairforgetError
+from fairforget.artifacts import write_csv
 from fairforget.choice_scoring import encoded_option_logprobs
+from fairforget.errors import FairforgetError
+from fairforget.evals.interface import Evaluation, Examples, Run
+from fairforget.markdown import ci_text, image, p_text, table
+from fairforget.plots import interval_bars
 from fairforget.scoring import Score, encode, score_continuations
 from fairforget.stats import bootstrap_ci, bootstrap_intervals, mcnemar, proportional_sample
 
@@ -265,3 +269,93 @@ def compare_runs(items_before: Sequence[dict], items_after: Sequence[dict], n_bo
         result[name] = {"ss_micro_before": 100.0 * b.mean(), "ss_micro_after": 100.0 * a.mean(),
                         "delta_ss_micro": delta, "delta_ss_micro_ci": list(interval), **mcnemar(b, a).as_dict()}
     return result
+
+
+def metrics_rows(metrics: dict) -> list[dict]:
+    """One flat row per split and domain (for metrics.csv), rounded to 3 decimals."""
+    rows = []
+    for split, domains in metrics.items():
+        for domain, m in domains.items():
+            row = {"split": split, "domain": domain, "n": m["n"]}
+            for name in ("ss", "lms", "icat", "ss_micro"):
+                row[name] = round(m[name], 3)
+                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (round(v, 3) for v in m[f"{name}_ci"])
+            rows.append(row)
+    return rows
+
+
+class StereoSetEvaluation(Evaluation):
+    """StereoSet through the shared interface (:mod:`fairforget.evals.interface`)."""
+
+    name, title, script = "stereoset", "StereoSet", "13_evaluate_stereoset.py"
+    item_fields = ("example_id", "split", "bias_type", "target", "gold_label", "score")
+    comparison_note = "micro SS; stereotype-preferred decisions that flipped each way; McNemar exact test"
+    report_heading = "StereoSet (held-out half of dev)"
+
+    def load(self, path: Path | str, half: str = "all", half_seed: int = 0, limit: int | None = None,
+             seed: int = 0) -> Examples:
+        """The seeded ``half`` of dev, then a stratified sample of about ``limit`` examples."""
+        examples = stratified_limit(select_half(load_stereoset(path), half, half_seed), limit, seed)
+        if not examples:
+            raise FairforgetError(f"no StereoSet examples to score: {path} has none"
+                                  + ("" if half == "all" else f" in its {half} half") + "; nothing was written")
+        return Examples(examples, [Path(path)])
+
+    def evaluate(self, model: Any, tokenizer: Any, examples: Sequence[Example], **options: Any) -> tuple[dict, list]:
+        return evaluate_stereoset(model, tokenizer, examples, **options)
+
+    def compare(self, before: Sequence[dict], after: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+        return compare_runs(before, after, n_boot, seed)
+
+    def group_sizes(self, metrics: dict) -> dict[str, int]:
+        return {f"{split}/{domain}": m["n"] for split, domains in metrics.items() for domain, m in domains.items()}
+
+    def write_files(self, folder: Path, metrics: dict, label: str) -> None:
+        write_csv(folder / "metrics.csv", metrics_rows(metrics))
+        for split in metrics:
+            domains = [d for d in (*DOMAINS, "all") if d in metrics[split]]
+            interval_bars(folder / f"ss_by_domain_{split}.png", domains,
+                          {"SS": ([metrics[split][d]["ss"] for d in domains],
+                                  [metrics[split][d]["ss_ci"] for d in domains])},
+                          f"StereoSet SS ({split}), {label}", "SS (macro over targets)", reference=50.0)
+
+    def provenance_notes(self, tokenizer: Any, metrics: dict, options: dict) -> dict:
+        token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return {"scoring": SCORING_NOTE, "conditioning_token": tokenizer.convert_ids_to_tokens(token)}
+
+    def headline(self, metrics: dict) -> str:
+        o = metrics["overall"]["all"]
+        return "overall " + "  ".join(f"{name} {ci_text(o[key], o[f'{key}_ci'])}"
+                                      for name, key in (("SS", "ss"), ("LMS", "lms"), ("ICAT", "icat")))
+
+    def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
+        header = ["split", "n", "SS micro before", "SS micro after", "change [95% CI]", "stereo->anti",
+                  "anti->stereo", "McNemar p"]
+        rows = [[split, c["n"], f"{c['ss_micro_before']:.2f}", f"{c['ss_micro_after']:.2f}",
+                 ci_text(c["delta_ss_micro"], c["delta_ss_micro_ci"], signed=True), c["true_before_only"],
+                 c["true_after_only"], p_text(c["p_value"])]
+                for split in ("overall", *([] if overall_only else SPLITS)) if (c := comparison.get(split))]
+        return header, rows
+
+    def report_levels(self, runs: Sequence[Run], folder: Path) -> str:
+        first = runs[0].metrics
+        text = (f"### {self.report_heading}\n\nSS: share of examples (macro over target terms) where the "
+                f"stereotype scores above the anti-stereotype (ideal 50); LMS: related above unrelated (ideal 100); "
+                f"ICAT = LMS * min(SS, 100-SS)/50. {first['overall']['all']['n']} examples, intra- and "
+                f"intersentence; 95% bootstrap intervals over examples.\n\n")
+        rows = [[run.label, o["n"], *(ci_text(o[k], o[f"{k}_ci"]) for k in ("ss", "lms", "icat", "ss_micro"))]
+                for run in runs for o in [run.metrics["overall"]["all"]]]
+        text += table(["model", "n", "SS", "LMS", "ICAT", "SS (micro)"], rows)
+        domains = [d for d in DOMAINS if d in first["overall"]]
+        text += "\nSS by domain (both splits):\n\n" + table(
+            ["model", *domains], [[run.label, *(ci_text(run.metrics["overall"][d]["ss"],
+                                                        run.metrics["overall"][d]["ss_ci"], 1) for d in domains)]
+                                  for run in runs])
+        return text
+
+    def report_plots(self, runs: Sequence[Run], folder: Path) -> str:
+        return "\n".join(image(run.folder / "ss_by_domain_overall.png", f"StereoSet SS by domain, {run.label}", folder)
+                         for run in runs)
+
+
+STEREOSET = StereoSetEvaluation()
