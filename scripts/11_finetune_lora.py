@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget import distributed
-from fairforget.artifacts import provenance, save_figure, write_csv, write_json
+from fairforget.artifacts import provenance, write_csv, write_json
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, kernel_bypass_warning, mean_loss, save_adapter, target_modules
 from fairforget.models import DEFAULT_EMBEDDED, load_model
+from fairforget.plots import new_figure, save_figure
 from fairforget.progress import set_quiet
+from fairforget.run_folders import beside
 from fairforget.winogender import load_winogender_sentences
 
 
@@ -72,7 +74,7 @@ def main(cfg: Config) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loss_before = mean_loss(model, loaded.tokenizer, texts)
     start = time.perf_counter()
-    checkpoint = Checkpointer(cfg.out.parent / f"{cfg.out.name}_resume", cfg.checkpoint_every,
+    checkpoint = Checkpointer(beside(cfg.out, "resume"), cfg.checkpoint_every,
                               fingerprint=config_to_dict(cfg))
     total_steps = -(-len(texts) // cfg.batch_size) * cfg.epochs
 
@@ -87,7 +89,7 @@ def main(cfg: Config) -> None:
     loss_after = mean_loss(model, loaded.tokenizer, texts)
     save_adapter(model, loaded.tokenizer, cfg.out, cfg.model)
     checkpoint.clear()
-    log_dir = cfg.out.parent / f"{cfg.out.name}_log"
+    log_dir = beside(cfg.out, "log")
     write_csv(log_dir / "loss.csv", [asdict(h) for h in history])
     _plot(history, log_dir / "loss.png")
     summary = {"targets": targets, "trainable_parameters": trainable, "n_sentences": len(texts),
@@ -100,12 +102,7 @@ def main(cfg: Config) -> None:
 
 
 def _plot(history, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(figsize=(6, 3.5))
     ax.plot([h.step for h in history], [h.loss for h in history], lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("mean NLL per token")

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fairforget.artifacts import provenance, read_json, read_jsonl, save_figure, write_csv, write_json, write_jsonl, write_text
+from fairforget.artifacts import provenance, read_json, read_jsonl, write_csv, write_json, write_jsonl, write_text
 from fairforget.evals.bbq import load_bbq, sample_per_category
 from fairforget.evals.bbq_eval import evaluate_bbq
 from fairforget.evals.bbq_metrics import compare_runs as compare_bbq
@@ -44,6 +44,7 @@ from fairforget.evals.crows import load_crows, sample_pairs, score_pairs
 from fairforget.errors import FairforgetError
 from fairforget.methods import load_method
 from fairforget.models import DEFAULT_EMBEDDED
+from fairforget.plots import new_figure, save_figure
 from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change, texts_provenance
 from fairforget.stats import bootstrap_ci, mcnemar
 from fairforget.evals.stereoset import compare_runs as compare_stereoset
@@ -266,12 +267,7 @@ def markdown(rows: list[dict], items: Items, cfg: Config, seconds: float) -> str
 
 
 def plot(changes: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = new_figure(figsize=(6.5, 4.5))
     for name, c in changes.items():
         d, p = c["ss_gender_distance"], c["perplexity"]
         x, y = p["ppl_change_pct"], d["delta"]

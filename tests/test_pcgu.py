@@ -10,6 +10,7 @@ from fairforget.errors import FairforgetError
 from fairforget.methods.pcgu import (RetainTerm, apply_update, differing_span, encode_pairs, gradients, partition_cosines,
                              partition_tensors, pcgu_step, select_lowest, sequence_scores)
 from fairforget.evals.perplexity import load_neutral_texts
+from fairforget.methods.pcgu_run import keeps
 from fairforget.scoring import collate
 from fairforget.winogender import Pair
 
@@ -240,6 +241,17 @@ def test_min_cos_keeps_only_partitions_below_it():
     cos = [torch.tensor([0.5, -0.2, float("inf")]), torch.tensor([0.1, -0.6])]
     chosen = select_lowest(cos, 10, min_cos=0.0)
     assert [c.tolist() for c in chosen] == [[1], [1]]
+
+
+def test_lms_budget_keeps_the_start_unless_a_point_is_closer_to_50_within_it():
+    start = {"step": 0, "lms": 80.0, "distance_from_50": 14.8}
+    damaged = {"step": 6, "lms": 41.3, "distance_from_50": 0.1}  # SS 50 by wrecking the language model
+    mild = {"step": 3, "lms": 78.5, "distance_from_50": 9.0}
+    assert keeps(damaged, start, 80.0, None)  # no budget: closest to 50 wins
+    assert not keeps(damaged, start, 80.0, 2.0)
+    assert keeps(mild, start, 80.0, 2.0) and not keeps(mild, start, 80.0, 1.0)
+    assert not keeps({**mild, "distance_from_50": 15.0}, start, 80.0, 2.0)  # within budget but farther from 50
+    assert keeps(mild, None, 80.0, None)  # the first trained point when nothing is kept yet
 
 
 def test_retain_kl_is_zero_at_the_start_and_positive_after_a_change(tiny_models, tokenizer):

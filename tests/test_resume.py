@@ -14,6 +14,7 @@ import torch
 
 from fairforget.checkpoint import KILL_ENV, Checkpointer, latest_checkpoint, load_training_state, save_training_state
 from fairforget.errors import FairforgetError
+from fairforget.run_folders import beside
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,6 +203,8 @@ def test_pcgu_stage_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_fo
     resumed = _in_process(args + ["--out", "b/debiased", "--log-dir", "b/log"], tmp_path, capsys)
     assert "(step 8)" in resumed
     _assert_same_weights(tmp_path / "a" / "debiased", tmp_path / "b" / "debiased")
+    for part in ("resume", "best"):  # the side folders of the one stage layout are cleared at the end
+        assert not beside(tmp_path / "b" / "debiased", part).exists()
     for name, timing in (("unlearning_log.csv", "seconds"), ("epochs.csv", "train_seconds")):
         assert _rows_without(tmp_path / "a/log" / name, timing) == _rows_without(tmp_path / "b/log" / name, timing)
 

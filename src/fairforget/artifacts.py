@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from fairforget import distributed
 from fairforget.errors import FairforgetError
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "safetensors", "tokenizers")
@@ -99,9 +100,7 @@ def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
 
 def _writes_results() -> bool:
     """Only rank 0 of a multi-process run puts results in place (see fairforget.distributed)."""
-    from fairforget.distributed import is_main
-
-    return is_main()
+    return distributed.is_main()
 
 
 def _umask() -> int:
@@ -260,15 +259,6 @@ def write_csv(path: Path | str, rows: list[dict], fieldnames: list[str] | None =
         writer.writerows(rows)
 
 
-def save_figure(fig: Any, path: Path | str) -> None:
-    """Save a matplotlib figure atomically as PNG and close it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
 def read_json(path: Path | str, what: str = "file") -> Any:
     """Read JSON with one clear error naming the file when it is missing or malformed."""
     path = Path(path)
@@ -329,8 +319,7 @@ def package_versions() -> dict[str, str | None]:
 def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extra: Any) -> dict[str, Any]:
     """The provenance block of a result: config, versions, git commit, data hashes, time, command line and
     the number of processes that computed it."""
-    from fairforget import distributed
-    from fairforget.config import config_to_dict
+    from fairforget.config import config_to_dict  # lazy: config and datasets import this module
     from fairforget.datasets import pinned_files
 
     block: dict[str, Any] = {

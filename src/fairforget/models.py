@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from fairforget.artifacts import save_model
+from fairforget.artifacts import read_json, save_model
 from fairforget.errors import FairforgetError
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,6 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
         source = str(prepare_embedded(spec))
     elif path.is_dir():
         if (path / "adapter_config.json").is_file():
-            from fairforget.artifacts import read_json
-
             adapter_config = read_json(path / "adapter_config.json", "adapter config")
             adapter_base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
             if not adapter_base or not isinstance(adapter_base, str):

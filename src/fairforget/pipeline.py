@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from fairforget.artifacts import package_versions, read_json, sha256_file, write_json
-from fairforget.run_folders import run_problem
-from fairforget.datasets import data_problem
+from fairforget.datasets import data_problem, dataset_files
 from fairforget.errors import FairforgetError
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
+from fairforget.run_folders import beside, run_problem
 
 LIBRARY = Path(__file__).resolve().parent
 REPO = LIBRARY.parents[1]
@@ -277,8 +277,6 @@ def model_inputs(spec: str, layout: Layout) -> list[Path]:
 
 
 def dataset_inputs(dataset: str, layout: Layout, only: Sequence[str] = ()) -> list[Path]:
-    from fairforget.datasets import dataset_files
-
     return [layout.data / spec.file for spec in dataset_files(dataset)
             if not only or any(part in spec.file for part in only)]
 
@@ -306,7 +304,7 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
                             outputs=[folder or out / "prepared" / name]))
     common = {"seed": seed, "device": device}
     if chosen.get("plan") == "methods":
-        from fairforget.methods.plan import method_stages
+        from fairforget.methods.plan import method_stages  # lazy: plan imports Stage from this module
 
         spec = pcgu_model or chosen["pcgu_model"]
         return stages + method_stages(spec, layout, model_inputs(spec, layout), common, SCRIPTS)
@@ -350,7 +348,7 @@ def _pcgu_stages(spec: str, flags: Callable[[str], dict], layout: Layout, common
     stages.append(Stage("11 LoRA fine-tuning", "11_finetune_lora.py",
                         {"model": spec, "sentences": wino / "all_sentences.tsv", "out": finetuned,
                          **flags("11_finetune_lora.py"), **common},
-                        [wino / "all_sentences.tsv", *base_in], [finetuned, mdir / "finetuned_lora_log"], "pcgu"))
+                        [wino / "all_sentences.tsv", *base_in], [finetuned, beside(finetuned, "log")], "pcgu"))
     stages += [stereoset("finetuned", str(finetuned), [finetuned], "base"),
                crows_pairs("finetuned", str(finetuned), [finetuned], "base")]
     stages.append(Stage("12 PCGU unlearning", "12_pcgu_unlearn.py",

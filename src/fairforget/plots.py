@@ -1,4 +1,4 @@
-"""Small plotting helpers shared by the stages (matplotlib, headless)."""
+"""The package's one matplotlib entry point (headless): new figures, atomic PNG saving, shared chart types."""
 
 from __future__ import annotations
 
@@ -11,7 +11,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fairforget.artifacts import save_figure  # noqa: E402
+from fairforget.artifacts import atomic_path  # noqa: E402
+
+
+def new_figure(*args, **kwargs):
+    """``plt.subplots`` on the headless backend: (figure, axes)."""
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: Path | str) -> None:
+    """Save a figure atomically as PNG and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def interval_bars(path: Path | str, groups: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence]],

@@ -11,13 +11,23 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 from fairforget.artifacts import atomic_dir, sha256_file, write_json
 from fairforget.errors import FairforgetError
 
 RUN_MARKER = "run_complete.json"  # written last into every run folder; readers require it
 RUN_FILES = ("metrics.json", RUN_MARKER, ".stage.json")  # a folder holding none of these is not a run folder
+
+SidePart = Literal["log", "resume", "best"]
+
+
+def beside(out: Path | str, part: SidePart) -> Path:
+    """The one layout of a training stage's folders next to its model folder ``<out>``: ``<out>_log`` (logs and
+    figures), ``<out>_resume`` (the resumable training state, cleared once the model is written) and
+    ``<out>_best`` (the kept evaluation point of a stage that chooses one, removed at the end)."""
+    out = Path(out)
+    return out.parent / f"{out.name}_{part}"
 
 
 @contextlib.contextmanager

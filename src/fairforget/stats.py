@@ -7,6 +7,8 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
+from fairforget.errors import FairforgetError
+
 DEFAULT_BOOTSTRAP = 1000
 T = TypeVar("T")
 
@@ -114,8 +116,6 @@ def proportional_sample(groups: Sequence[Sequence[T]], limit: int | None, seed: 
     """About ``limit`` items drawn with a seed from ``groups`` (strata, in a fixed order), each stratum
     contributing in proportion to its size and at least one item; every item when ``limit`` is None or
     covers them all. Within a stratum the chosen items keep their order."""
-    from fairforget.errors import FairforgetError
-
     total = sum(len(g) for g in groups)
     if limit is None or limit >= total:
         return [item for group in groups for item in group]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from fairforget.datasets import read_table
+from fairforget.artifacts import atomic_path
 from fairforget.errors import FairforgetError
 
 Statistic = Literal["bergsma", "bls"]
@@ -130,8 +131,6 @@ def _read_winobias(path: Path) -> list[tuple[int, str]]:
 
 
 def write_pairs_tsv(path: Path | str, pairs: list[Pair]) -> None:
-    from fairforget.artifacts import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=PAIR_COLUMNS, delimiter="\t")
         writer.writeheader()

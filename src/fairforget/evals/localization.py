@@ -28,9 +28,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fairforget.artifacts import atomic_path, write_csv, write_json, write_jsonl
 from fairforget.choice_scoring import encode_prompt
 from fairforget.errors import FairforgetError
+from fairforget.evals.bbq_eval import build_prompt, option_order
 from fairforget.methods.heads import HeadLayout, batch_prompts, decoder_layers, head_hooks, head_layout
+from fairforget.plots import layer_head_panel, new_figure, save_figure
 from fairforget.progress import progress
 from fairforget.scoring import backbone_and_head, length_sorted_batches
 
@@ -220,8 +223,6 @@ def group_summary(means: dict[str, dict[str, np.ndarray]], counts: dict[str, int
 
 def save_arrays(path: Path | str, means: dict[str, dict[str, np.ndarray]], counts: dict[str, int]) -> None:
     """All means in one ``.npz`` (keys ``GROUP::STAT`` and ``GROUP::n``), written atomically."""
-    from fairforget.artifacts import atomic_path
-
     arrays = {f"{g}::{n}": v for g, stats in means.items() for n, v in stats.items()}
     arrays.update({f"{g}::n": np.array(c) for g, c in counts.items()})
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -250,15 +251,7 @@ def load_arrays(path: Path | str) -> tuple[dict[str, dict[str, np.ndarray]], dic
 
 def plot_heads(path: Path | str, stats: dict[str, np.ndarray], title: str) -> None:
     """Layer x head heatmaps of the head statistics of one group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fairforget.artifacts import save_figure
-    from fairforget.plots import layer_head_panel
-
-    fig, axes = plt.subplots(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
+    fig, axes = new_figure(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
     for ax, name in zip(axes, HEAD_STATS):
         layer_head_panel(fig, ax, stats[name], name)
     axes[0].set_ylabel("layer")
@@ -268,17 +261,10 @@ def plot_heads(path: Path | str, stats: dict[str, np.ndarray], title: str) -> No
 
 def plot_groups(path: Path | str, means: dict[str, dict[str, np.ndarray]], groups: Sequence[str], title: str) -> None:
     """Layer x group heatmaps: residual and MLP norms at the last position, context and question attention mass."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fairforget.artifacts import save_figure
-
     panels = {"hidden_norm_last": lambda s: s["hidden_norm_last"], "mlp_norm_last": lambda s: s["mlp_norm_last"],
               "attn_context_last (head mean)": lambda s: s["attn_context_last"].mean(1),
               "attn_question_last (head mean)": lambda s: s["attn_question_last"].mean(1)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 6.0), sharey=True)
+    fig, axes = new_figure(1, len(panels), figsize=(4.0 * len(panels), 6.0), sharey=True)
     for ax, (name, get) in zip(axes, panels.items()):
         matrix = np.stack([get(means[g]) for g in groups], axis=1)
         image = ax.imshow(matrix, aspect="auto", cmap="viridis", origin="lower")
@@ -296,8 +282,6 @@ def bbq_prompts(examples: Sequence[Any], chat_tokenizer: Any = None, seed: int =
     """BBQ evaluation prompts (same option order as the evaluation), grouped as all / category /
     category|condition, and with ``answer_types`` ((category, example_id) -> the model's answer type in the
     chosen scoring mode) also ``answer|<type>`` and ``<condition>|answer|<type>``."""
-    from fairforget.evals.bbq_eval import build_prompt, option_order
-
     def groups(e: Any) -> tuple[str, ...]:
         base = ("all", e.category, f"{e.category}|{e.context_condition}")
         kind = (answer_types or {}).get((e.category, e.example_id))
@@ -309,15 +293,7 @@ def bbq_prompts(examples: Sequence[Any], chat_tokenizer: Any = None, seed: int =
 
 def plot_difference(path: Path | str, before: dict[str, np.ndarray], after: dict[str, np.ndarray], title: str) -> None:
     """Layer x head heatmaps of after - before for each head statistic (diverging colours centred on 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fairforget.artifacts import save_figure
-    from fairforget.plots import layer_head_panel
-
-    fig, axes = plt.subplots(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
+    fig, axes = new_figure(1, len(HEAD_STATS), figsize=(3.0 * len(HEAD_STATS), 6.0), sharey=True)
     for ax, name in zip(axes, HEAD_STATS):
         diff = after[name] - before[name]
         bound = float(np.abs(diff).max()) or 1.0
@@ -335,8 +311,6 @@ def run_localization(model: Any, tokenizer: Any, examples: Sequence[Any], folder
     (with ``provenance``), ``per_group.csv``, ``items.jsonl``, heatmaps, and with ``compare_to`` (an earlier
     folder) ``difference_heads.png``. The model is switched to eager attention. Returns the summary."""
     import time
-
-    from fairforget.artifacts import write_csv, write_json, write_jsonl
 
     folder = Path(folder)
     use_eager_attention(model)

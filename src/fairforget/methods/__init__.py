@@ -13,10 +13,13 @@ model or peft adapter folder, or a ``self_debias.json`` naming a base model and 
 
 from __future__ import annotations
 
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
-from fairforget.artifacts import read_json
+from fairforget.artifacts import provenance, read_json, write_json
+from fairforget.methods.self_debias import SelfDebiasLM
 from fairforget.models import LoadedModel, load_model
 
 SELF_DEBIAS_FILE = "self_debias.json"
@@ -27,8 +30,6 @@ def load_method(spec: str, device: str = "auto") -> LoadedModel:
     settings_file = Path(spec) / SELF_DEBIAS_FILE
     if not settings_file.is_file():
         return load_model(spec, device)
-    from fairforget.methods.self_debias import SelfDebiasLM
-
     settings: dict[str, Any] = read_json(settings_file, "Self-Debias settings")
     loaded = load_model(settings["base_model"], device)
     wrapped = SelfDebiasLM(loaded.model, loaded.tokenizer, settings["prefixes"], settings["decay_constant"],
@@ -39,17 +40,12 @@ def load_method(spec: str, device: str = "auto") -> LoadedModel:
 
 def peak_memory_mib() -> float:
     """Peak resident memory of this process so far, in MiB (the whole method run: model, data, training)."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def write_method_record(log_dir: Path, method: str, cfg: Any, seconds: float, data_files: list, **details: Any) -> dict:
     """``<log_dir>/method.json``: the method's wall time, peak memory, details and provenance."""
-    from fairforget.artifacts import provenance, write_json
-
     record = {"method": method, "wall_seconds": round(seconds, 1), "peak_memory_mib": peak_memory_mib(),
               **details, "provenance": provenance(cfg, data_files)}
     write_json(Path(log_dir) / "method.json", record)

@@ -246,7 +246,7 @@ def controls_markdown(rows: dict[str, Any], changes: dict[str, Any], heads: dict
 def plot_dose_response(path: Path | str, dose: Sequence[dict], title: str) -> None:
     """s_AMB and disambiguated accuracy against the number of heads pruned: chosen (95% interval) vs random
     draws (each draw a dot, their mean a line)."""
-    fig, axes = plots.plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plots.new_figure(1, 2, figsize=(10, 4))
     ks = [d["k"] for d in dose]
     for ax, (key, label) in zip(axes, (("s_amb", "s_AMB"), ("acc_disambig", "accuracy, disambiguated"))):
         values = [d["chosen"][key] for d in dose]

@@ -29,6 +29,7 @@ from fairforget.evals.perplexity import texts_provenance
 from fairforget.methods import head_controls as hc
 from fairforget.methods import head_pruning as hp
 from fairforget.methods.selection import selection_examples
+from fairforget.run_folders import beside
 
 
 MITIGATION_INFO = "fairforget_mitigation.json"
@@ -115,7 +116,7 @@ class Experiment:
              "p_used": float(p_used[l, h]), "strength": float(self.strengths[l, h]),
              "pruning_cost": None if cost is None else float(cost[l, h]), "protected": (l, h) in self.protected}
             for l in range(self.layout.n_layers) for h in range(self.layout.n_heads)])
-        fig, axes = plots.plt.subplots(1, 2, figsize=(8, 7), sharey=True)
+        fig, axes = plots.new_figure(1, 2, figsize=(8, 7), sharey=True)
         bound = float(self.signal.score.abs().max()) or 1.0
         plots.layer_head_panel(fig, axes[0], self.signal.score.numpy(), f"{cfg.signal} signal", "RdBu_r", -bound, bound)
         plots.layer_head_panel(fig, axes[1], self.strengths.numpy(), "pruning strength", "Reds", 0, 1)
@@ -206,7 +207,7 @@ class Experiment:
             model = copy.deepcopy(self.model)
             if strengths is not None:
                 scale_heads(model, strengths)
-            resume = Checkpointer(cfg.models_dir / label / f"{self.name}_resume", cfg.checkpoint_every,
+            resume = Checkpointer(beside(cfg.models_dir / label / self.name, "resume"), cfg.checkpoint_every,
                                   fingerprint=dict(config_to_dict(cfg), variant=label))
             with self.timed(f"train_{label}"):
                 model, history, lr = hp.recover(model, self.tokenizer, self.mitigation, orders, prompts, cfg.mode, cfg,

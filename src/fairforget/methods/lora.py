@@ -17,8 +17,9 @@ import torch
 
 from fairforget import distributed
 from fairforget.checkpoint import Checkpointer
+from fairforget.artifacts import atomic_dir
 from fairforget.errors import FairforgetError
-from fairforget.scoring import collate, encode, token_logprobs
+from fairforget.scoring import collate, encode, score_continuations, token_logprobs
 from fairforget.training import StepLog, shuffled_batches, start_training, step_bar
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,6 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
 
 def mean_loss(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> float:
     """Token-weighted mean NLL of ``texts`` (no gradient)."""
-    from fairforget.scoring import score_continuations
-
     scores = score_continuations(model, tokenizer, [("", t) for t in texts], batch_size, desc="mean loss")
     return -sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)
 
@@ -139,8 +138,6 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path | str, base_spec: str)
     ``base_spec`` is what :func:`fairforget.models.load_model` should load the base from (a folder, a hub id
     or an ``embedded:`` name), so ``load_model(folder)`` rebuilds the fine-tuned model.
     """
-    from fairforget.artifacts import atomic_dir
-
     for config in model.peft_config.values():
         config.base_model_name_or_path = base_spec
     with atomic_dir(folder) as tmp:

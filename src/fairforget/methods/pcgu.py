@@ -35,7 +35,8 @@ from typing import Any, Literal, Sequence
 import torch
 
 from fairforget.errors import FairforgetError
-from fairforget.scoring import Encoded, collate, encode, hidden_states, backbone_and_head, token_logprobs
+from fairforget.scoring import (Encoded, backbone_and_head, collate, encode, hidden_states, score_encoded,
+                                token_logprobs)
 
 Aggregation = Literal["rows", "columns"]
 Direction = Literal["advantaged", "disadvantaged", "both", "dynamic", "dynamic_lower"]
@@ -354,8 +355,6 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Any],
 def pair_gap(model: Any, adv: Sequence[Encoded], dis: Sequence[Encoded], pad_id: int,
              batch_size: int = 32) -> dict[str, float]:
     """Mean f(adv) - f(dis) over pairs and the share of pairs where the advantaged side is more likely."""
-    from fairforget.scoring import score_encoded
-
     fa = [s.mean for s in score_encoded(model, adv, pad_id, batch_size)]
     fd = [s.mean for s in score_encoded(model, dis, pad_id, batch_size)]
     gaps = torch.tensor(fa) - torch.tensor(fd)

@@ -1,0 +1,265 @@
+"""Stage 12's PCGU run: the start model, the selection-half evaluation points, the resumable training loop and
+the kept model with its logs (the algorithm itself is :mod:`fairforget.methods.pcgu`)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fairforget.artifacts import atomic_dir, provenance, save_model, write_csv, write_json
+from fairforget.checkpoint import Checkpointer
+from fairforget.config import config_to_dict
+from fairforget.errors import FairforgetError
+from fairforget.evals.perplexity import load_neutral_texts
+from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, select_half, stratified_limit
+from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
+                                     pcgu_step)
+from fairforget.methods.pcgu_heldout import HeldOut, kept_heldout
+from fairforget.models import load_model
+from fairforget.pairs import balance_pairs, orientation_counts
+from fairforget.plots import new_figure, save_figure
+from fairforget.progress import progress
+from fairforget.run_folders import beside
+from fairforget.training import shuffled_batches
+from fairforget.winogender import read_pairs_tsv
+
+
+def load_start_model(cfg: Any) -> Any:
+    """The start model with exactly the parameters PCGU may change set trainable."""
+    is_adapter = (Path(cfg.model) / "adapter_config.json").is_file()
+    if cfg.scope == "lora" and not is_adapter:
+        raise FairforgetError(f"--scope lora needs a peft adapter folder as --model, got {cfg.model}")
+    loaded = load_model(cfg.model, cfg.device, merge_adapter=cfg.scope == "full")
+    for name, param in loaded.model.named_parameters():
+        param.requires_grad_(cfg.scope == "full" or "lora_" in name)
+    return loaded
+
+
+def selection_examples(cfg: Any) -> list:
+    """The gender examples of the selection half (``--selection-metric gender``) or all of it, each as a seeded
+    ``--selection-limit`` sample when given."""
+    half = select_half(load_stereoset(cfg.stereoset), "selection", cfg.half_seed)
+    if cfg.selection_metric == "gender":
+        half = [e for e in half if e.bias_type == "gender"]
+    return stratified_limit(half, cfg.selection_limit, cfg.sample_seed)
+
+
+def selection_scores(model: Any, tokenizer: Any, examples: list, cfg: Any) -> dict[str, float]:
+    """Selection-half SS (with its interval), LMS, ICAT and gender SS of the model."""
+    metrics, _ = evaluate_stereoset(model, tokenizer, examples, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)
+    overall, gender = metrics["overall"]["all"], metrics["overall"].get("gender", {})
+    return {"ss": overall["ss"], "ss_ci": overall["ss_ci"], "lms": overall["lms"], "icat": overall["icat"],
+            "ss_gender": gender.get("ss", float("nan")), "ss_gender_ci": gender.get("ss_ci")}
+
+
+def eval_steps(n_pairs: int, cfg: Any) -> set[int]:
+    """Global step numbers after which the model is evaluated (evenly spread, always at each epoch's end)."""
+    per_epoch = math.ceil(n_pairs / cfg.batch_size)
+    marks = {max(1, round(per_epoch * (i + 1) / cfg.evals_per_epoch)) for i in range(cfg.evals_per_epoch)}
+    return {epoch * per_epoch + m for epoch in range(cfg.epochs) for m in marks}
+
+
+@dataclass
+class Setup:
+    """What a run trains: pairs, start model, partitions, encodings, retain term, selection examples, folders."""
+
+    cfg: Any
+    read: list
+    pairs: list
+    examples: list
+    loaded: Any
+    tensors: list
+    total: int
+    k: int
+    adv: list
+    dis: list
+    module_types: list[str]
+    layers: list[str]
+    retain: RetainTerm | None
+    log_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_dir = self.cfg.log_dir or beside(self.cfg.out, "log")
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+
+@dataclass
+class Trained:
+    """A finished training loop: per-step and per-evaluation rows, the kept step and the loop's timing."""
+
+    steps: list[dict]
+    epochs: list[dict]
+    best_step: int | None
+    stopped: int | None
+    start: float
+    resume: Checkpointer
+
+
+def prepare(cfg: Any) -> Setup:
+    """Load pairs, selection examples and start model, partition its weights, and print what will run."""
+    read = read_pairs_tsv(cfg.pairs)
+    pairs = balance_pairs(read, cfg.balance, cfg.seed)
+    examples = selection_examples(cfg)
+    loaded = load_start_model(cfg)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    tensors = partition_tensors(model, cfg.aggregation)
+    total = sum(t.n_partitions for t in tensors)
+    k = max(1, round(cfg.fraction * total)) if cfg.fraction is not None else cfg.k
+    adv, dis = encode_pairs(tokenizer, pairs, cfg.target_tokens)
+    module_types = sorted({t.module_type for t in tensors})
+    layers = sorted({t.layer for t in tensors}, key=lambda x: (x == "none", int(x) if x.isdigit() else 0))
+    retain = None
+    if cfg.retain != "none":
+        retain = RetainTerm(cfg.retain, model, tokenizer, load_neutral_texts("retain"), cfg.retain_batch_size)
+    print(f"PCGU on {loaded.name}: {len(pairs)} pairs {orientation_counts(pairs)}, {total:,} {cfg.aggregation} "
+          f"partitions in {len(tensors)} tensors, k={k:,}, lr={cfg.lr}, {cfg.epochs} epochs, "
+          f"direction={cfg.direction}, targets={cfg.target_tokens}, min_cos={cfg.min_cos}, retain={cfg.retain} "
+          f"(weight {cfg.retain_weight}), scope={cfg.scope}; selection: {len(examples)} StereoSet examples "
+          f"({cfg.selection_metric})", flush=True)
+    return Setup(cfg, read, pairs, examples, loaded, tensors, total, k, adv, dis, module_types, layers, retain)
+
+
+def evaluate(run: Setup, epoch: int, step: int, seconds: float) -> dict:
+    """One evaluation point: the training-pair gap and the selection-half scores, printed."""
+    cfg = run.cfg
+    row = {"epoch": epoch, "step": step,
+           **pair_gap(run.model, run.adv, run.dis, run.tokenizer.pad_token_id, cfg.eval_batch_size),
+           **selection_scores(run.model, run.tokenizer, run.examples, cfg), "train_seconds": round(seconds, 1)}
+    metric = row["ss"] if cfg.selection_metric == "overall" else row["ss_gender"]
+    row["distance_from_50"] = abs(metric - 50)
+    print(f"step {step} (epoch {epoch}): selection SS {row['ss']:.2f} [{row['ss_ci'][0]:.2f}, "
+          f"{row['ss_ci'][1]:.2f}] LMS {row['lms']:.2f} gender SS {row['ss_gender']:.2f}; pair gap "
+          f"{row['mean_gap']:+.4f}, adv preferred {100 * row['share_adv_preferred']:.1f}%", flush=True)
+    return row
+
+
+def keeps(row: dict, kept: dict | None, start_lms: float, max_lms_drop: float | None) -> bool:
+    """Whether evaluation point ``row`` replaces the kept one: within the selection-half LMS budget (if any)
+    and closer to SS 50."""
+    if max_lms_drop is not None and start_lms - row["lms"] > max_lms_drop:
+        return False
+    return kept is None or row["distance_from_50"] < kept["distance_from_50"]
+
+
+def train(run: Setup) -> Trained:
+    """The PCGU steps with their evaluation points, keeping the best one in ``<out>_best``; a killed
+    run resumes from its last training state (replaying the seeded shuffles, skipping done steps)."""
+    cfg, model, tensors, adv, dis, retain = run.cfg, run.model, run.tensors, run.adv, run.dis, run.retain
+    pad = run.tokenizer.pad_token_id
+    resume = Checkpointer(beside(cfg.out, "resume"), cfg.checkpoint_every, fingerprint=config_to_dict(cfg))
+    saved = resume.resume([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    if retain is not None:
+        retain.position = saved.get("retain_position", 0)
+    epochs = saved.get("epochs") or [evaluate(run, 0, 0, 0.0)]
+    steps: list[dict] = saved.get("steps", [])
+    best_step = saved.get("best_step")
+    if cfg.max_lms_drop is not None and not saved:  # with an LMS budget the start model is a candidate too
+        save_model(model, run.tokenizer, beside(cfg.out, "best"))
+        best_step = 0
+    stopped = saved.get("stopped_at_parity")
+    evals_at = eval_steps(len(run.pairs), cfg)
+    per_epoch = math.ceil(len(run.pairs) / cfg.batch_size)
+    start = time.perf_counter() - (epochs[-1]["train_seconds"] if len(epochs) > 1 else 0.0)
+    state = lambda: {"epochs": epochs, "steps": steps, "best_step": best_step,  # noqa: E731
+                     "stopped_at_parity": stopped, "retain_position": retain.position if retain else 0}
+    batches = [] if stopped else shuffled_batches(len(run.pairs), cfg.epochs, cfg.batch_size, cfg.seed, resume)
+    bar = progress(total=cfg.epochs * per_epoch, desc="PCGU steps", unit="step")
+    bar.update(len(steps))
+    for epoch, step, idx in batches:
+        t0 = time.perf_counter()
+        result = pcgu_step(model, tensors, [adv[i] for i in idx], [dis[i] for i in idx], pad, run.k, cfg.lr,
+                           cfg.direction, cfg.min_cos, retain, cfg.retain_weight)
+        bad = nonfinite_parameters([t for t, n in zip(tensors, result.selected) if n] if retain is None else tensors)
+        values = torch.tensor(result.f_adv + result.f_dis)
+        if bad or not torch.isfinite(values).all():
+            raise FairforgetError(f"non-finite {'weights in ' + ', '.join(bad[:3]) if bad else 'objective'} at "
+                                  f"epoch {epoch}, step {step} (lower --lr); the best checkpoint so far is "
+                                  f"{beside(cfg.out, 'best') if best_step else cfg.model}")
+        f_a, f_d = sum(result.f_adv) / len(idx), sum(result.f_dis) / len(idx)
+        steps.append({"step": step, "epoch": epoch, "f_adv": f_a, "f_dis": f_d, "gap": f_a - f_d,
+                      "lowered_adv": result.lowered.count("adv"), "n_candidates": result.n_candidates,
+                      "selected": sum(result.selected), "min_cos": result.min_selected_cosine,
+                      "max_cos": result.max_selected_cosine, "retain_loss": result.retain_loss,
+                      "seconds": round(time.perf_counter() - t0, 3),
+                      **{f"sel_{m}": result.by_module.get(m, 0) for m in run.module_types},
+                      **{f"sel_layer_{layer}": result.by_layer.get(layer, 0) for layer in run.layers}})
+        bar.set_postfix(gap=f"{f_a - f_d:+.3f}")
+        bar.update(1)
+        if step not in evals_at:
+            resume.after_step(step, state)
+            continue
+        row = evaluate(run, epoch, step, time.perf_counter() - start)
+        epochs.append(row)
+        kept = next((e for e in epochs[:-1] if e["step"] == best_step), None)
+        if keeps(row, kept, epochs[0]["lms"], cfg.max_lms_drop):
+            save_model(model, run.tokenizer, beside(cfg.out, "best"))
+            best_step = step
+        if cfg.stop_at_parity and row["share_adv_preferred"] <= 0.5:
+            stopped = step
+        write_csv(run.log_dir / "unlearning_log.csv", steps)
+        write_csv(run.log_dir / "epochs.csv", epochs)
+        resume.save(step, state())
+        if stopped:
+            break
+    bar.close()
+    return Trained(steps, epochs, best_step, stopped, start, resume)
+
+
+def write_results(run: Setup, done: Trained, held: HeldOut | None) -> None:
+    """Copy the kept checkpoint to ``--out``, add the held-out report, write ``summary.json`` and the figure,
+    and clear the training state."""
+    cfg, steps, epochs = run.cfg, done.steps, done.epochs
+    best = next(e for e in epochs if e["step"] == done.best_step)
+    with atomic_dir(cfg.out) as tmp:
+        shutil.copytree(beside(cfg.out, "best"), tmp, dirs_exist_ok=True)
+    summary = {"kept_step": best["step"], "kept_epoch": best["epoch"],
+               "criterion": f"smallest |SS - 50| ({cfg.selection_metric}) on {len(run.examples)} selection-half "
+                            f"StereoSet dev examples (half seed {cfg.half_seed})"
+                            + (f" among points (the start included) whose selection LMS is at most "
+                               f"{cfg.max_lms_drop} below the start's" if cfg.max_lms_drop is not None else "")
+                            + "; report on the held-out half",
+               "stopped_at_parity": done.stopped, "n_pairs_read": len(run.read), "n_pairs_trained": len(run.pairs),
+               "pairs_read": orientation_counts(run.read), "pairs_trained": orientation_counts(run.pairs),
+               "n_partitions": run.total, "k": run.k, "epochs": epochs,
+               "selected_by_module_total": {m: sum(s[f"sel_{m}"] for s in steps) for m in run.module_types},
+               "train_seconds": round(time.perf_counter() - done.start, 1)}
+    if held is not None:
+        t0 = time.perf_counter()
+        summary["heldout"] = kept_heldout(held, cfg, run.log_dir)
+        summary["heldout_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["provenance"] = provenance(cfg, [cfg.pairs, cfg.stereoset])
+    write_json(run.log_dir / "summary.json", summary)
+    plot(steps, epochs, run.log_dir / "unlearning.png")
+    done.resume.clear()
+    shutil.rmtree(beside(cfg.out, "best"), ignore_errors=True)
+    print(f"kept step {best['step']} (selection SS {best['ss']:.2f}, gender {best['ss_gender']:.2f}) -> {cfg.out}; "
+          f"logs in {run.log_dir}")
+
+
+def plot(steps: list[dict], epochs: list[dict], path: Path) -> None:
+    """``unlearning.png``: the batch pair gap per step and the selection-half SS per evaluation point."""
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 3.5))
+    left.plot([s["step"] for s in steps], [s["gap"] for s in steps], lw=0.8)
+    left.set_xlabel("step")
+    left.set_ylabel("batch mean f(adv) - f(dis)")
+    right.errorbar([e["step"] for e in epochs], [e["ss"] for e in epochs],
+                   yerr=[[e["ss"] - e["ss_ci"][0] for e in epochs], [e["ss_ci"][1] - e["ss"] for e in epochs]],
+                   marker="o", capsize=3)
+    right.axhline(50, color="grey", lw=0.5)
+    right.set_xlabel("step")
+    right.set_ylabel("selection-half SS (95% CI)")
+    save_figure(fig, path)
+
