@@ -20,6 +20,7 @@ from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.markdown import ci_text, image, link, table
 from fairforget.pipeline import Stage, StageResult
+from fairforget.run_folders import beside
 
 
 class _Page:
@@ -69,13 +70,13 @@ def _training(page: _Page, stages: Sequence[Stage]) -> None:
     for stage in stages:
         if stage.script == "11_finetune_lora.py":
             out = Path(stage.args["out"])
-            summary = out.parent / f"{out.name}_log" / "summary.json"
+            summary = beside(out, "log") / "summary.json"
             if summary.is_file():
                 s = read_json(summary)
                 page.add(f"### LoRA fine-tuning\n\n{s['trainable_parameters']:,} LoRA parameters on "
                          f"{', '.join(s['targets'])}; {s['n_sentences']} WinoGender sentences, {s['steps']} steps. "
                          f"Mean NLL per token on them: {s['loss_before']:.4f} -> {s['loss_after']:.4f}.\n")
-                page.image(out.parent / f"{out.name}_log" / "loss.png", "LoRA loss")
+                page.image(beside(out, "log") / "loss.png", "LoRA loss")
         if stage.script == "12_pcgu_unlearn.py":
             log_dir = Path(stage.args["log_dir"])
             if (log_dir / "summary.json").is_file():
