@@ -21,6 +21,7 @@ from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, selec
 from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
                                      pcgu_step)
 from fairforget.methods.pcgu_heldout import HeldOut, kept_heldout
+from fairforget.methods.selection import choose
 from fairforget.models import load_model
 from fairforget.pairs import balance_pairs, orientation_counts
 from fairforget.plots import new_figure, save_figure
@@ -146,14 +147,6 @@ def evaluate(run: Setup, epoch: int, step: int, seconds: float) -> dict:
     return row
 
 
-def keeps(row: dict, kept: dict | None, start_lms: float, max_lms_drop: float | None) -> bool:
-    """Whether evaluation point ``row`` replaces the kept one: within the selection-half LMS budget (if any)
-    and closer to SS 50."""
-    if max_lms_drop is not None and start_lms - row["lms"] > max_lms_drop:
-        return False
-    return kept is None or row["distance_from_50"] < kept["distance_from_50"]
-
-
 def train(run: Setup) -> Trained:
     """The PCGU steps with their evaluation points, keeping the best one in ``<out>_best``; a killed
     run resumes from its last training state (replaying the seeded shuffles, skipping done steps)."""
@@ -203,8 +196,8 @@ def train(run: Setup) -> Trained:
             continue
         row = evaluate(run, epoch, step, time.perf_counter() - start)
         epochs.append(row)
-        kept = next((e for e in epochs[:-1] if e["step"] == best_step), None)
-        if keeps(row, kept, epochs[0]["lms"], cfg.max_lms_drop):
+        candidates = epochs if cfg.max_lms_drop is not None else epochs[1:]  # the start too, with a budget
+        if choose(candidates, "step", cfg.max_lms_drop, epochs[0]["lms"]) is row:
             save_model(model, run.tokenizer, beside(cfg.out, "best"))
             best_step = step
         if cfg.stop_at_parity and row["share_adv_preferred"] <= 0.5:
