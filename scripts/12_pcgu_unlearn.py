@@ -31,6 +31,7 @@ resumes there and ends with the same model.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,7 @@ from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.pcgu_heldout import start_heldout, write_eval_only
 from fairforget.methods.pcgu_run import prepare, train, write_results
+from fairforget.methods.registry import write_method_record
 from fairforget.models import DEFAULT_EMBEDDED
 
 PRESETS = {
@@ -123,8 +125,8 @@ class Config:
             raise FairforgetError("--batch-size must be at least 1")
         if self.checkpoint_every < 0:
             raise FairforgetError("--checkpoint-every must be >= 0")
-        if self.lr is not None and not self.lr > 0:
-            raise FairforgetError("--lr must be positive")
+        if self.lr is not None and not self.lr >= 0:
+            raise FairforgetError("--lr must be >= 0 (0: the start model)")
         if self.k is not None and self.k < 1:
             raise FairforgetError("--k must be at least 1")
         if self.fraction is not None and not 0 < self.fraction <= 1:
@@ -154,6 +156,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    start = time.perf_counter()
     cfg = cfg.resolved()
     run = prepare(cfg)
     held = start_heldout(run.model, run.tokenizer, cfg)
@@ -161,6 +164,8 @@ def main(cfg: Config) -> None:
         write_eval_only(held, cfg, run.log_dir)
         return
     write_results(run, train(run), held)
+    write_method_record(run.log_dir, "pcgu", cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],
+                        model_folder=str(cfg.out))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Literal
 
 from fairforget.config import run_script
 from fairforget.evals.interface import check_stage_flags, run_stage
+from fairforget.methods.registry import load_output
 from fairforget.evals.stereoset import STEREOSET
 from fairforget.models import DEFAULT_EMBEDDED, model_name
 
@@ -49,7 +50,7 @@ def default_out(cfg: Config) -> Path:
 
 def main(cfg: Config) -> None:
     data = STEREOSET.load(cfg.data, cfg.half, cfg.half_seed, cfg.limit, cfg.seed)
-    run_stage(STEREOSET, cfg, data, cfg.out or default_out(cfg))
+    run_stage(STEREOSET, cfg, data, cfg.out or default_out(cfg), load=load_output)
 
 
 if __name__ == "__main__":

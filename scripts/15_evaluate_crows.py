@@ -19,6 +19,7 @@ from typing import Literal
 from fairforget.config import run_script
 from fairforget.evals.crows import CROWS
 from fairforget.evals.interface import check_stage_flags, run_stage
+from fairforget.methods.registry import load_output
 from fairforget.models import DEFAULT_EMBEDDED, model_name
 
 
@@ -43,7 +44,8 @@ class Config:
 
 def main(cfg: Config) -> None:
     data = CROWS.load(cfg.data, cfg.limit, cfg.seed)
-    run_stage(CROWS, cfg, data, cfg.out or Path("outputs/crows") / model_name(cfg.model), score=cfg.score)
+    run_stage(CROWS, cfg, data, cfg.out or Path("outputs/crows") / model_name(cfg.model), load=load_output,
+              score=cfg.score)
 
 
 if __name__ == "__main__":

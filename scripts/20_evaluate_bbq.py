@@ -24,6 +24,7 @@ from fairforget.config import run_script
 from fairforget.evals.bbq import CATEGORIES
 from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import check_stage_flags, run_stage
+from fairforget.methods.registry import load_output
 from fairforget.models import DEFAULT_EMBEDDED, model_name
 
 Category = Literal[CATEGORIES]  # type: ignore[valid-type]
@@ -56,7 +57,7 @@ class Config:
 
 def main(cfg: Config) -> None:
     data = BBQ.load(cfg.data_dir, cfg.categories or None, cfg.per_category, cfg.seed)
-    run_stage(BBQ, cfg, data, cfg.out or Path("outputs/bbq") / model_name(cfg.model), mode=cfg.mode,
+    run_stage(BBQ, cfg, data, cfg.out or Path("outputs/bbq") / model_name(cfg.model), load=load_output, mode=cfg.mode,
               chat_template=cfg.chat_template, answer_norm=cfg.answer_norm)
 
 

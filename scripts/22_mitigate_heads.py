@@ -30,7 +30,8 @@ from fairforget.evals.bbq_eval import use_chat_template
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods import head_pruning as hp
-from fairforget.methods.head_experiment import Experiment
+from fairforget.methods.head_experiment import Experiment, final_model_folder
+from fairforget.methods.registry import write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
 
 Category = Literal[CATEGORIES]  # type: ignore[valid-type]
@@ -104,8 +105,9 @@ class Config:
             raise FairforgetError(f"--recovery-lr must be positive, got {self.recovery_lr}")
         if self.permutations == "cyclic" and self.mode != "letter":
             raise FairforgetError("--permutations cyclic needs --mode letter")
-        if not 0 < self.q < 1 or not 0 < self.strength <= 1 or any(k < 1 for k in self.dose_ks):
-            raise FairforgetError("--q must lie in (0, 1), --strength in (0, 1], every --dose-ks value >= 1")
+        if not 0 < self.q < 1 or not 0 <= self.strength <= 1 or any(k < 1 for k in self.dose_ks):
+            raise FairforgetError("--q must lie in (0, 1), --strength in [0, 1] (0: the start model), every "
+                                  "--dose-ks value >= 1")
 
 
 def main(cfg: Config) -> None:
@@ -128,6 +130,8 @@ def main(cfg: Config) -> None:
         run.localize(run.final_model, localized, cfg.localization_root / name / "after", final,
                      run.out / "localization_before")
     run.write_summary(time.time() - start)
+    write_method_record(run.out, "head_pruning", cfg, time.time() - start, list(data.files),
+                        model_folder=str(final_model_folder(cfg.models_dir, vars(cfg))))
 
 
 if __name__ == "__main__":

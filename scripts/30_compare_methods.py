@@ -2,8 +2,8 @@
 
     python scripts/30_compare_methods.py [--methods cda=models/methods/cda ...] [--stereoset-limit N]
 
-Per model (the "before" model first, then each ``name=folder`` of --methods, loaded with
-``fairforget.methods.load_method``, so Self-Debias is its scoring wrapper):
+Per model (the "before" model first, then each ``name=folder`` of --methods, by default every method in
+``fairforget.methods.registry``, loaded with its ``load_output``, so Self-Debias is its scoring wrapper):
 
 * StereoSet (held-out half of dev, never the selection half a method chose on): overall SS and LMS on a
   seeded proportional sample of --stereoset-limit examples, gender SS on the gender examples of the
@@ -35,18 +35,16 @@ from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.methods.compare import evaluate_model, held_out_items, markdown, paired, paired_rows, plot, summary_row
+from fairforget.methods.registry import METHODS, default_folders
 from fairforget.models import DEFAULT_EMBEDDED
-
-METHODS = ("cda", "task_vector", "self_debias", "bias_unlearn", "pcgu", "head_pruning")
 
 
 @dataclass
 class Config:
     before: str = field(default=DEFAULT_EMBEDDED, metadata={"help": "the model every method starts from"})
     methods: list[str] = field(default_factory=lambda: [
-        "cda=models/methods/cda", "task_vector=models/methods/task_vector", "self_debias=models/methods/self_debias",
-        "bias_unlearn=models/methods/bias_unlearn", "pcgu=models/methods/pcgu",
-        "head_pruning=models/recovered/smollm2-135m-instruct"], metadata={"help": "name=model folder"})
+        f"{name}={folder}" for name, folder in default_folders(DEFAULT_EMBEDDED).items()],
+        metadata={"help": "name=model folder (default: every registered method's folder)"})
     records: list[str] = field(default_factory=lambda: [f"{m}=outputs/methods/{m}/method.json" for m in METHODS],
                                metadata={"help": "name=method.json with wall_seconds and peak_memory_mib"})
     stereoset: Path = Path("data/stereoset/dev.json")
@@ -62,8 +60,8 @@ class Config:
     split_seed: int = field(default=0, metadata={"help": "stage 22's scenario split seed (held-out BBQ side)"})
     mitigation_fraction: float = 0.5
     batch_size: int = 32
-    self_debias_batch_size: int = field(default=4, metadata={"help": "Self-Debias keeps [batch, length, vocab] "
-                                                                     "distributions per prefix: smaller batches"})
+    wrapper_batch_size: int = field(default=4, metadata={"help": "scoring wrappers (Self-Debias) keep [batch, "
+                                                                   "length, vocab] distributions: smaller batches"})
     n_boot: int = 1000
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -80,8 +78,8 @@ class Config:
             name, spec = entry.split("=", 1)
             if not Path(spec).exists():
                 raise FairforgetError(f"--methods {name}: {spec} not found (run its stage first)")
-        if self.batch_size < 1 or self.self_debias_batch_size < 1 or self.n_boot < 1:
-            raise FairforgetError("--batch-size, --self-debias-batch-size and --n-boot must be at least 1")
+        if self.batch_size < 1 or self.wrapper_batch_size < 1 or self.n_boot < 1:
+            raise FairforgetError("--batch-size, --wrapper-batch-size and --n-boot must be at least 1")
 
 
 def main(cfg: Config) -> None:

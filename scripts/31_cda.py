@@ -22,8 +22,8 @@ from fairforget.artifacts import write_csv, write_text
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
-from fairforget.methods import write_method_record
-from fairforget.methods.cda import augment, budget_pairs, load_swaps, token_count
+from fairforget.methods.cda import CDAConfig, augment, budget_pairs, load_swaps, token_count
+from fairforget.methods.registry import save_method_config, typed_config, write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
 from fairforget.winogender import read_pairs_tsv
@@ -48,8 +48,9 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
-        if min(self.epochs, self.batch_size, self.lora_r) < 1 or not self.lr > 0 or self.limit < 0:
-            raise FairforgetError("--epochs, --batch-size, --lora-r must be >= 1, --lr > 0, --limit >= 0")
+        if min(self.batch_size, self.lora_r) < 1 or self.epochs < 0 or not self.lr > 0 or self.limit < 0:
+            raise FairforgetError("--batch-size, --lora-r must be >= 1, --epochs >= 0 (0: the start model), "
+                                  "--lr > 0, --limit >= 0")
         if not self.pairs.is_file():
             raise FairforgetError(f"--pairs {self.pairs} not found (run scripts/10_preprocess_winogender.py)")
 
@@ -69,6 +70,7 @@ def main(cfg: Config) -> None:
         history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
                            on_step=lambda entry: (bar.set_postfix(loss=f"{entry.loss:.3f}"), bar.update(1)))
     save_adapter(model, loaded.tokenizer, cfg.out, cfg.model)
+    save_method_config(cfg.out, "cda", typed_config(CDAConfig, cfg))
     write_text(cfg.log_dir / "train_texts.txt", "\n".join(texts) + "\n")
     write_csv(cfg.log_dir / "loss.csv", [vars(h) for h in history])
     changed = sum(a != b for a, b in zip(texts[::2], texts[1::2]))
@@ -76,7 +78,7 @@ def main(cfg: Config) -> None:
         cfg.log_dir, "cda", cfg, time.perf_counter() - start, [cfg.pairs, *cfg.swap_lists],
         model_folder=str(cfg.out), n_source_sentences=len(source), token_budget=budget,
         tokens_trained_per_epoch=token_count(texts, loaded.tokenizer), n_train_texts=len(texts),
-        n_pairs_changed_by_swap=changed, steps=len(history), final_loss=history[-1].loss)
+        n_pairs_changed_by_swap=changed, steps=len(history), final_loss=history[-1].loss if history else None)
     print(f"CDA: {len(texts)} texts ({record['tokens_trained_per_epoch']} tokens/epoch, budget {budget}), "
           f"{len(history)} steps in {record['wall_seconds']:.0f} s, peak {record['peak_memory_mib']:.0f} MiB "
           f"-> {cfg.out}")

@@ -23,9 +23,9 @@ from fairforget.artifacts import save_model, write_csv
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, target_modules
-from fairforget.methods import write_method_record
 from fairforget.methods.selection import choose, selection_examples, selection_score
-from fairforget.methods.task_vector import apply_negation, state_copy, task_vector, tau_norms
+from fairforget.methods.registry import CONFIG_FILE, method_config, typed_config, write_method_record
+from fairforget.methods.task_vector import TaskVectorConfig, apply_negation, state_copy, task_vector, tau_norms
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
 from fairforget.winogender import read_pairs_tsv
@@ -56,8 +56,8 @@ class Config:
     def validate(self) -> None:
         if min(self.epochs, self.batch_size, self.lora_r) < 1 or not self.lr > 0 or self.limit < 0:
             raise FairforgetError("--epochs, --batch-size, --lora-r must be >= 1, --lr > 0, --limit >= 0")
-        if not self.lambdas or any(not lam > 0 for lam in self.lambdas):
-            raise FairforgetError("--lambdas needs one or more positive values")
+        if not self.lambdas or any(not lam >= 0 for lam in self.lambdas):
+            raise FairforgetError("--lambdas needs one or more values >= 0 (0: the start model)")
         if not self.pairs.is_file():
             raise FairforgetError(f"--pairs {self.pairs} not found (run scripts/10_preprocess_winogender.py)")
 
@@ -84,7 +84,8 @@ def main(cfg: Config) -> None:
         print(f"lambda {lam:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
     best = choose(rows[1:], "lambda", cfg.max_lms_drop, rows[0]["lms"])
     apply_negation(model, theta_0, tau, best["lambda"])
-    save_model(model, tokenizer, cfg.out)
+    save_model(model, tokenizer, cfg.out, {CONFIG_FILE: method_config("task_vector", typed_config(TaskVectorConfig, cfg),
+                                                                     chosen_lambda=best["lambda"])})
     write_csv(cfg.log_dir / "lambdas.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
     record = write_method_record(
         cfg.log_dir, "task_vector", cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],

@@ -4,8 +4,8 @@
 
 Self-Debias changes no weight: it rescales the next-token distribution at scoring time (``fairforget.methods
 .self_debias``). This stage writes ``self_debias.json`` (base model, debiasing prefixes, decay constant,
-epsilon) to --out, which ``fairforget.methods.load_method`` turns into the wrapped model every evaluation
-accepts. It also scores a seeded sample of the StereoSet *selection* half with and without the wrapper, so
+epsilon) to --out as ``method_config.json``, which ``fairforget.methods.registry.load_output`` (the loader of
+every evaluation stage and of stage 30) turns into the wrapped model. It also scores a seeded sample of the StereoSet *selection* half with and without the wrapper, so
 the record holds the wrapper's cost (wall time and peak memory of scoring, the method's only cost) and a
 first look at its effect; nothing is chosen on it. Writes ``method.json`` to --log-dir.
 """
@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import write_json
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.methods import SELF_DEBIAS_FILE, load_method, write_method_record
+from fairforget.methods.registry import load_output, save_method_config, typed_config, write_method_record
 from fairforget.methods.selection import selection_examples, selection_score
-from fairforget.methods.self_debias import DEFAULT_DECAY, DEFAULT_EPSILON, PREFIXES
+from fairforget.methods.self_debias import DEFAULT_DECAY, DEFAULT_EPSILON, PREFIXES, SelfDebiasConfig
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 
 BiasType = Literal[tuple(PREFIXES)]  # type: ignore[valid-type]
@@ -53,19 +52,17 @@ class Config:
 
 
 def main(cfg: Config) -> None:
-    settings = {"base_model": cfg.model, "bias_types": list(cfg.bias_types),
-                "prefixes": [PREFIXES[b] for b in cfg.bias_types], "decay_constant": cfg.decay_constant,
-                "epsilon": cfg.epsilon}
-    write_json(cfg.out / SELF_DEBIAS_FILE, settings)
+    settings = typed_config(SelfDebiasConfig, cfg)
+    save_method_config(cfg.out, "self_debias", settings, prefixes=[PREFIXES[b] for b in cfg.bias_types])
     examples = selection_examples(cfg.stereoset, cfg.selection_metric, cfg.selection_limit, cfg.half_seed, cfg.seed)
     plain = load_model(cfg.model, cfg.device)
     before = selection_score(plain.model, plain.tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed)
     del plain
     start = time.perf_counter()
-    wrapped = load_method(str(cfg.out), cfg.device)
+    wrapped = load_output(str(cfg.out), cfg.device)
     after = selection_score(wrapped.model, wrapped.tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed)
     record = write_method_record(cfg.log_dir, "self_debias", cfg, time.perf_counter() - start, [cfg.stereoset],
-                                 model_folder=str(cfg.out), settings=settings, cost="scoring the selection sample "
+                                 model_folder=str(cfg.out), cost="scoring the selection sample "
                                  "with the wrapper (there is no training)", selection_plain=before,
                                  selection_self_debias=after)
     print(f"Self-Debias ({', '.join(cfg.bias_types)}, decay {cfg.decay_constant:g}): selection SS "

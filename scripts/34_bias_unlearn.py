@@ -21,8 +21,8 @@ from fairforget.artifacts import write_csv
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, save_adapter, target_modules
-from fairforget.methods import write_method_record
-from fairforget.methods.bias_unlearn import Weights, check_sample, unlearn
+from fairforget.methods.bias_unlearn import BiasUnlearnConfig, Weights, check_sample, unlearn
+from fairforget.methods.registry import save_method_config, typed_config, write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.methods.pcgu import encode_pairs, pair_gap
 from fairforget.winogender import read_pairs_tsv
@@ -52,8 +52,9 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
-        if min(self.epochs, self.batch_size, self.lora_r) < 1 or not self.lr > 0 or self.limit < 0:
-            raise FairforgetError("--epochs, --batch-size, --lora-r must be >= 1, --lr > 0, --limit >= 0")
+        if min(self.batch_size, self.lora_r) < 1 or self.epochs < 0 or not self.lr > 0 or self.limit < 0:
+            raise FairforgetError("--batch-size, --lora-r must be >= 1, --epochs >= 0 (0: the start model), "
+                                  "--lr > 0, --limit >= 0")
         if not self.beta > 0 or min(self.w_forget, self.w_retain, self.w_kl) < 0 or self.check_every < 0:
             raise FairforgetError("--beta must be > 0; the weights and --check-every >= 0")
         if not self.pairs.is_file():
@@ -75,6 +76,7 @@ def main(cfg: Config) -> None:
                   cfg.check_every, check_pairs=cfg.check_pairs)
     gap_after = pair_gap(model, [adv[i] for i in checked], [dis[i] for i in checked], tokenizer.pad_token_id)
     save_adapter(model, tokenizer, cfg.out, cfg.model)
+    save_method_config(cfg.out, "bias_unlearn", typed_config(BiasUnlearnConfig, cfg))
     write_csv(cfg.log_dir / "steps.csv", log.steps)
     if log.swaps:
         write_csv(cfg.log_dir / "swaps.csv", log.swaps)

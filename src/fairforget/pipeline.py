@@ -24,13 +24,10 @@ from typing import Any, Callable, Literal, Sequence
 from fairforget.artifacts import package_versions, read_json, sha256_file, write_json
 from fairforget.datasets import data_problem, dataset_files
 from fairforget.errors import FairforgetError
+from fairforget.layout import CONFIGS, LIBRARY, REPO, SCRIPTS, Layout
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 from fairforget.run_folders import beside, run_problem
 
-LIBRARY = Path(__file__).resolve().parent
-REPO = LIBRARY.parents[1]
-SCRIPTS = REPO / "scripts"
-CONFIGS = REPO / "configs"
 PIPELINES = ("pcgu", "bbq")
 DISTRIBUTED_SCRIPTS = ("11_finetune_lora.py", "13_evaluate_stereoset.py", "15_evaluate_crows.py",
                        "20_evaluate_bbq.py")
@@ -259,15 +256,6 @@ def load_preset(preset: str) -> dict[str, Any]:
     return chosen
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where the stages read and write (relative to the working folder, as the scripts' defaults are)."""
-
-    data: Path = Path("data")
-    outputs: Path = Path("outputs")
-    models: Path = Path("models")
-
-
 def model_inputs(spec: str, layout: Layout) -> list[Path]:
     """The files a model spec stands for: the converted folder of an embedded model, a local folder itself
     (an adapter's base is covered by the stage that made it), nothing for a hub id (named in the args)."""
@@ -307,7 +295,7 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
         from fairforget.methods.plan import method_stages  # lazy: plan imports Stage from this module
 
         spec = pcgu_model or chosen["pcgu_model"]
-        return stages + method_stages(spec, layout, model_inputs(spec, layout), common, SCRIPTS)
+        return stages + method_stages(spec, layout, model_inputs(spec, layout), common)
     if "pcgu" in pipelines:
         stages += _pcgu_stages(pcgu_model or chosen["pcgu_model"], flags, layout, common)
     if "bbq" in pipelines:

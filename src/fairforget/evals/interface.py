@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fairforget import distributed
 from fairforget.artifacts import provenance, read_json, read_jsonl, small_n_warnings, write_json, write_jsonl, \
@@ -190,15 +190,17 @@ def check_stage_flags(cfg: Any, size_flag: str = "limit") -> None:
         require_complete_run(cfg.compare_to, "--compare-to")
 
 
-def run_stage(evaluation: Evaluation, cfg: Any, data: Examples, out: Path, **options: Any) -> tuple[dict, list[dict]]:
+def run_stage(evaluation: Evaluation, cfg: Any, data: Examples, out: Path, load: Callable = load_model,
+              **options: Any) -> tuple[dict, list[dict]]:
     """An evaluation stage after loading its data: refuse a bad --out or --compare-to before any work, load
-    --model, evaluate (``cfg.batch_size``, ``n_boot``, ``seed`` and ``options``), compare with --compare-to,
+    --model with ``load`` (the stages pass the method registry's ``load_output``, which opens scoring wrappers
+    too), evaluate (``cfg.batch_size``, ``n_boot``, ``seed`` and ``options``), compare with --compare-to,
     write the run folder with provenance, print the headline. Returns (metrics, items)."""
     set_quiet(getattr(cfg, "quiet", False))
     distributed.init(cfg.device)  # under torchrun / accelerate launch: batches sharded, same results
     out = check_run_target(out)
     before = evaluation.read_run(cfg.compare_to, what="--compare-to") if cfg.compare_to is not None else None
-    loaded = load_model(cfg.model, cfg.device, cfg.dtype)
+    loaded = load(cfg.model, cfg.device, cfg.dtype)
     print(f"evaluating {len(data.examples)} {evaluation.title} examples with {loaded.source}", flush=True)
     start = time.time()
     metrics, items = evaluation.evaluate(loaded.model, loaded.tokenizer, data.examples, batch_size=cfg.batch_size,

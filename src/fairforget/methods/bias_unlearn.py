@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.registry import Knob, MethodSpec, register_method
 from fairforget.methods.pcgu import pair_gap
 from fairforget.progress import progress
 from fairforget.scoring import Encoded, backbone_and_head, collate
@@ -144,3 +145,31 @@ def unlearn(model: Any, pad_id: int, adv: Sequence[Encoded], dis: Sequence[Encod
                 log.swaps.append({"step": step, "now_forgetting": forgetting, **gap})
     model.eval()
     return log
+
+
+@dataclass(frozen=True)
+class BiasUnlearnConfig:
+    """BiasUnlearn's settings, saved next to its adapter."""
+
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    lora_r: int
+    lora_alpha: int
+    w_forget: float
+    w_retain: float
+    w_kl: float
+    beta: float
+    check_every: int
+    check_pairs: int | None
+    limit: int
+    seed: int
+
+
+register_method(MethodSpec(
+    name="bias_unlearn", title="BiasUnlearn (Liu et al. 2025: NPO forget, CE retain, KL)",
+    script="34_bias_unlearn.py", config=BiasUnlearnConfig,
+    knobs=(Knob("epochs", "training epochs"), Knob("w_forget", "weight of the NPO forget term")),
+    zero_flags={"epochs": 0}, sizes={"epochs": 1, "limit": 0, "check_every": 10, "check_pairs": 32},
+    inputs=lambda layout: [layout.pairs], data_flags=lambda layout: {"pairs": layout.pairs}))

@@ -13,12 +13,14 @@ token budget of the plain fine-tune on the original sentences, so CDA trains on 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import random
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.registry import Knob, MethodSpec, register_method
 
 WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?\.?")
 
@@ -94,3 +96,26 @@ def budget_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Any, budget: int, 
 def token_count(texts: Sequence[str], tokenizer: Any) -> int:
     """Tokens a fine-tune on ``texts`` reads: each text's own tokens plus its conditioning (BOS/EOS) token."""
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+
+
+@dataclass(frozen=True)
+class CDAConfig:
+    """CDA's settings, saved next to its adapter: the LoRA fine-tune on the augmented pairs."""
+
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    limit: int
+    seed: int
+
+
+register_method(MethodSpec(
+    name="cda", title="CDA (Zmigrod et al. 2019; two-sided, WinoBias word lists)", script="31_cda.py",
+    config=CDAConfig, knobs=(Knob("epochs", "training epochs at the plain fine-tune's token budget"),),
+    zero_flags={"epochs": 0}, sizes={"epochs": 1},
+    inputs=lambda layout: [layout.pairs, *layout.swap_lists],
+    data_flags=lambda layout: {"pairs": layout.pairs, "swap_lists": layout.swap_lists}))

@@ -22,7 +22,7 @@ from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexi
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.evals.stereoset import compute_metrics, decisions, stratified_limit
 from fairforget.markdown import ci_text, table
-from fairforget.methods import load_method
+from fairforget.methods.registry import load_output, output_kind
 from fairforget.plots import new_figure, save_figure
 from fairforget.stats import bootstrap_ci, mcnemar
 
@@ -68,8 +68,8 @@ def evaluate_model(name: str, spec: str, items: Items, cfg: Any) -> dict:
         result = read_json(done)
     else:
         start = time.perf_counter()
-        loaded = load_method(spec, cfg.device)
-        batch = cfg.self_debias_batch_size if loaded.name.startswith("self-debias") else cfg.batch_size
+        loaded = load_output(spec, cfg.device)
+        batch = cfg.wrapper_batch_size if output_kind(spec) == "wrapper" else cfg.batch_size
         print(f"{name}: scoring {loaded.source}", flush=True)
         options = {"stereoset": {"batch_size": batch}, "crows": {"batch_size": batch},
                    "bbq": {"mode": "answer", "batch_size": max(1, batch // 2)}}

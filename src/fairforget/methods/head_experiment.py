@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,7 +29,9 @@ from fairforget.evals.localization import run_localization
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.methods import head_controls as hc
 from fairforget.methods import head_pruning as hp
+from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method, typed_config
 from fairforget.methods.selection import selection_examples
+from fairforget.models import model_name
 from fairforget.run_folders import beside
 
 
@@ -156,12 +159,15 @@ class Experiment:
                 "heads": hp.heads_of(self.strengths), "head_strengths": self.strengths.tolist(),
                 "out_projection": self.layout.out_proj_name, **extra}
 
+    def method_config(self) -> dict:
+        return method_config("head_pruning", typed_config(HeadPruningConfig, self.cfg))
+
     def evaluate_all_controls(self) -> None:
         self.evaluate("before", self.model)
         with pruned(self.model, self.strengths, self.layout):
             self.evaluate("pruned", self.model)
             save_model(self.model, self.tokenizer, self.cfg.models_dir / "pruned" / self.name,
-                       {MITIGATION_INFO: self.info()})
+                       {MITIGATION_INFO: self.info(), CONFIG_FILE: self.method_config()})
         for d, strengths in enumerate(hp.random_draws(self.strengths, self.cfg.seed, self.cfg.random_draws)):
             with pruned(self.model, strengths, self.layout):
                 self.evaluate(f"random_{d}", self.model)
@@ -218,7 +224,8 @@ class Experiment:
                       [vars(h) for h in history])
             if label == "recovered":
                 save_model(model, self.tokenizer, cfg.models_dir / "recovered" / self.name, {MITIGATION_INFO: self.info(
-                    recovery=cfg.recovery, recovery_lr=lr, recovery_examples=len(self.mitigation))})
+                    recovery=cfg.recovery, recovery_lr=lr, recovery_examples=len(self.mitigation)),
+                    CONFIG_FILE: self.method_config()})
                 self.final_model = model
             resume.clear()
             print(f"{label}: {cfg.recovery} recovery, {len(history)} steps on {len(self.mitigation)} mitigation "
@@ -263,3 +270,45 @@ class Experiment:
             "changes": self.changes, "chosen_minus_random": self.vs_random, "dose_response": self.dose,
             "wall_seconds": {k: round(v, 1) for k, v in self.timings.items()}, "provenance": self.provenance()})
         print(table + f"total {wall_seconds:.0f} s -> {self.out}")
+
+
+@dataclass(frozen=True)
+class HeadPruningConfig:
+    """Head pruning's settings (stage 22), saved next to the pruned and the recovered model."""
+
+    model: str
+    signal: str
+    signal_domain: str
+    signal_limit: int | None
+    activity: str
+    select: str
+    k: int
+    q: float
+    signed: bool
+    strength: float
+    protect_top: int
+    recovery: str
+    recovery_epochs: int
+    recovery_lr: float | None
+    mitigation_fraction: float
+    mitigation_per_category: int
+    split_seed: int
+    seed: int
+
+
+def final_model_folder(root: Path, flags: dict) -> Path:
+    """Stage 22's final model under ``--models-dir root``: recovered, or pruned with ``--recovery none``."""
+    return root / ("pruned" if flags.get("recovery") == "none" else "recovered") / model_name(flags["model"])
+
+
+register_method(MethodSpec(
+    name="head_pruning", title="attention-head soft-pruning with recovery fine-tuning", script="22_mitigate_heads.py",
+    config=HeadPruningConfig, knobs=(Knob("k", "heads pruned"), Knob("strength", "each head scaled by 1 - strength")),
+    zero_flags={"strength": 0.0, "recovery": "none"},
+    sizes={"mitigation_per_category": 8, "eval_per_category": 8, "signal_limit": 60, "evals": ["bbq"],
+           "random_draws": 2, "dose_ks": [20], "dose_random_draws": 0, "recovery_epochs": 1,
+           "localize_per_category": 0},
+    inputs=lambda layout: [layout.bbq, layout.stereoset],
+    data_flags=lambda layout: {"data_dir": layout.bbq, "stereoset_path": layout.stereoset},
+    output_flags=lambda spec, layout: {"models_dir": spec.root(layout), "out": spec.log_dir(layout)},
+    output_folder=final_model_folder))

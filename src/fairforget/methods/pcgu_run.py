@@ -16,11 +16,13 @@ from fairforget.artifacts import atomic_dir, provenance, save_model, write_csv, 
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict
 from fairforget.errors import FairforgetError
+from fairforget.layout import CONFIGS
 from fairforget.evals.perplexity import load_neutral_texts
 from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, select_half, stratified_limit
 from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
                                      pcgu_step)
 from fairforget.methods.pcgu_heldout import HeldOut, kept_heldout
+from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method, typed_config
 from fairforget.methods.selection import choose
 from fairforget.models import load_model
 from fairforget.pairs import balance_pairs, orientation_counts
@@ -218,6 +220,7 @@ def write_results(run: Setup, done: Trained, held: HeldOut | None) -> None:
     best = next(e for e in epochs if e["step"] == done.best_step)
     with atomic_dir(cfg.out) as tmp:
         shutil.copytree(beside(cfg.out, "best"), tmp, dirs_exist_ok=True)
+        write_json(tmp / CONFIG_FILE, method_config("pcgu", typed_config(PCGUConfig, cfg), kept_step=best["step"]))
     summary = {"kept_step": best["step"], "kept_epoch": best["epoch"],
                "criterion": f"smallest |SS - 50| ({cfg.selection_metric}) on {len(run.examples)} selection-half "
                             f"StereoSet dev examples (half seed {cfg.half_seed})"
@@ -256,3 +259,40 @@ def plot(steps: list[dict], epochs: list[dict], path: Path) -> None:
     right.set_ylabel("selection-half SS (95% CI)")
     save_figure(fig, path)
 
+
+
+@dataclass(frozen=True)
+class PCGUConfig:
+    """PCGU's settings (stage 12 after ``resolved()``), saved next to the kept model."""
+
+    model: str | None
+    lr: float
+    k: int | None
+    fraction: float | None
+    epochs: int
+    batch_size: int
+    aggregation: str
+    direction: str
+    target_tokens: str
+    min_cos: float | None
+    balance: str
+    retain: str
+    retain_weight: float
+    scope: str
+    evals_per_epoch: int
+    selection_limit: int | None
+    selection_metric: str
+    max_lms_drop: float | None
+    half_seed: int
+    seed: int
+
+
+PCGU_PRESET_CONFIG = CONFIGS / "pcgu" / "gf_after_dyn_bal_lr1e-3.json"  # the ablation's choice (README)
+
+register_method(MethodSpec(
+    name="pcgu", title="PCGU (Yu et al. 2023), causal-LM port", script="12_pcgu_unlearn.py", config=PCGUConfig,
+    knobs=(Knob("lr", "SGD step on the selected partitions"), Knob("epochs", "checkpoints along training")),
+    zero_flags={"lr": 0.0},
+    inputs=lambda layout: [layout.group_first_pairs, layout.stereoset, PCGU_PRESET_CONFIG],
+    data_flags=lambda layout: {"config": PCGU_PRESET_CONFIG, "pairs": layout.group_first_pairs,
+                               "stereoset": layout.stereoset, "heldout_eval": False}))

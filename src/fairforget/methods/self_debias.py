@@ -24,12 +24,16 @@ are extended over the prefix and the preamble.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.registry import Knob, MethodSpec, register_method
+from fairforget.models import LoadedModel, load_model
 from fairforget.scoring import backbone_and_head, conditioning_token_id
 
 # bias-bench (Meade et al. 2022) prefixes, one per bias type, as Schick et al. wrote them
@@ -172,3 +176,30 @@ class SelfDebiasLM(torch.nn.Module):
 
     def get_output_embeddings(self) -> PassThroughHead:
         return self.head
+
+
+@dataclass(frozen=True)
+class SelfDebiasConfig:
+    """Self-Debias's settings: the whole method (it changes no weight), saved as its output folder."""
+
+    model: str  # the base model the wrapper scores with
+    bias_types: list
+    decay_constant: float = DEFAULT_DECAY
+    epsilon: float = DEFAULT_EPSILON
+
+
+def load_wrapper(folder: Path, config: dict, device: str = "auto") -> LoadedModel:
+    """The Self-Debias wrapper a method folder describes, around its base model."""
+    settings = SelfDebiasConfig(**config)
+    loaded = load_model(settings.model, device)
+    wrapped = SelfDebiasLM(loaded.model, loaded.tokenizer, [PREFIXES[b] for b in settings.bias_types],
+                           settings.decay_constant, settings.epsilon)
+    return LoadedModel(wrapped, loaded.tokenizer, f"self-debias-{loaded.name}",
+                       f"{loaded.source} + Self-Debias ({folder})", loaded.device)
+
+
+register_method(MethodSpec(
+    name="self_debias", title="Self-Debias (Schick et al. 2021), a scoring wrapper", script="33_self_debias.py",
+    config=SelfDebiasConfig, knobs=(Knob("decay_constant", "lambda of alpha(w) = exp(lambda delta(w))"),),
+    zero_flags={"decay_constant": 0.0}, sizes={"selection_limit": 60}, output="wrapper", load=load_wrapper,
+    inputs=lambda layout: [layout.stereoset], data_flags=lambda layout: {"stereoset": layout.stereoset}))

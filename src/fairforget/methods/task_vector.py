@@ -9,11 +9,13 @@ chosen on the StereoSet selection half (``fairforget.methods.selection``), never
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.registry import Knob, MethodSpec, register_method
 
 
 def state_copy(model: Any) -> dict[str, torch.Tensor]:
@@ -49,3 +51,31 @@ def tau_norms(tau: dict[str, torch.Tensor]) -> dict[str, float]:
     changed = [t for t in tau.values() if torch.count_nonzero(t)]
     return {"tau_l2": float(torch.sqrt(sum((t.float() ** 2).sum() for t in changed))) if changed else 0.0,
             "tensors_changed": len(changed), "tensors": len(tau)}
+
+
+@dataclass(frozen=True)
+class TaskVectorConfig:
+    """Task-vector negation's settings, saved next to its model: the advantaged-side fine-tune and the lambdas."""
+
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    lora_r: int
+    lora_alpha: int
+    lambdas: list
+    selection_metric: str
+    selection_limit: int | None
+    max_lms_drop: float | None
+    half_seed: int
+    limit: int
+    seed: int
+
+
+register_method(MethodSpec(
+    name="task_vector", title="task-vector negation (Ilharco et al. 2023; Dige et al. 2024)",
+    script="32_task_vector.py", config=TaskVectorConfig,
+    knobs=(Knob("lambdas", "theta_0 - lambda tau; lambda chosen on the selection half"),),
+    zero_flags={"lambdas": [0.0]}, sizes={"epochs": 1, "lambdas": [1.0, 2.0, 4.0], "selection_limit": 120},
+    inputs=lambda layout: [layout.pairs, layout.stereoset],
+    data_flags=lambda layout: {"pairs": layout.pairs, "stereoset": layout.stereoset}))
