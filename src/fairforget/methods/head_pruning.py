@@ -126,8 +126,8 @@ def benjamini_hochberg(p: torch.Tensor, q: float) -> torch.Tensor:
 
 def select_heads(signal: HeadSignal, select: Select, k: int, q: float, signed: bool, strength: float) -> torch.Tensor:
     """Pruning strengths [layers, heads]: ``strength`` on the chosen heads, 0 elsewhere."""
-    if not 0 < strength <= 1:
-        raise FairforgetError(f"--strength must lie in (0, 1], got {strength}")
+    if not 0 <= strength <= 1:
+        raise FairforgetError(f"--strength must lie in [0, 1] (0: the start model), got {strength}")
     key = (signal.score if signed else signal.score.abs()).flatten().double()
     if select == "top-k":
         if not 0 <= k <= key.numel():

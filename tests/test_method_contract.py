@@ -1,0 +1,156 @@
+"""One contract for every registered method (peft's TEST_CASES): run through its own stage script on a tiny model,
+it saves its output with its typed config, the output reloads through the one loader every evaluation uses, its
+zero-strength setting gives the start model's scores, and its record has provenance. A method registered only
+here appears in the methods plan and in stage 30's table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import load_script
+from fairforget.artifacts import read_json
+from fairforget.config import parse_config
+from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, select_half, stratified_limit
+from fairforget.layout import Layout
+from fairforget.methods.registry import (CONFIG_FILE, METHODS, Knob, MethodSpec, load_output, register_method,
+                                         save_method_config, write_method_record)
+from fairforget.models import load_model
+from fairforget.pipeline import Stage, build_plan
+from fairforget.tiny import save_tiny_model
+
+# tiny sizes per method; a new method needs a row here (the first test says so)
+TEST_CASES = {
+    "cda": {"limit": 16},
+    "task_vector": {"limit": 16, "epochs": 1, "selection_limit": 8},
+    "self_debias": {"selection_limit": 8, "eval_batch_size": 4},
+    "bias_unlearn": {"limit": 16, "check_pairs": 8},
+    "pcgu": {"epochs": 1, "selection_limit": 8, "eval_batch_size": 8},
+    "head_pruning": {"mitigation_per_category": 1, "eval_per_category": 1, "signal_limit": 8, "k": 2,
+                     "categories": ["Age", "Gender_identity"], "dose_ks": [2], "random_draws": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tokenizer, shared_data):
+    """A data folder (the shared datasets and the stage-10 pair files), a tiny start model and its scores."""
+    root = tmp_path_factory.mktemp("study")
+    data = root / "data"
+    data.mkdir()
+    for name in ("stereoset", "bbq", "winobias", "crows_pairs", "winogender"):
+        (data / name).symlink_to(shared_data / name)
+    layout = Layout(data=data, outputs=root / "outputs", models=root / "models")
+    stage10 = load_script("10_preprocess_winogender.py")
+    for source, out in (("winogender", layout.pairs), ("group_first", layout.group_first_pairs)):
+        stage10.main(parse_config(stage10.Config(), ["--winogender-dir", str(data / "winogender" / "data"),
+                                                     "--out-dir", str(out.parent), "--sources", source,
+                                                     "--out-name", out.name]))
+    start = str(save_tiny_model("llama", tokenizer, root / "start", seed=0))
+    examples = stratified_limit(select_half(load_stereoset(layout.stereoset), "heldout", 0), 12, 0)
+    return layout, start, examples, _scores(start, examples)
+
+
+def _scores(spec: str, examples) -> list[float]:
+    loaded = load_output(spec, "cpu")
+    _, items = evaluate_stereoset(loaded.model, loaded.tokenizer, examples, batch_size=4, n_boot=10)
+    return [it["score"] for it in items]
+
+
+def _run(method: MethodSpec, layout: Layout, start: str, **overrides) -> dict:
+    """The method's stage run in-process with the flags the methods plan would give it (tiny sizes)."""
+    flags = method.flags(start, layout, device="cpu", **overrides)
+    script = load_script(method.script)
+    script.main(parse_config(script.Config(), Stage(method.name, method.script, flags).argv()))
+    return flags
+
+
+def test_every_registered_method_has_a_test_case():
+    assert set(METHODS) == set(TEST_CASES)
+
+
+@pytest.mark.parametrize("name", list(TEST_CASES))
+def test_zero_strength_run_saves_reloads_and_returns_the_start_scores(name, study):
+    layout, start, examples, start_scores = study
+    method = METHODS[name]
+    flags = _run(method, layout, start, **TEST_CASES[name], **method.zero_flags)
+    folder = method.folder(layout, flags)
+    saved = read_json(folder / CONFIG_FILE)
+    assert saved["method"] == name and saved["output"] == method.output
+    assert set(saved["config"]) == {f.name for f in dataclasses.fields(method.config)}
+    scores = _scores(str(folder), examples)
+    if method.output == "model":
+        assert scores == start_scores  # exactly: the zero setting is the start model
+    else:  # a wrapper renormalises the distribution it passes through
+        assert scores == pytest.approx(start_scores, abs=1e-5)
+    record = read_json(method.log_dir(layout) / "method.json")
+    assert record["method"] == name and record["wall_seconds"] >= 0 and record["peak_memory_mib"] > 0
+    assert {"git_commit", "packages", "config"} <= set(record["provenance"])
+    for knob in method.knobs:
+        assert knob.name in {f.name for f in dataclasses.fields(load_script(method.script).Config)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    model: str
+    scale: float
+
+
+def test_a_method_registered_here_appears_in_the_plan_and_in_stage_30(study, tmp_path, tokenizer):
+    layout, start, _, _ = study
+    toy = MethodSpec(name="toy", title="a toy method", script="31_cda.py", config=ToyConfig,
+                     knobs=(Knob("epochs"),), zero_flags={"epochs": 0}, inputs=lambda lay: [lay.pairs],
+                     data_flags=lambda lay: {"pairs": lay.pairs})
+    register_method(toy)
+    try:
+        check_toy_in_plan_and_stage_30(study, tmp_path, tokenizer)
+    finally:
+        METHODS.pop("toy")
+
+
+def check_toy_in_plan_and_stage_30(study, tmp_path, tokenizer):
+    layout, start, _, _ = study
+    plan = build_plan("methods", layout=layout)
+    assert "31 toy" in [stage.name for stage in plan]
+    compare = next(stage for stage in plan if stage.script == "30_compare_methods.py")
+    assert any(entry.startswith("toy=") for entry in compare.args["methods"])
+    stage30 = load_script("30_compare_methods.py")
+    assert any(entry.startswith("toy=") for entry in stage30.Config().methods)
+    folder = save_tiny_model("llama", tokenizer, tmp_path / "toy_model", seed=1)
+    save_method_config(folder, "toy", ToyConfig(model=start, scale=1.0))
+    write_method_record(tmp_path / "toy_log", "toy", ToyConfig(model=start, scale=1.0), 1.0, [])
+    out = tmp_path / "compare"
+    cfg = parse_config(stage30.Config(), [
+        "--before", start, "--methods", f"toy={folder}", "--records", f"toy={tmp_path / 'toy_log' / 'method.json'}",
+        "--stereoset", str(layout.stereoset), "--crows", str(layout.crows), "--bbq-dir", str(layout.bbq),
+        "--stereoset-limit", "8", "--gender-limit", "6", "--crows-limit", "8", "--bbq-per-category", "1",
+        "--ppl-limit", "3", "--n-boot", "20", "--device", "cpu", "--out", str(out)])
+    stage30.main(cfg)
+    assert [row.split(",")[0] for row in (out / "summary.csv").read_text().splitlines()[1:]] == ["before", "toy"]
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("13_evaluate_stereoset.py", ["--limit", "6"]),
+    ("15_evaluate_crows.py", ["--limit", "6"]),
+    ("20_evaluate_bbq.py", ["--per-category", "1", "--categories", "Age", "--mode", "answer"]),
+])
+def test_evaluation_stages_load_every_output_kind(script, flags, study, tmp_path, tokenizer):
+    """A model folder, a peft adapter folder and a scoring-wrapper folder (Self-Debias) through stages 13, 15, 20."""
+    layout, start, _, _ = study
+    from fairforget.methods.lora import add_lora, save_adapter, target_modules
+    from fairforget.methods.self_debias import SelfDebiasConfig
+
+    base = load_model(start, "cpu")
+    adapter = tmp_path / "adapter"
+    save_adapter(add_lora(base.model, target_modules(base.model), 2, 4, 0.0, 0), base.tokenizer, adapter, start)
+    wrapper = tmp_path / "wrapper"
+    save_method_config(wrapper, "self_debias", SelfDebiasConfig(model=start, bias_types=["gender"]))
+    data = {"13_evaluate_stereoset.py": ["--data", str(layout.stereoset)],
+            "15_evaluate_crows.py": ["--data", str(layout.crows)],
+            "20_evaluate_bbq.py": ["--data-dir", str(layout.bbq)]}[script]
+    stage = load_script(script)
+    for kind, model in (("model", start), ("adapter", adapter), ("wrapper", wrapper)):
+        out = tmp_path / f"run_{kind}"
+        stage.main(parse_config(stage.Config(), ["--model", str(model), *data, *flags, "--n-boot", "10",
+                                                 "--device", "cpu", "--out", str(out), "--batch-size", "4"]))
+        assert (out / "metrics.json").is_file() and (out / "items.jsonl").stat().st_size > 0
