@@ -17,9 +17,10 @@ Each cell has its 95% interval (bootstrap). Paired tests of each method against 
 StereoSet change in gender |SS - 50| and overall SS (paired bootstrap, McNemar on the stereotype-preferred
 decisions), CrowS-Pairs (McNemar, paired bootstrap), BBQ (paired bootstrap of each metric, McNemar on
 correctness), perplexity (paired bootstrap of the relative change). Wall time and peak memory of each method
-come from its ``method.json`` (--records). Scoring, caching (``<out>/scores/<name>/``, reused when the settings
-match, so an interrupted comparison resumes), pairing and the tables are in ``fairforget.methods.compare``,
-through the evaluation interface (``fairforget.evals.registry``). Writes ``summary.csv``, ``summary.md``,
+come from its ``method.json`` (--records). Scoring, caching (``<out>/scores/<weights digest>/``, reused when
+the same weights were scored with the same settings, so an interrupted comparison resumes) and pairing are the
+held-out suite's (``fairforget.evals.suite``), through the evaluation interface; the tables are in
+``fairforget.methods.compare``. Writes ``summary.csv``, ``summary.md``,
 ``paired.csv``, ``bias_vs_capability.png`` and ``metrics.json`` (with provenance) to --out.
 """
 
@@ -31,11 +32,12 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import provenance, read_json, write_csv, write_json, write_text
-from fairforget.config import run_script
+from fairforget.config import run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
-from fairforget.methods.compare import evaluate_model, held_out_items, markdown, paired, paired_rows, plot, summary_row
-from fairforget.methods.registry import METHODS, default_folders
+from fairforget.evals.suite import SuiteConfig, held_out_items, score_all
+from fairforget.methods.compare import markdown, paired_rows, plot, summary_row
+from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
 from fairforget.models import DEFAULT_EMBEDDED
 
 
@@ -84,13 +86,14 @@ class Config:
 
 def main(cfg: Config) -> None:
     start = time.perf_counter()
-    items = held_out_items(cfg)
+    suite = typed_config(SuiteConfig, cfg)
+    items = held_out_items(suite)
     specs = {"before": cfg.before, **dict(m.split("=", 1) for m in cfg.methods)}
     record_files = dict(r.split("=", 1) for r in cfg.records)
     print(f"comparing {len(specs) - 1} methods on {len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, "
           f"{len(items.bbq)} BBQ items and {len(items.neutral)} neutral texts", flush=True)
-    results = {name: evaluate_model(name, spec, items, cfg) for name, spec in specs.items()}
-    changes = {name: paired(results["before"], r, items, cfg) for name, r in results.items() if name != "before"}
+    results, changes = score_all(specs, items, suite, cfg.out / "scores", load_output,
+                                 lambda spec: output_kind(spec) == "wrapper")
     records = {name: read_json(record_files[name], f"{name} method record") if Path(record_files.get(name, "")).is_file()
                else {} for name in specs}
     rows = [summary_row(name, results[name], changes.get(name), records[name]) for name in specs]

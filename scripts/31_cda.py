@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import write_csv, write_text
-from fairforget.config import run_script
+from fairforget.config import run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
 from fairforget.methods.cda import CDAConfig, augment, budget_pairs, load_swaps, token_count
-from fairforget.methods.registry import save_method_config, typed_config, write_method_record
+from fairforget.methods.registry import save_method_config, write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
 from fairforget.winogender import read_pairs_tsv

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import save_model, write_csv
-from fairforget.config import run_script
+from fairforget.config import run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, target_modules
 from fairforget.methods.selection import choose, selection_examples, selection_score
-from fairforget.methods.registry import CONFIG_FILE, method_config, typed_config, write_method_record
+from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
 from fairforget.methods.task_vector import TaskVectorConfig, apply_negation, state_copy, task_vector, tau_norms
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.config import run_script
+from fairforget.config import run_script, typed_config
 from fairforget.errors import FairforgetError
-from fairforget.methods.registry import load_output, save_method_config, typed_config, write_method_record
+from fairforget.methods.registry import load_output, save_method_config, write_method_record
 from fairforget.methods.selection import selection_examples, selection_score
 from fairforget.methods.self_debias import DEFAULT_DECAY, DEFAULT_EPSILON, PREFIXES, SelfDebiasConfig
 from fairforget.models import DEFAULT_EMBEDDED, load_model

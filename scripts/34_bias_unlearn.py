@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import write_csv
-from fairforget.config import run_script
+from fairforget.config import run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, save_adapter, target_modules
 from fairforget.methods.bias_unlearn import BiasUnlearnConfig, Weights, check_sample, unlearn
-from fairforget.methods.registry import save_method_config, typed_config, write_method_record
+from fairforget.methods.registry import save_method_config, write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.methods.pcgu import encode_pairs, pair_gap
 from fairforget.winogender import read_pairs_tsv

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fairforget.errors import FairforgetError
-from fairforget.methods.compare import Items, distance_change, markdown, paired_rows, summary_row
+from fairforget.evals.suite import Items, distance_change
+from fairforget.methods.compare import markdown, paired_rows, summary_row
 
 
 def _stereoset_items(prefers_stereotype: list[bool], domain: str = "gender") -> list[dict]:

@@ -12,6 +12,8 @@ import pytest
 from conftest import load_script
 from fairforget import pipeline
 from fairforget.errors import FairforgetError
+from fairforget import hashing
+from fairforget.hashing import Hasher
 from fairforget.pipeline import Stage, build_plan, run_stages, why_not_done
 
 FAKE_STAGE = '''
@@ -118,12 +120,12 @@ def test_stage_is_skipped_only_while_config_inputs_and_outputs_match(fake):
     assert run(_stage(fake)) == "skipped" and _calls(fake) == 1
 
     (fake / "in.txt").write_text("changed")
-    assert why_not_done(_stage(fake), pipeline.Hasher()).startswith("changed: input")
+    assert why_not_done(_stage(fake), Hasher()).startswith("changed: input")
     assert run(_stage(fake)) == "ran" and (fake / "run" / "out.txt").read_text() == "CHANGED"
     assert run(_stage(fake, suffix="!")) == "ran"  # other arguments
     assert run(_stage(fake, suffix="!")) == "skipped"
     (fake / "run" / "out.txt").write_text("edited by hand")
-    assert "modified" in why_not_done(_stage(fake, suffix="!"), pipeline.Hasher())
+    assert "modified" in why_not_done(_stage(fake, suffix="!"), Hasher())
     assert run(_stage(fake, suffix="!")) == "ran"
     assert run(_stage(fake, suffix="!"), force=True) == "ran"
     assert _calls(fake) == 5
@@ -134,17 +136,17 @@ def test_library_code_or_package_version_change_reruns_a_stage(fake, monkeypatch
     library = fake / "lib"
     (library / "__pycache__").mkdir(parents=True)
     (library / "metric.py").write_text("SCALE = 100\n")
-    monkeypatch.setattr(pipeline, "LIBRARY", library)
+    monkeypatch.setattr(hashing, "LIBRARY", library)
     run = lambda: run_stages([_stage(fake)], log=lambda _: None)[0].status  # noqa: E731
     assert run() == "ran" and run() == "skipped"
     (library / "__pycache__" / "metric.cpython-311.pyc").write_bytes(b"cache")  # caches are not code
     (library / "notes.txt").write_text("not code")
     assert run() == "skipped"
     (library / "metric.py").write_text("SCALE = 1\n")
-    assert why_not_done(_stage(fake), pipeline.Hasher()) == "changed: library_sha256"
+    assert why_not_done(_stage(fake), Hasher()) == "changed: library_sha256"
     assert run() == "ran" and run() == "skipped"
     monkeypatch.setattr(pipeline, "package_versions", lambda: {"torch": "0.0"})
-    assert why_not_done(_stage(fake), pipeline.Hasher()) == "changed: packages"
+    assert why_not_done(_stage(fake), Hasher()) == "changed: packages"
     assert _calls(fake) == 2
 
 

@@ -197,3 +197,9 @@ def run_script(main: Callable[[C], Any], default: C, argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def typed_config(config_class: type, script_cfg: Any) -> Any:
+    """The package's typed config built from a stage script's Config (the fields they share by name)."""
+    names = [f.name for f in dataclasses.fields(config_class)]
+    return config_class(**{n: getattr(script_cfg, n) for n in names if hasattr(script_cfg, n)})

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from fairforget.artifacts import package_versions, read_json, sha256_file, write_json
+from fairforget.artifacts import package_versions, read_json, write_json
 from fairforget.datasets import data_problem, dataset_files
 from fairforget.errors import FairforgetError
-from fairforget.layout import CONFIGS, LIBRARY, REPO, SCRIPTS, Layout
+from fairforget.hashing import Hasher
+from fairforget.layout import CONFIGS, REPO, SCRIPTS, Layout
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 from fairforget.run_folders import beside, run_problem
 
@@ -74,44 +75,6 @@ class Stage:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                     script, *self.argv()]
         return [sys.executable, script, *self.argv()]
-
-
-# ---- content hashes -----------------------------------------------------------------------------------------
-
-class Hasher:
-    """sha256 of files and folders, cached by (path, size, mtime) for the length of a run."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], str] = {}
-
-    def file(self, path: Path) -> str:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in self._cache:
-            self._cache[key] = sha256_file(path)
-        return self._cache[key]
-
-    def path(self, path: Path) -> str | None:
-        """A file's sha256; a folder's: sha256 of its non-hidden files' relative names and hashes; None if absent."""
-        if path.is_file():
-            return self.file(path)
-        if not path.is_dir():
-            return None
-        return self._folder(path, lambda relative: not any(part.startswith(".") for part in relative.parts))
-
-    def library(self) -> str:
-        """sha256 of the fairforget package's code and data (``.py``, ``.c``, ``.json``; no caches)."""
-        return self._folder(LIBRARY, lambda relative: relative.suffix in (".py", ".c", ".json")
-                            and "__pycache__" not in relative.parts)
-
-    def _folder(self, root: Path, keep: Callable[[Path], bool]) -> str:
-        """sha256 of the relative names and hashes of the files under ``root`` that ``keep`` accepts."""
-        digest = hashlib.sha256()
-        for item in sorted(p for p in root.rglob("*") if p.is_file()):
-            relative = item.relative_to(root)
-            if keep(relative):
-                digest.update(f"{relative.as_posix()}\0{self.file(item)}\n".encode())
-        return digest.hexdigest()
 
 
 def fingerprint(stage: Stage, hasher: Hasher) -> dict[str, Any]:

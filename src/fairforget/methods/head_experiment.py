@@ -23,13 +23,13 @@ from fairforget.evals.bbq import sample_per_category
 from fairforget.evals.bbq_eval import PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, write_bbq_run
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.checkpoint import Checkpointer
-from fairforget.config import config_to_dict
+from fairforget.config import config_to_dict, typed_config
 from fairforget.methods.heads import head_layout, pruned, scale_heads
 from fairforget.evals.localization import run_localization
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.methods import head_controls as hc
 from fairforget.methods import head_pruning as hp
-from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method, typed_config
+from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method
 from fairforget.methods.selection import selection_examples
 from fairforget.models import model_name
 from fairforget.run_folders import beside

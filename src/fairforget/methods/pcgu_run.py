@@ -14,7 +14,7 @@ import torch
 
 from fairforget.artifacts import atomic_dir, provenance, save_model, write_csv, write_json
 from fairforget.checkpoint import Checkpointer
-from fairforget.config import config_to_dict
+from fairforget.config import config_to_dict, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.layout import CONFIGS
 from fairforget.evals.perplexity import load_neutral_texts
@@ -22,7 +22,7 @@ from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, selec
 from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
                                      pcgu_step)
 from fairforget.methods.pcgu_heldout import HeldOut, kept_heldout
-from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method, typed_config
+from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method
 from fairforget.methods.selection import choose
 from fairforget.models import load_model
 from fairforget.pairs import balance_pairs, orientation_counts

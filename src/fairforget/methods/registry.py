@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from fairforget.artifacts import provenance, read_json, write_json
+from fairforget.config import typed_config
 from fairforget.errors import FairforgetError
 from fairforget.layout import Layout
 from fairforget.models import LoadedModel, load_model
@@ -96,12 +97,6 @@ def method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise FairforgetError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
     return METHODS[name]
-
-
-def typed_config(config_class: type, script_cfg: Any) -> Any:
-    """The package's typed config built from a stage script's Config (the fields they share by name)."""
-    names = [f.name for f in dataclasses.fields(config_class)]
-    return config_class(**{n: getattr(script_cfg, n) for n in names if hasattr(script_cfg, n)})
 
 
 def method_config(name: str, config: Any, **details: Any) -> dict:
