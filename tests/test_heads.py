@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fairforget.errors import FairforgetError
-from fairforget.methods.heads import (batch_prompts, context_influence, head_correlations, head_hooks, head_layout,
+from fairforget.heads import (batch_prompts, context_influence, head_correlations, head_hooks, head_layout,
                               letter_logprobs_and_heads, protect_heads, pruning_cost, scale_heads)
 
 PROMPTS = ["The nurse said that she would be late. Answer:", "Who fixed the bridge? A. He B. She Answer:",
@@ -157,7 +157,7 @@ def test_correlation_equals_numpy():
 def test_correlation_pvalues_match_scipy():
     from scipy.stats import pearsonr
 
-    from fairforget.methods.heads import correlation_pvalues
+    from fairforget.heads import correlation_pvalues
 
     gen = torch.Generator().manual_seed(1)
     activity = torch.randn(15, 2, 3, generator=gen)
@@ -229,7 +229,7 @@ def test_saved_pruned_model_reloads_with_same_outputs(tiny_models, tokenizer, tm
 
 def test_head_activity_matches_scorer_and_direct_capture(tiny_models, tokenizer):
     from fairforget.choice_scoring import option_letter_probs
-    from fairforget.methods.heads import head_activity
+    from fairforget.heads import head_activity
 
     model = tiny_models["llama"]
     full = [p + " (full)" for p in PROMPTS]
@@ -368,7 +368,7 @@ def test_cyclic_permutations_average_the_three_orders_by_hand(tiny_models, token
 
 def test_answer_mode_head_activity_uses_the_answer_scorer(tiny_models, tokenizer):
     from fairforget.choice_scoring import option_logprobs
-    from fairforget.methods.heads import head_activity
+    from fairforget.heads import head_activity
 
     model = tiny_models["llama"]
     full = [p + " (full)" for p in PROMPTS]
@@ -381,7 +381,7 @@ def test_answer_mode_head_activity_uses_the_answer_scorer(tiny_models, tokenizer
 
 
 def test_pruned_context_restores_the_weights(tiny_models):
-    from fairforget.methods.heads import pruned
+    from fairforget.heads import pruned
 
     model = copy.deepcopy(tiny_models["llama"])
     before = {n: p.clone() for n, p in model.named_parameters()}

@@ -11,7 +11,7 @@ from fairforget.evals.bbq import load_bbq
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.choice_scoring import letter_token_ids
 from fairforget.errors import FairforgetError
-from fairforget.methods.heads import batch_prompts, scale_heads
+from fairforget.heads import batch_prompts, scale_heads
 from fairforget.methods.recovery import (answer_loss, encode_answers, finetune_answer_texts, finetune_answers, frozen_parameters,
                                  merged, prepare_model, recovery_targets, text_loss)
 from fairforget.scoring import collate

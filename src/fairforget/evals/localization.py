@@ -32,7 +32,7 @@ from fairforget.artifacts import atomic_path, write_csv, write_json, write_jsonl
 from fairforget.choice_scoring import encode_prompt
 from fairforget.errors import FairforgetError
 from fairforget.evals.bbq_eval import build_prompt, option_order
-from fairforget.methods.heads import HeadLayout, batch_prompts, decoder_layers, head_hooks, head_layout
+from fairforget.heads import HeadLayout, batch_prompts, decoder_layers, head_hooks, head_layout
 from fairforget.plots import layer_head_panel, new_figure, save_figure
 from fairforget.progress import progress
 from fairforget.scoring import backbone_and_head, length_sorted_batches

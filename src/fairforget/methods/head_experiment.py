@@ -24,7 +24,7 @@ from fairforget.evals.bbq_eval import PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, b
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, typed_config
-from fairforget.methods.heads import head_layout, pruned, scale_heads
+from fairforget.heads import head_layout, pruned, scale_heads
 from fairforget.evals.localization import run_localization
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.methods import head_controls as hc

@@ -28,7 +28,7 @@ import torch
 from fairforget.evals.bbq_eval import answer_continuation, build_prompt, option_order
 from fairforget.errors import FairforgetError
 from fairforget.choice_scoring import letter_token_ids
-from fairforget.methods.heads import (HeadActivity, batch_prompts, correlation_pvalues, frozen_weights, gate_gradient, head_activity,
+from fairforget.heads import (HeadActivity, batch_prompts, correlation_pvalues, frozen_weights, gate_gradient, head_activity,
                      head_correlations, head_hooks, head_layout, protect_heads, pruning_cost)
 from fairforget.methods.recovery import encode_answers, finetune_answer_texts, finetune_answers, merged, prepare_model, text_loss
 from fairforget.scoring import collate, encode, token_logprobs

@@ -24,7 +24,7 @@ import torch
 from fairforget.checkpoint import Checkpointer
 from fairforget.choice_scoring import encode_option, encode_prompt, letter_token_ids
 from fairforget.errors import FairforgetError
-from fairforget.methods.heads import batch_prompts, letter_logprobs_and_heads
+from fairforget.heads import batch_prompts, letter_logprobs_and_heads
 from fairforget.methods.lora import add_lora
 from fairforget.scoring import Encoded, collate, token_logprobs
 from fairforget.training import StepLog, shuffled_batches, start_training
