@@ -127,3 +127,6 @@ def test_stage_17_writes_and_compares(tmp_path, tokenizer):
     comparison = json.loads((tmp_path / "second" / "comparison.json").read_text())["comparison"]
     assert comparison["overall"]["delta"] == 0.0 and comparison["overall"]["mdc"] == 0.0
     assert "MDC" in (tmp_path / "second" / "comparison.md").read_text()
+    with pytest.raises(FairforgetError, match="WinoBias folder not found: .*absent"):  # before loading the model
+        stage.main(stage.Config(**{**common, "data_dir": tmp_path / "absent"}, out=tmp_path / "third"))
+    assert not (tmp_path / "third").exists()

@@ -92,6 +92,8 @@ def load_winobias(folder: Path | str) -> list[WinoBiasPair]:
     """Every pair of the test files under ``folder``; a line that does not name two listed occupations raises
     an error naming the file and line."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FairforgetError(f"WinoBias folder not found: {folder} (run scripts/00_fetch_data.py)")
     occupations = load_occupations(folder)
     patterns = [(o, re.compile(rf"\b{re.escape(o)}s?\b")) for o in occupations]
     pairs = []
