@@ -20,10 +20,10 @@ from fairforget.artifacts import write_csv
 from fairforget.datasets import read_table
 from fairforget.errors import FairforgetError
 from fairforget.evals.interface import Evaluation, Examples, Run
+from fairforget.evals.shares import paired_share_change, share
 from fairforget.markdown import ci_text, image, p_text, table
 from fairforget.plots import interval_bars
 from fairforget.scoring import score_continuations
-from fairforget.evals.shares import paired_share_change, share
 from fairforget.stats import proportional_sample
 
 ScoreKind = Literal["sum", "mean"]
