@@ -1,6 +1,7 @@
 """Stage 15: CrowS-Pairs for causal LMs, per bias type and overall, with bootstrap 95% intervals.
 
     python scripts/15_evaluate_crows.py --model embedded:smollm2-135m-instruct [--limit N]
+    python scripts/15_evaluate_crows.py --bias-types gender --limit none     # all 262 gender pairs
     python scripts/15_evaluate_crows.py --model models/debiased --compare-to outputs/crows/finetuned_lora
 
 The metric is the share of pairs (x100) where the more-stereotyping sentence (``sent_more`` for stereo pairs,
@@ -28,7 +29,10 @@ class Config:
     model: str = DEFAULT_EMBEDDED
     data: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
     score: Literal["sum", "mean"] = field(default="sum", metadata={"help": "sentence log-likelihood: sum or mean"})
-    limit: int | None = field(default=None, metadata={"help": "seeded sample of about N pairs, per bias type"})
+    limit: int | None = field(default=None, metadata={"help": "seeded sample of about N pairs, per bias type "
+                                                               "(none: every pair)"})
+    bias_types: list[str] = field(default_factory=list, metadata={"help": "only these bias types, e.g. gender "
+                                                                         "(none given: every type)"})
     seed: int = 0
     batch_size: int = 32
     n_boot: int = 1000
@@ -43,7 +47,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
-    data = CROWS.load(cfg.data, cfg.limit, cfg.seed)
+    data = CROWS.load(cfg.data, cfg.limit, cfg.seed, cfg.bias_types)
     run_stage(CROWS, cfg, data, cfg.out or Path("outputs/crows") / model_name(cfg.model), load=load_output,
               score=cfg.score)
 

@@ -288,6 +288,10 @@ def test_compare_runs_paired():
     assert overall["mcnemar_biased"]["true_before_only"] == 6 and overall["mcnemar_biased"]["true_after_only"] == 0
     assert overall["mcnemar_biased"]["p_value"] == pytest.approx(2 * 0.5 ** 6)
     assert overall["mcnemar_correct"]["true_before_only"] == 0  # neither answer is the label (1)
+    for metric in ("acc", "s_dis", "s_amb"):  # from the paired bootstrap: its interval's half-width
+        low, high = overall[f"{metric}_delta_ci"]
+        assert overall["mdc"][metric] == pytest.approx((high - low) / 2)
+    assert overall["mdc"]["acc_ambig"] == 0.0  # no ambiguous item's answer changed
     with pytest.raises(ValueError):
         compare_runs(before, after[:-1])
 

@@ -56,3 +56,20 @@ def test_malformed_direction_names_the_line(tmp_path):
     path.write_text(CSV.replace("antistereo,gender", "sideways,gender"))
     with pytest.raises(FairforgetError, match=r"bad.csv:4"):
         load_crows(path)
+
+
+def test_all_pairs_of_one_bias_type(shared_data):
+    from conftest import load_script
+    from fairforget.config import parse_config
+    from fairforget.evals.crows import CROWS
+
+    path = shared_data / "crows_pairs/data/crows_pairs_anonymized.csv"
+    every = load_crows(path)
+    gender = CROWS.load(path, None, 0, ["gender"]).examples
+    assert len(gender) == sum(p.bias_type == "gender" for p in every) == 262
+    assert len(CROWS.load(path, 20, 0, ["gender", "age"]).examples) == 20
+    with pytest.raises(FairforgetError, match="--bias-types: unknown CrowS-Pairs bias type"):
+        CROWS.load(path, None, 0, ["gendr"])
+    stage = load_script("15_evaluate_crows.py")
+    cfg = parse_config(stage.Config(), ["--bias-types", "gender", "--limit", "none"])
+    assert cfg.bias_types == ["gender"] and cfg.limit is None

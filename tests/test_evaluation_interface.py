@@ -17,8 +17,10 @@ from fairforget.run_folders import RUN_MARKER, run_folder
 
 DATA = {"stereoset": ("stereoset/dev.json", {"limit": 12}),
         "crows": ("crows_pairs/data/crows_pairs_anonymized.csv", {"limit": 10}),
-        "bbq": ("bbq", {"categories": ["Age"], "per_category": 6})}
-OPTIONS = {"stereoset": {}, "crows": {"score": "sum"}, "bbq": {"mode": "letter", "chat_template": "off"}}
+        "bbq": ("bbq", {"categories": ["Age"], "per_category": 6}),
+        "winobias": ("winobias/data", {"limit": 10})}
+OPTIONS = {"stereoset": {}, "crows": {"score": "sum"}, "bbq": {"mode": "letter", "chat_template": "off"},
+           "winobias": {}}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,11 @@ def runs(tmp_path_factory, tiny_models, tokenizer, shared_data):
 
 
 def test_every_evaluation_is_registered_under_its_name():
-    assert list(EVALUATIONS) == ["stereoset", "crows", "bbq"]
+    assert list(EVALUATIONS) == ["stereoset", "crows", "bbq", "winobias"]
     assert all(ev.name == name and ev.script.endswith(".py") for name, ev in EVALUATIONS.items())
-    assert len({ev.script for ev in EVALUATIONS.values()}) == 3
-    with pytest.raises(FairforgetError, match="unknown evaluation 'winobias'"):
-        evaluation("winobias")
+    assert len({ev.script for ev in EVALUATIONS.values()}) == 4
+    with pytest.raises(FairforgetError, match="unknown evaluation 'winogender'"):
+        evaluation("winogender")
 
 
 def test_every_evaluation_writes_the_same_run_folder_schema(runs):
@@ -63,12 +65,17 @@ def test_every_evaluation_writes_the_same_run_folder_schema(runs):
 
 def _assert_no_change(node, where: str = "") -> int:
     """Every paired change in a comparison is zero (or NaN where the metric itself is NaN), every McNemar
-    count of flipped decisions is zero; returns how many changes were checked."""
+    count of flipped decisions is zero, every minimum detectable change is zero (nothing flipped, so the interval
+    under no change has no width); returns how many changes were checked."""
     checked = 0
     if not isinstance(node, dict):
         return 0
     for key, value in node.items():
-        if isinstance(value, dict):
+        if key == "mdc":
+            values = list(value.values()) if isinstance(value, dict) else [value]
+            assert all(v == 0 or math.isnan(v) for v in values), f"{where}/mdc: {value}"
+            checked += 1
+        elif isinstance(value, dict):
             checked += _assert_no_change(value, f"{where}/{key}")
         elif key in ("true_before_only", "true_after_only"):
             assert value == 0, f"{where}/{key}"
@@ -87,6 +94,7 @@ def test_a_run_compared_with_itself_shows_no_change(runs):
         ev = EVALUATIONS[name]
         comparison = ev.compare(ev.read_items(folder), items, n_boot=20, seed=0)
         assert _assert_no_change(comparison) >= 2, name
+        assert "mdc" in comparison["overall"], name
         header, rows = ev.comparison_rows(comparison, overall_only=True)
         assert len(rows) == 1 and rows[0][0] == "overall" and len(rows[0]) == len(header)
         assert "items in common" in ev.comparison_markdown(comparison, folder, folder)

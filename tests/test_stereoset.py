@@ -112,6 +112,7 @@ def test_compare_runs_is_paired():
     assert result["n_common"] == 3
     assert overall["true_before_only"] == 1 and overall["true_after_only"] == 0
     assert overall["delta_ss_micro"] == pytest.approx(100 * (1 / 3 - 2 / 3))
+    assert overall["mdc"] == pytest.approx(100 * 1.959964 * 1 / 3, rel=1e-6)  # one flip of 3: 1.96 sqrt(1) / 3
     with pytest.raises(FairforgetError):
         compare_runs(before, _items("z", "t", "race", -1, -2, -3))
 

@@ -102,14 +102,46 @@ def mcnemar(before: np.ndarray, after: np.ndarray) -> PairedTest:
     """Exact McNemar test of whether the rate of True differs between two paired boolean arrays."""
     from scipy.stats import binomtest
 
-    before = np.asarray(before, dtype=bool)
-    after = np.asarray(after, dtype=bool)
+    change = _paired_change(before, after)
+    b, c = int(np.sum(change < 0)), int(np.sum(change > 0))
+    p_value = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return PairedTest(int(change.size), b, c, p_value)
+
+
+def _paired_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Per item, after - before of two paired boolean arrays: -1, 0 or +1."""
+    before, after = np.asarray(before, dtype=bool), np.asarray(after, dtype=bool)
     if before.shape != after.shape:
         raise ValueError(f"paired arrays differ in shape: {before.shape} vs {after.shape}")
-    b = int(np.sum(before & ~after))
-    c = int(np.sum(~before & after))
-    p_value = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
-    return PairedTest(int(before.size), b, c, p_value)
+    return after.astype(int) - before.astype(int)
+
+
+def minimum_detectable_change(before: np.ndarray, after: np.ndarray, clusters: np.ndarray | None = None,
+                              level: float = 0.95) -> float:
+    """Half-width of the paired interval of a change in a share (0..1) under no change: z * sqrt(b + c) / n,
+    with b and c the items whose decision flipped each way (GUIDE section 9). A paired change smaller than
+    this could not have been told from zero at these items' flips.
+
+    The variance is the no-change one, sum over items of (after - before)^2 / n^2, not centred on the observed
+    change. With ``clusters`` (one label per item, as for :func:`bootstrap_ci`) it sums the squared change of
+    each cluster instead, the cluster-robust form that reduces to the flips formula for singleton clusters.
+    """
+    from scipy.stats import norm
+
+    change = _paired_change(before, after)
+    n = change.size
+    if n == 0:
+        return float("nan")
+    if clusters is not None:
+        change = np.bincount(np.unique(np.asarray(clusters), return_inverse=True)[1].ravel(), weights=change)
+    return float(norm.ppf(0.5 + level / 2) * np.sqrt(np.sum(change ** 2)) / n)
+
+
+def interval_half_width(interval: Sequence[float]) -> float:
+    """The minimum detectable change from a paired-bootstrap interval of a change that is not a share of
+    decisions (e.g. a BBQ bias score): its half-width, the interval recentred on no change."""
+    low, high = interval
+    return float((high - low) / 2)
 
 
 def proportional_sample(groups: Sequence[Sequence[T]], limit: int | None, seed: int = 0) -> list[T]:

@@ -223,9 +223,11 @@ class BbqEvaluation(Evaluation):
         return f"{format_table(metrics)}excluded (target_loc NA): {excluded}"
 
     def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
-        header = ["group", "n", "change in accuracy", "change in s_DIS", "change in s_AMB", "p (correct)", "p (biased)"]
+        header = ["group", "n", "change in accuracy", "change in s_DIS", "change in s_AMB", "MDC s_AMB", "p (correct)",
+                  "p (biased)"]
         rows = [[name, c["n"], *(ci_text(c[f"{m}_delta"], c[f"{m}_delta_ci"], 3, True) for m in ("acc", "s_dis", "s_amb")),
-                 p_text(c["mcnemar_correct"]["p_value"]), p_text(c["mcnemar_biased"]["p_value"])]
+                 f"±{c['mdc']['s_amb']:.3f}", p_text(c["mcnemar_correct"]["p_value"]),
+                 p_text(c["mcnemar_biased"]["p_value"])]
                 for name, c in comparison.items() if name == "overall" or not overall_only]
         return header, rows
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fairforget.stats import bootstrap_ci, mcnemar
+from fairforget.stats import bootstrap_ci, interval_half_width, mcnemar
 
 METRICS = ("acc", "acc_ambig", "acc_disambig", "s_dis", "s_amb")
 ANSWER_TYPES = ("unknown", "biased", "counter_biased")
@@ -125,8 +125,10 @@ def _item_key(it: dict) -> tuple[str, int]:
 def compare_runs(before: Sequence[dict], after: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """Paired comparison of two runs on the same items, per category and overall.
 
-    McNemar exact tests on correctness and on biased-answer decisions, and paired-bootstrap intervals of
-    each metric's change (after - before, the same resampled items in both runs).
+    McNemar exact tests on correctness and on biased-answer decisions, paired-bootstrap intervals of each
+    metric's change (after - before, the same resampled items in both runs), and ``mdc[metric]``, the minimum
+    detectable change: the half-width of that interval (a bias score is a ratio, not a share of flips, so the
+    paired bootstrap gives it; GUIDE section 9).
     """
     by_key = {_item_key(it): it for it in before}
     if len(by_key) != len(before) or {_item_key(it) for it in after} != set(by_key) or len(after) != len(before):
@@ -148,6 +150,7 @@ def compare_runs(before: Sequence[dict], after: Sequence[dict], n_boot: int = 10
             entry[f"{name}_delta"] = diff(every)
             entry[f"{name}_delta_ci"] = list(bootstrap_ci(diff, len(after_items), n_boot=n_boot, seed=seed,
                                                           strata=a1.categories, clusters=a1.clusters))
+        entry["mdc"] = {name: interval_half_width(entry[f"{name}_delta_ci"]) for name in METRICS}
         result[group] = entry
     return result
 

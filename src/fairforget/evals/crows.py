@@ -20,10 +20,11 @@ from fairforget.artifacts import write_csv
 from fairforget.datasets import read_table
 from fairforget.errors import FairforgetError
 from fairforget.evals.interface import Evaluation, Examples, Run
+from fairforget.evals.shares import paired_share_change, share
 from fairforget.markdown import ci_text, image, p_text, table
 from fairforget.plots import interval_bars
 from fairforget.scoring import score_continuations
-from fairforget.stats import bootstrap_ci, mcnemar, proportional_sample
+from fairforget.stats import proportional_sample
 
 ScoreKind = Literal["sum", "mean"]
 REQUIRED_COLUMNS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
@@ -72,8 +73,18 @@ def load_crows(path: Path | str) -> list[CrowsPair]:
     return pairs
 
 
-def sample_pairs(pairs: Sequence[CrowsPair], limit: int | None, seed: int = 0) -> list[CrowsPair]:
-    """A seeded sample of about ``limit`` pairs, proportional per bias type (all pairs when limit is None)."""
+def sample_pairs(pairs: Sequence[CrowsPair], limit: int | None, seed: int = 0,
+                 bias_types: Sequence[str] = ()) -> list[CrowsPair]:
+    """A seeded sample of about ``limit`` pairs, proportional per bias type (all pairs when limit is None), of
+    the ``bias_types`` given (every type when none is): ``bias_types=["gender"]`` with no limit is all 262
+    gender pairs."""
+    known = sorted({p.bias_type for p in pairs})
+    unknown = [t for t in bias_types if t not in known]
+    if unknown:
+        raise FairforgetError(f"--bias-types: unknown CrowS-Pairs bias type(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(known)}")
+    if bias_types:
+        pairs = [p for p in pairs if p.bias_type in bias_types]
     if limit is None or limit >= len(pairs):
         return list(pairs)
     groups = [[p for p in pairs if p.bias_type == t] for t in sorted({p.bias_type for p in pairs})]
@@ -97,11 +108,6 @@ def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[CrowsPair], batch_si
     return items
 
 
-def _share(flags: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    interval = bootstrap_ci(lambda idx: 100.0 * flags[idx].mean(), len(flags), n_boot=n_boot, seed=seed)
-    return {"n": int(len(flags)), "metric": 100.0 * float(flags.mean()), "metric_ci": list(interval)}
-
-
 def compute_metrics(items: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """``metrics[group]`` for ``overall``, each bias type, and the ``stereo`` / ``antistereo`` directions."""
     if not items:
@@ -109,19 +115,19 @@ def compute_metrics(items: Sequence[dict], n_boot: int = 1000, seed: int = 0) ->
     flags = np.array([it["stereo_preferred"] for it in items], dtype=bool)
     bias = np.array([it["bias_type"] for it in items])
     direction = np.array([it["direction"] for it in items])
-    metrics = {"overall": _share(flags, n_boot, seed)}
+    metrics = {"overall": share(flags, n_boot, seed)}
     for name in sorted(set(bias)):
-        metrics[name] = _share(flags[bias == name], n_boot, seed)
+        metrics[name] = share(flags[bias == name], n_boot, seed)
     for name in ("stereo", "antistereo"):
         if (direction == name).any():
-            metrics[f"direction:{name}"] = _share(flags[direction == name], n_boot, seed)
+            metrics[f"direction:{name}"] = share(flags[direction == name], n_boot, seed)
     return metrics
 
 
 def compare_runs(items_before: Sequence[dict], items_after: Sequence[dict], n_boot: int = 1000,
                  seed: int = 0) -> dict[str, Any]:
-    """Paired comparison on the pairs both runs scored: McNemar on the decisions and a paired-bootstrap
-    interval of the change in the metric, overall and per bias type."""
+    """Paired comparison on the pairs both runs scored, overall and per bias type: McNemar on the decisions,
+    a paired-bootstrap interval of the change in the metric and the minimum detectable change ``mdc``."""
     after = {it["id"]: it for it in items_after}
     common = [it for it in items_before if it["id"] in after]
     if not common:
@@ -132,12 +138,7 @@ def compare_runs(items_before: Sequence[dict], items_after: Sequence[dict], n_bo
     result: dict[str, Any] = {"n_common": len(common)}
     for name in ["overall", *sorted(set(bias))]:
         mask = np.ones(len(common), bool) if name == "overall" else bias == name
-        bb, aa = b[mask], a[mask]
-        interval = bootstrap_ci(lambda idx: 100.0 * (aa[idx].mean() - bb[idx].mean()), int(mask.sum()),
-                                n_boot=n_boot, seed=seed)
-        result[name] = {"metric_before": 100.0 * bb.mean(), "metric_after": 100.0 * aa.mean(),
-                        "delta": 100.0 * (aa.mean() - bb.mean()), "delta_ci": list(interval),
-                        **mcnemar(bb, aa).as_dict()}
+        result[name] = paired_share_change(b[mask], a[mask], n_boot, seed)
     return result
 
 
@@ -156,9 +157,10 @@ class CrowsEvaluation(Evaluation):
     comparison_note = "share of pairs whose stereotyping sentence is preferred; McNemar exact test"
     report_heading, report_overall_only = "CrowS-Pairs", True
 
-    def load(self, path: Path | str, limit: int | None = None, seed: int = 0) -> Examples:
-        """A seeded sample of about ``limit`` pairs, proportional per bias type."""
-        return Examples(sample_pairs(load_crows(path), limit, seed), [Path(path)])
+    def load(self, path: Path | str, limit: int | None = None, seed: int = 0,
+             bias_types: Sequence[str] = ()) -> Examples:
+        """A seeded sample of about ``limit`` pairs of ``bias_types`` (all types if none), proportional per type."""
+        return Examples(sample_pairs(load_crows(path), limit, seed, bias_types), [Path(path)])
 
     def evaluate(self, model: Any, tokenizer: Any, examples: Sequence[CrowsPair], **options: Any) -> tuple[dict, list]:
         return evaluate_crows(model, tokenizer, examples, **options)
@@ -186,11 +188,11 @@ class CrowsEvaluation(Evaluation):
         return f"CrowS-Pairs: {ci_text(o['metric'], o['metric_ci'])} on {o['n']} pairs"
 
     def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
-        header = ["group", "n", "before", "after", "change [95% CI]", "stereo-preferred only before", "only after",
-                  "McNemar p"]
+        header = ["group", "n", "before", "after", "change [95% CI]", "MDC", "stereo-preferred only before",
+                  "only after", "McNemar p"]
         rows = [[name, c["n"], f"{c['metric_before']:.2f}", f"{c['metric_after']:.2f}",
-                 ci_text(c["delta"], c["delta_ci"], signed=True), c["true_before_only"], c["true_after_only"],
-                 p_text(c["p_value"])]
+                 ci_text(c["delta"], c["delta_ci"], signed=True), f"±{c['mdc']:.2f}", c["true_before_only"],
+                 c["true_after_only"], p_text(c["p_value"])]
                 for name, c in comparison.items() if isinstance(c, dict) and (name == "overall" or not overall_only)]
         return header, rows
 

@@ -8,8 +8,9 @@ from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.crows import CROWS
 from fairforget.evals.interface import Evaluation
 from fairforget.evals.stereoset import STEREOSET
+from fairforget.evals.winobias import WINOBIAS
 
-EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (STEREOSET, CROWS, BBQ)}
+EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (STEREOSET, CROWS, BBQ, WINOBIAS)}
 
 
 def evaluation(name: str) -> Evaluation:

@@ -22,7 +22,8 @@ from fairforget.evals.interface import Evaluation, Examples, Run
 from fairforget.markdown import ci_text, image, p_text, table
 from fairforget.plots import interval_bars
 from fairforget.scoring import Score, encode, score_continuations
-from fairforget.stats import bootstrap_ci, bootstrap_intervals, mcnemar, proportional_sample
+from fairforget.stats import bootstrap_ci, bootstrap_intervals, mcnemar, minimum_detectable_change, \
+    proportional_sample
 
 SPLITS = ("intrasentence", "intersentence")
 DOMAINS = ("gender", "profession", "race", "religion")
@@ -246,8 +247,9 @@ def evaluate_stereoset(model: Any, tokenizer: Any, examples: Sequence[Example], 
 
 def compare_runs(items_before: Sequence[dict], items_after: Sequence[dict], n_boot: int = 1000,
                  seed: int = 0) -> dict[str, Any]:
-    """Paired comparison on the examples both runs scored: McNemar on the stereotype-preferred decisions
-    and a paired-bootstrap interval of the change in (micro) SS, per split and overall."""
+    """Paired comparison on the examples both runs scored: McNemar on the stereotype-preferred decisions,
+    a paired-bootstrap interval of the change in (micro) SS and the minimum detectable change ``mdc`` (its
+    half-width under no change, points), per split and overall."""
     before, after = decisions(items_before), decisions(items_after)
     common = sorted(set(before.example_ids) & set(after.example_ids))
     if not common:
@@ -267,7 +269,8 @@ def compare_runs(items_before: Sequence[dict], items_after: Sequence[dict], n_bo
         interval = bootstrap_ci(lambda idx: 100.0 * (a[idx].mean() - b[idx].mean()), int(mask.sum()),
                                 n_boot=n_boot, seed=seed)
         result[name] = {"ss_micro_before": 100.0 * b.mean(), "ss_micro_after": 100.0 * a.mean(),
-                        "delta_ss_micro": delta, "delta_ss_micro_ci": list(interval), **mcnemar(b, a).as_dict()}
+                        "delta_ss_micro": delta, "delta_ss_micro_ci": list(interval), **mcnemar(b, a).as_dict(),
+                        "mdc": 100.0 * minimum_detectable_change(b, a)}
     return result
 
 
@@ -329,10 +332,11 @@ class StereoSetEvaluation(Evaluation):
                                       for name, key in (("SS", "ss"), ("LMS", "lms"), ("ICAT", "icat")))
 
     def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
-        header = ["split", "n", "SS micro before", "SS micro after", "change [95% CI]", "stereo->anti",
+        header = ["split", "n", "SS micro before", "SS micro after", "change [95% CI]", "MDC", "stereo->anti",
                   "anti->stereo", "McNemar p"]
         rows = [[split, c["n"], f"{c['ss_micro_before']:.2f}", f"{c['ss_micro_after']:.2f}",
-                 ci_text(c["delta_ss_micro"], c["delta_ss_micro_ci"], signed=True), c["true_before_only"],
+                 ci_text(c["delta_ss_micro"], c["delta_ss_micro_ci"], signed=True), f"±{c['mdc']:.2f}",
+                 c["true_before_only"],
                  c["true_after_only"], p_text(c["p_value"])]
                 for split in ("overall", *([] if overall_only else SPLITS)) if (c := comparison.get(split))]
         return header, rows
