@@ -36,6 +36,7 @@ from fairforget.config import run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.evals.suite import SuiteConfig, held_out_items, score_all
+from fairforget.evals.winobias import data_files as winobias_files
 from fairforget.methods.compare import markdown, paired_rows, plot, summary_row
 from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
 from fairforget.models import DEFAULT_EMBEDDED
@@ -51,11 +52,13 @@ class Config:
                                metadata={"help": "name=method.json with wall_seconds and peak_memory_mib"})
     stereoset: Path = Path("data/stereoset/dev.json")
     crows: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
+    winobias: Path = Path("data/winobias/data")
     bbq_dir: Path = Path("data/bbq")
     stereoset_limit: int | None = field(default=300, metadata={"help": "held-out StereoSet sample (None: all)"})
     gender_limit: int | None = field(default=None, metadata={"help": "seeded sample of the held-out gender "
                                                                       "examples for gender SS (None: every one)"})
-    crows_limit: int | None = 200
+    crows_limit: int | None = field(default=200, metadata={"help": "CrowS sample for 'all' (plus every gender pair)"})
+    winobias_limit: int | None = field(default=None, metadata={"help": "WinoBias test pairs (None: all minimal)"})
     bbq_per_category: int | None = field(default=8, metadata={"help": "held-out BBQ examples per category"})
     ppl_limit: int | None = field(default=50, metadata={"help": "neutral held-out texts for perplexity"})
     half_seed: int = 0
@@ -90,7 +93,7 @@ def main(cfg: Config) -> None:
     items = held_out_items(suite)
     specs = {"before": cfg.before, **dict(m.split("=", 1) for m in cfg.methods)}
     record_files = dict(r.split("=", 1) for r in cfg.records)
-    print(f"comparing {len(specs) - 1} methods on {len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, "
+    print(f"comparing {len(specs) - 1} methods on {len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, {len(items.winobias)} WinoBias, "
           f"{len(items.bbq)} BBQ items and {len(items.neutral)} neutral texts", flush=True)
     results, changes = score_all(specs, items, suite, cfg.out / "scores", load_output,
                                  lambda spec: output_kind(spec) == "wrapper")
@@ -104,11 +107,12 @@ def main(cfg: Config) -> None:
     plot(changes, cfg.out / "bias_vs_capability.png")
     write_json(cfg.out / "metrics.json", {
         "models": specs, "changes": changes,
-        "levels": {n: {k: r[k] for k in ("stereoset", "crows", "bbq", "perplexity", "source", "eval_seconds")}
+        "levels": {n: {k: r[k] for k in ("stereoset", "crows", "winobias", "bbq", "perplexity", "source",
+                                           "eval_seconds")}
                    for n, r in results.items()},
         "method_records": {n: {k: v for k, v in r.items() if k != "provenance"} for n, r in records.items()},
         "neutral_texts": texts_provenance(items.neutral), "wall_seconds": round(seconds, 1),
-        "provenance": provenance(cfg, [cfg.stereoset, cfg.crows, *items.bbq_files])})
+        "provenance": provenance(cfg, [cfg.stereoset, cfg.crows, *winobias_files(cfg.winobias), *items.bbq_files])})
     print(markdown(rows, items, cfg.before, seconds))
 
 

@@ -122,7 +122,8 @@ def check_toy_in_plan_and_stage_30(study, tmp_path, tokenizer):
     out = tmp_path / "compare"
     cfg = parse_config(stage30.Config(), [
         "--before", start, "--methods", f"toy={folder}", "--records", f"toy={tmp_path / 'toy_log' / 'method.json'}",
-        "--stereoset", str(layout.stereoset), "--crows", str(layout.crows), "--bbq-dir", str(layout.bbq),
+        "--stereoset", str(layout.stereoset), "--crows", str(layout.crows), "--winobias", str(layout.winobias),
+        "--winobias-limit", "8", "--bbq-dir", str(layout.bbq),
         "--stereoset-limit", "8", "--gender-limit", "6", "--crows-limit", "8", "--bbq-per-category", "1",
         "--ppl-limit", "3", "--n-boot", "20", "--device", "cpu", "--out", str(out)])
     stage30.main(cfg)

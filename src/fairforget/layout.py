@@ -37,6 +37,10 @@ class Layout:
         return self.data / "crows_pairs" / "data" / "crows_pairs_anonymized.csv"
 
     @property
+    def winobias(self) -> Path:
+        return self.data / "winobias" / "data"
+
+    @property
     def bbq(self) -> Path:
         return self.data / "bbq"
 

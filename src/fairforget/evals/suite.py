@@ -2,9 +2,11 @@
 digest of its weights), and each pairing against "before" through every evaluation's ``compare``.
 
 Items: StereoSet dev's held-out half (a proportional sample for overall SS / LMS, plus every held-out gender
-example, or a seeded ``gender_limit`` of them), CrowS-Pairs, the BBQ scenarios head pruning holds out (the same
-``split_seed``, so head pruning never saw them) and the neutral held-out texts for perplexity. The selection half
-of StereoSet, on which methods choose their settings, is never among them.
+example, or a seeded ``gender_limit`` of them), CrowS-Pairs (a proportional sample for "all", plus every gender
+pair), WinoBias's test pairs, the BBQ scenarios head pruning holds out (the same ``split_seed``, so head pruning
+never saw them) and the neutral held-out texts for perplexity. The selection half of StereoSet, on which
+methods choose their settings, is never among them. Every paired change carries ``mdc``, the change its items
+could have detected (half-width of the paired interval under no change).
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from fairforget.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from fairforget.errors import FairforgetError
 from fairforget.evals.bbq import load_bbq, sample_per_category
 from fairforget.evals.bbq_split import split_by_scenario
+from fairforget.evals.crows import compute_metrics as crows_metrics
 from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.evals.stereoset import compute_metrics, decisions, stratified_limit
 from fairforget.hashing import Hasher
-from fairforget.stats import bootstrap_ci, mcnemar
+from fairforget.stats import bootstrap_ci, mcnemar, minimum_detectable_change
 
-EVALUATIONS_SCORED = ("stereoset", "crows", "bbq")  # beside perplexity
+EVALUATIONS_SCORED = ("stereoset", "crows", "winobias", "bbq")  # beside perplexity
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,12 @@ class SuiteConfig:
 
     stereoset: Path
     crows: Path
+    winobias: Path  # the WinoBias data folder (its test files)
     bbq_dir: Path
     stereoset_limit: int | None = 300  # the proportional held-out sample (None: all)
     gender_limit: int | None = None  # held-out gender examples (None: every one)
-    crows_limit: int | None = 200
+    crows_limit: int | None = 200  # the proportional sample for "all" (every gender pair besides)
+    winobias_limit: int | None = None
     bbq_per_category: int | None = 8
     ppl_limit: int | None = 50
     half_seed: int = 0
@@ -57,7 +62,9 @@ class Items:
 
     stereoset: list  # the proportional sample plus every held-out gender example
     stereoset_sample: set[str]  # ids of the proportional sample (overall SS, LMS)
-    crows: list
+    crows: list  # the proportional sample plus every gender pair
+    crows_sample: set[str]  # ids of the proportional sample (all bias types)
+    winobias: list
     bbq: list
     neutral: list[str]
     bbq_files: list[Path]
@@ -71,10 +78,15 @@ def held_out_items(cfg: SuiteConfig) -> Items:
     gender = stratified_limit([e for e in heldout if e.bias_type == "gender"], cfg.gender_limit, cfg.seed)
     stereo = sample + [e for e in gender if e.id not in ids]
     crows = EVALUATIONS["crows"].load(cfg.crows, cfg.crows_limit, cfg.seed).examples
+    crows_ids = {p.id for p in crows}
+    crows += [p for p in EVALUATIONS["crows"].load(cfg.crows, None, cfg.seed, ["gender"]).examples
+              if p.id not in crows_ids]
+    winobias = EVALUATIONS["winobias"].load(cfg.winobias, limit=cfg.winobias_limit, seed=cfg.seed).examples
     data = load_bbq(cfg.bbq_dir)
     _, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
     bbq = sample_per_category(held, cfg.bbq_per_category, cfg.split_seed)
-    return Items(stereo, ids, crows, bbq, load_neutral_texts("heldout", cfg.ppl_limit), list(data.files))
+    return Items(stereo, ids, crows, crows_ids, winobias, bbq, load_neutral_texts("heldout", cfg.ppl_limit),
+                 list(data.files))
 
 
 def weights_digest(spec: str) -> str:
@@ -83,8 +95,8 @@ def weights_digest(spec: str) -> str:
     return Hasher().path(Path(spec)) or spec
 
 
-CACHE_SETTINGS = ("stereoset_limit", "gender_limit", "crows_limit", "bbq_per_category", "ppl_limit", "half_seed",
-                  "split_seed", "mitigation_fraction", "n_boot", "seed")
+CACHE_SETTINGS = ("stereoset_limit", "gender_limit", "crows_limit", "winobias_limit", "bbq_per_category", "ppl_limit",
+                  "half_seed", "split_seed", "mitigation_fraction", "n_boot", "seed")
 
 
 def score_model(name: str, spec: str, items: Items, cfg: SuiteConfig, cache: Path, load: Callable,
@@ -104,7 +116,7 @@ def score_model(name: str, spec: str, items: Items, cfg: SuiteConfig, cache: Pat
         batch = cfg.wrapper_batch_size if wrapper else cfg.batch_size
         print(f"{name}: scoring {loaded.source}", flush=True)
         options = {"stereoset": {"batch_size": batch}, "crows": {"batch_size": batch},
-                   "bbq": {"mode": "answer", "batch_size": max(1, batch // 2)}}
+                   "winobias": {"batch_size": batch}, "bbq": {"mode": "answer", "batch_size": max(1, batch // 2)}}
         metrics, scored = {}, {}
         for evaluation in EVALUATIONS_SCORED:
             metrics[evaluation], scored[evaluation] = EVALUATIONS[evaluation].evaluate(
@@ -114,7 +126,7 @@ def score_model(name: str, spec: str, items: Items, cfg: SuiteConfig, cache: Pat
         ppl = perplexity(loaded.model, loaded.tokenizer, items.neutral, max(1, batch // 4), cfg.n_boot, cfg.seed)
         result = {"settings": settings, "source": loaded.source, "eval_seconds": round(time.perf_counter() - start, 1),
                   "stereoset": stereoset_levels(scored["stereoset"], items, cfg),
-                  "crows": metrics["crows"],
+                  "crows": crows_levels(scored["crows"], items, cfg), "winobias": metrics["winobias"],
                   "bbq": {k: metrics["bbq"][k] for k in ("overall", "mode", "answer_norm", "n_items")},
                   "perplexity": ppl}
         write_json(done, result)
@@ -126,6 +138,18 @@ def score_model(name: str, spec: str, items: Items, cfg: SuiteConfig, cache: Pat
 
 def in_sample(stereo_items: list[dict], items: Items) -> list[dict]:
     return [it for it in stereo_items if it["example_id"] in items.stereoset_sample]
+
+
+def in_crows_sample(crows_items: list[dict], items: Items) -> list[dict]:
+    return [it for it in crows_items if it["id"] in items.crows_sample]
+
+
+def crows_levels(crows_items: list[dict], items: Items, cfg: SuiteConfig) -> dict:
+    """CrowS "all" on the proportional sample, "gender" on every gender pair."""
+    metric = crows_metrics
+    return {"overall": metric(in_crows_sample(crows_items, items), cfg.n_boot, cfg.seed)["overall"],
+            "gender": metric([it for it in crows_items if it["bias_type"] == "gender"], cfg.n_boot,
+                             cfg.seed)["overall"]}
 
 
 def stereoset_levels(stereo_items: list[dict], items: Items, cfg: SuiteConfig) -> dict:
@@ -151,7 +175,8 @@ def distance_change(before_items: list[dict], after_items: list[dict], domain: s
     every = np.arange(len(b.pro))
     return {"before": abs(100 * b.pro.mean() - 50), "after": abs(100 * a.pro.mean() - 50), "delta": change(every),
             "delta_ci": list(bootstrap_ci(change, len(every), n_boot=n_boot, seed=seed)),
-            "p_value": mcnemar(b.pro, a.pro).p_value, "n": len(every)}
+            "p_value": mcnemar(b.pro, a.pro).p_value, "n": len(every),
+            "mdc": 100 * minimum_detectable_change(b.pro, a.pro)}
 
 
 def paired(before: dict, after: dict, items: Items, cfg: SuiteConfig) -> dict:
@@ -159,12 +184,16 @@ def paired(before: dict, after: dict, items: Items, cfg: SuiteConfig) -> dict:
     compare = {name: EVALUATIONS[name].compare for name in EVALUATIONS_SCORED}
     stereo = compare["stereoset"](in_sample(before["stereoset_items"], items),
                                   in_sample(after["stereoset_items"], items), cfg.n_boot, cfg.seed)
-    crows = compare["crows"](before["crows_items"], after["crows_items"], cfg.n_boot, cfg.seed)
+    crows_all = compare["crows"](in_crows_sample(before["crows_items"], items),
+                                 in_crows_sample(after["crows_items"], items), cfg.n_boot, cfg.seed)["overall"]
+    crows_gender = compare["crows"](*([it for it in run["crows_items"] if it["bias_type"] == "gender"]
+                                      for run in (before, after)), cfg.n_boot, cfg.seed)["overall"]
+    winobias = compare["winobias"](before["winobias_items"], after["winobias_items"], cfg.n_boot, cfg.seed)
     bbq = compare["bbq"](before["bbq_items"], after["bbq_items"], cfg.n_boot, cfg.seed)["overall"]
     return {"ss_gender_distance": distance_change(before["stereoset_items"], after["stereoset_items"], "gender",
                                                   cfg.n_boot, cfg.seed),
-            "ss_overall": stereo["overall"], "crows_all": crows["overall"], "crows_gender": crows.get("gender"),
-            "bbq": bbq, "perplexity": perplexity_change(before["perplexity"], after["perplexity"], cfg.n_boot,
+            "ss_overall": stereo["overall"], "crows_all": crows_all, "crows_gender": crows_gender,
+            "winobias": winobias["overall"], "bbq": bbq, "perplexity": perplexity_change(before["perplexity"], after["perplexity"], cfg.n_boot,
                                                         cfg.seed)}
 
 

@@ -11,7 +11,9 @@ from fairforget.plots import new_figure, save_figure
 
 
 def _with_p(entry: dict, value: str, interval: str, digits: int = 2) -> str:
-    return f"{ci_text(entry[value], entry[interval], digits, signed=True)} p={entry['p_value']:.2g}"
+    """A paired change with its interval, McNemar p and the minimum detectable change of its items."""
+    return (f"{ci_text(entry[value], entry[interval], digits, signed=True)} p={entry['p_value']:.2g} "
+            f"mdc={entry['mdc']:.{digits}f}")
 
 
 def summary_row(name: str, result: dict, change: dict | None, record: dict) -> dict:
@@ -22,6 +24,7 @@ def summary_row(name: str, result: dict, change: dict | None, record: dict) -> d
            "ss_overall": ci_text(s["all"]["ss"], s["all"]["ss_ci"]), "lms": ci_text(s["all"]["lms"], s["all"]["lms_ci"]),
            "crows_gender": ci_text(c["gender"]["metric"], c["gender"]["metric_ci"]),
            "crows_all": ci_text(c["overall"]["metric"], c["overall"]["metric_ci"]),
+           "winobias": ci_text(result["winobias"]["overall"]["metric"], result["winobias"]["overall"]["metric_ci"]),
            "bbq_s_dis": ci_text(q["s_dis"], q["s_dis_ci"], 3), "bbq_s_amb": ci_text(q["s_amb"], q["s_amb_ci"], 3),
            "bbq_acc": ci_text(q["acc"], q["acc_ci"], 3), "perplexity": ci_text(p["perplexity"], p["perplexity_ci"]),
            "wall_seconds": record.get("wall_seconds", "n/a"), "peak_memory_mib": record.get("peak_memory_mib", "n/a")}
@@ -32,6 +35,7 @@ def summary_row(name: str, result: dict, change: dict | None, record: dict) -> d
             "d_ss_overall": _with_p(change["ss_overall"], "delta_ss_micro", "delta_ss_micro_ci"),
             "d_crows_gender": _with_p(change["crows_gender"], "delta", "delta_ci"),
             "d_crows_all": _with_p(change["crows_all"], "delta", "delta_ci"),
+            "d_winobias": _with_p(change["winobias"], "delta", "delta_ci"),
             "d_bbq_s_amb": ci_text(b["s_amb_delta"], b["s_amb_delta_ci"], 3, signed=True),
             "d_bbq_acc": f"{ci_text(b['acc_delta'], b['acc_delta_ci'], 3, signed=True)} "
                          f"p={b['mcnemar_correct']['p_value']:.2g}",
@@ -40,11 +44,13 @@ def summary_row(name: str, result: dict, change: dict | None, record: dict) -> d
 
 
 LEVELS = [("method", "method"), ("ss_gender", "SS gender"), ("ss_overall", "SS overall"), ("lms", "LMS"),
-          ("crows_gender", "CrowS gender"), ("crows_all", "CrowS all"), ("bbq_s_dis", "BBQ s_DIS"),
+          ("crows_gender", "CrowS gender"), ("crows_all", "CrowS all"), ("winobias", "WinoBias pro %"),
+          ("bbq_s_dis", "BBQ s_DIS"),
           ("bbq_s_amb", "BBQ s_AMB"), ("bbq_acc", "BBQ acc"), ("perplexity", "perplexity"),
           ("wall_seconds", "method wall s"), ("peak_memory_mib", "peak MiB")]
 CHANGES = [("method", "method"), ("d_gender_distance", "Δ gender abs(SS-50)"), ("d_ss_overall", "Δ SS overall"),
-           ("d_crows_gender", "Δ CrowS gender"), ("d_crows_all", "Δ CrowS all"), ("d_bbq_s_amb", "Δ BBQ s_AMB"),
+           ("d_crows_gender", "Δ CrowS gender"), ("d_crows_all", "Δ CrowS all"), ("d_winobias", "Δ WinoBias pro %"),
+           ("d_bbq_s_amb", "Δ BBQ s_AMB"),
            ("d_bbq_acc", "Δ BBQ acc"), ("d_ppl_pct", "Δ perplexity %")]
 
 
@@ -57,10 +63,13 @@ def markdown(rows: list[dict], items: Items, before: str, seconds: float) -> str
     head = (f"# Debiasing methods side by side (before: `{before}`)\n\n"
             f"Held-out items: StereoSet dev held-out half, {len(items.stereoset_sample)} examples (proportional sample: "
             f"overall SS, LMS) plus held-out gender examples ({len(items.stereoset) - len(items.stereoset_sample)} "
-            f"more; gender SS on all {n_gender}), {len(items.crows)} CrowS-Pairs pairs, {len(items.bbq)} BBQ examples "
-            f"(answer mode, held-out scenarios), {len(items.neutral)} neutral texts. 95% bootstrap intervals in "
-            f"brackets. Comparison wall time {seconds:.0f} s.\n\n## Levels\n\n")
-    return (head + columns(LEVELS, rows) + "\n## Paired change against before (same items; p: McNemar exact)\n\n"
+            f"more; gender SS on all {n_gender}), {len(items.crows_sample)} CrowS-Pairs pairs (proportional sample: all) "
+            f"plus every gender pair ({sum(p.bias_type == 'gender' for p in items.crows)} in all), {len(items.winobias)} "
+            f"WinoBias test pairs, {len(items.bbq)} BBQ examples (answer mode, held-out scenarios), {len(items.neutral)} "
+            f"neutral texts. 95% bootstrap intervals in brackets. Comparison wall time {seconds:.0f} s.\n\n## Levels\n\n")
+    return (head + columns(LEVELS, rows) + "\n## Paired change against before (same items; p: McNemar exact; mdc: the "
+            "minimum detectable change of these items, the half-width of the paired 95% interval under no change: a "
+            "change smaller than it could not have been seen)\n\n"
             + columns(CHANGES, [r for r in rows if r["method"] != "before"]))
 
 

@@ -40,7 +40,8 @@ def method_stages(spec: str, layout: Layout, base_inputs: list[Path], common: di
     stages.append(Stage("30 compare methods", "30_compare_methods.py",
                         {"before": spec, "methods": [f"{n}={f}" for n, f in folders.items()],
                          "records": [f"{n}={r}" for n, r in records.items()],
-                         "stereoset": layout.stereoset, "crows": layout.crows, "bbq_dir": layout.bbq, "out": out,
+                         "stereoset": layout.stereoset, "crows": layout.crows, "winobias": layout.winobias,
+                         "bbq_dir": layout.bbq, "out": out,
                          **COMPARE_SIZES, **common},
                         [layout.stereoset, *folders.values(), *base_inputs],
                         [out / "summary.csv", out / "summary.md", out / "bias_vs_capability.png"], "methods"))
