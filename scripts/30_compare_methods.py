@@ -20,7 +20,7 @@ correctness), perplexity (paired bootstrap of the relative change). Wall time an
 come from its ``method.json`` (--records). Scoring, caching (``<out>/scores/<weights digest>/``, reused when
 the same weights were scored with the same settings, so an interrupted comparison resumes) and pairing are the
 held-out suite's (``fairforget.evals.suite``), through the evaluation interface; the tables are in
-``fairforget.methods.compare``. Writes ``summary.csv``, ``summary.md``,
+``fairforget.study.compare``. Writes ``summary.csv``, ``summary.md``,
 ``paired.csv``, ``bias_vs_capability.png`` and ``metrics.json`` (with provenance) to --out.
 """
 
@@ -37,7 +37,7 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.evals.suite import SuiteConfig, held_out_items, score_all
 from fairforget.evals.winobias import data_files as winobias_files
-from fairforget.methods.compare import markdown, paired_rows, plot, summary_row
+from fairforget.study.compare import markdown, paired_rows, plot, summary_row
 from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
 from fairforget.models import DEFAULT_EMBEDDED
 

@@ -26,8 +26,8 @@ from typing import Literal
 
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.pipeline import PIPELINES, Layout, build_plan, run_stages
-from fairforget.report import build_report
+from fairforget.study.pipeline import PIPELINES, Layout, build_plan, run_stages
+from fairforget.study.report import build_report
 
 Pipeline = Literal[PIPELINES]  # type: ignore[valid-type]
 

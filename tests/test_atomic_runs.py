@@ -113,8 +113,8 @@ def test_sigkill_at_a_write_leaves_the_earlier_run_or_the_complete_new_one(tmp_p
 
 def test_readers_refuse_an_incomplete_run_folder(tmp_path, tiny_model, shared_data):
     from fairforget.hashing import Hasher
-    from fairforget.pipeline import Stage, why_not_done, write_record
-    from fairforget.report import build_report
+    from fairforget.study.pipeline import Stage, why_not_done, write_record
+    from fairforget.study.report import build_report
 
     out = tmp_path / "run"
     stage, cfg = _configs("13_evaluate_stereoset.py", tiny_model, shared_data, out, limit=12)

@@ -1,4 +1,4 @@
-"""Stage 30's comparison module (fairforget.methods.compare): paired changes and the summary tables."""
+"""Stage 30's comparison module (fairforget.study.compare): paired changes and the summary tables."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from fairforget.errors import FairforgetError
 from fairforget.evals.suite import Items, distance_change
-from fairforget.methods.compare import markdown, paired_rows, summary_row
+from fairforget.study.compare import markdown, paired_rows, summary_row
 
 
 def _stereoset_items(prefers_stereotype: list[bool], domain: str = "gender") -> list[dict]:

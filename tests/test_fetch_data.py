@@ -300,7 +300,7 @@ def sha256(path: Path) -> str:
 def test_pipeline_data_step_reverifies_instead_of_trusting_its_record(tmp_path, monkeypatch):
     from fairforget import datasets
     from fairforget.hashing import Hasher
-    from fairforget.pipeline import Stage, why_not_done, write_record
+    from fairforget.study.pipeline import Stage, why_not_done, write_record
 
     monkeypatch.setattr(datasets, "manifest", lambda: tuple(SPECS))
     root = write_tree(tmp_path / "data", FIXTURE)

@@ -17,7 +17,7 @@ from fairforget.layout import Layout
 from fairforget.methods.registry import (CONFIG_FILE, METHODS, Knob, MethodSpec, load_output, register_method,
                                          save_method_config, write_method_record)
 from fairforget.models import load_model
-from fairforget.pipeline import Stage, build_plan
+from fairforget.study.pipeline import Stage, build_plan
 from fairforget.tiny import save_tiny_model
 
 # tiny sizes per method; a new method needs a row here (the first test says so)

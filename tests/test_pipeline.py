@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from conftest import load_script
-from fairforget import pipeline
+from fairforget.study import pipeline
+from fairforget.study import stage as stage_module
 from fairforget.errors import FairforgetError
 from fairforget import hashing
 from fairforget.hashing import Hasher
-from fairforget.pipeline import Stage, build_plan, run_stages, why_not_done
+from fairforget.study.pipeline import Stage, build_plan, run_stages, why_not_done
 
 FAKE_STAGE = '''
 import argparse, pathlib, sys
@@ -97,6 +98,7 @@ def fake(tmp_path, monkeypatch):
     scripts.mkdir()
     (scripts / "fake.py").write_text(FAKE_STAGE)
     monkeypatch.setattr(pipeline, "SCRIPTS", scripts)
+    monkeypatch.setattr(stage_module, "SCRIPTS", scripts)
     (tmp_path / "in.txt").write_text("hello")
     return tmp_path
 
@@ -175,7 +177,7 @@ def test_real_stage_runs_once_then_is_skipped(tmp_path, shared_data):
 
 
 def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer, shared_data, monkeypatch):
-    from fairforget.report import build_report
+    from fairforget.study.report import build_report
     from fairforget.tiny import save_tiny_model
 
     monkeypatch.chdir(tmp_path)
@@ -216,7 +218,7 @@ def test_cli_rejects_a_bad_flag_value(tmp_path):
 def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tiny_models, shared_data):
     from fairforget.evals.bbq import load_bbq, sample_per_category
     from fairforget.evals.bbq_eval import evaluate_bbq, write_bbq_run
-    from fairforget.report import build_report
+    from fairforget.study.report import build_report
     from fairforget.tiny import build_tiny_model
 
     examples = sample_per_category(load_bbq(shared_data / "bbq", ["Age", "Religion"]).examples, 8, 0)

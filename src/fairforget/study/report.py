@@ -19,7 +19,8 @@ from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.markdown import ci_text, image, link, table
-from fairforget.pipeline import Stage, StageResult
+from fairforget.study.pipeline import StageResult
+from fairforget.study.stage import Stage
 from fairforget.run_folders import beside
 
 

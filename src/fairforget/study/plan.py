@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fairforget.layout import Layout
 from fairforget.methods.registry import METHODS, stage_name
-from fairforget.pipeline import Stage
+from fairforget.study.stage import Stage
 
 COMPARE_SIZES = {"stereoset_limit": 200, "gender_limit": None, "crows_limit": 200, "bbq_per_category": 8,
                  "ppl_limit": 50}
