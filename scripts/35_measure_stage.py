@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fairforget.artifacts import provenance, write_json
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 
 
@@ -27,7 +27,7 @@ from fairforget.errors import FairforgetError
 class Config:
     method: str = field(default="", metadata={"help": "name in the comparison (e.g. pcgu, head_pruning)"})
     model_folder: Path | None = field(default=None, metadata={"help": "the model folder the stage writes"})
-    log_dir: Path | None = field(default=None, metadata={"help": "default outputs/methods/<method>"})
+    log_dir: Path | None = output_field(None, "method log", "default outputs/methods/<method>")
     command: str = field(default="", metadata={"help": "the stage script and its flags, one quoted string"})
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_script
-from fairforget.artifacts import atomic_dir, write_json
+from fairforget.artifacts import FOLDER_MARKER, atomic_dir, write_json
 from fairforget.errors import FairforgetError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,14 @@ def earlier(tmp_path) -> Path:
     return run
 
 
+def _as_result_of(folder: Path, script: str) -> Path:
+    """``folder`` marked as an earlier result of ``script``'s kind (a training stage writes a model, not a run)."""
+    kind = {"11_finetune_lora.py": "adapter", "12_pcgu_unlearn.py": "model"}.get(script, "run")
+    folder.mkdir(exist_ok=True)
+    (folder / FOLDER_MARKER).write_text(json.dumps({"kind": kind}))
+    return folder
+
+
 def _fails_cleanly(done: subprocess.CompletedProcess, message: str, earlier: Path, before: dict) -> None:
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -82,7 +90,7 @@ def _fails_cleanly(done: subprocess.CompletedProcess, message: str, earlier: Pat
     ("11_finetune_lora.py", ["--sentences", "absent.tsv"], "file not found: absent.tsv", False),
 ])
 def test_missing_file(tmp_path, earlier, script, flags, message, as_subprocess):
-    before = _snapshot(earlier)
+    before = _snapshot(_as_result_of(earlier, script))
     done = _stage(script, *flags, "--out", earlier, "--device", "cpu", cwd=tmp_path, subprocess_=as_subprocess)
     _fails_cleanly(done, message, earlier, before)
 
@@ -181,10 +189,10 @@ def test_no_disk_space_keeps_the_earlier_result_of_a_stage(tmp_path, shared_data
 
 def test_no_disk_space_while_saving_a_model_folder(tmp_path):
     folder = tmp_path / "model"
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "model") as tmp:
         (tmp / "weights.bin").write_bytes(b"good")
     with pytest.raises(FairforgetError, match="no space left on the device while writing .*model; the earlier"):
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, "model") as tmp:
             (tmp / "weights.bin").write_bytes(b"half")
             _disk_full()
     assert (folder / "weights.bin").read_bytes() == b"good"
@@ -305,9 +313,11 @@ def test_rows_with_a_wrong_number_of_columns_are_refused(tmp_path, earlier, shar
     row = ["p1", "nurse", "t", "He is here.", "She is here.", "male", "90.0", "winogender"]
     lines = ["\t".join(PAIR_COLUMNS), "\t".join(row), "\t".join([*row[:-1], "winogender", "extra"])]
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    model = _as_result_of(tmp_path / "model", "12_pcgu_unlearn.py")
+    before = _snapshot(model)
+    done = _stage("12_pcgu_unlearn.py", "--pairs", "pairs.tsv", "--out", model, "--device", "cpu", cwd=tmp_path)
+    _fails_cleanly(done, "pairs.tsv:3: 9 columns, expected 8 as in the header", model, before)
     before = _snapshot(earlier)
-    done = _stage("12_pcgu_unlearn.py", "--pairs", "pairs.tsv", "--out", earlier, "--device", "cpu", cwd=tmp_path)
-    _fails_cleanly(done, "pairs.tsv:3: 9 columns, expected 8 as in the header", earlier, before)
 
     rows = (shared_data / "crows_pairs/data/crows_pairs_anonymized.csv").read_text().splitlines()[:5]
     rows[3] = rows[3] + ",surplus"

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
+from fairforget.artifacts import WHOLE_FOLDER_KINDS, claim_folder, output_folder
 from fairforget.datasets import check_data_inputs
 from fairforget.errors import FairforgetError
 
@@ -182,14 +183,33 @@ def path_fields(cfg: Any) -> dict[str, Path]:
     return found
 
 
+def output_field(default: Path | None, kind: str, help_text: str = "") -> Any:
+    """A Config field naming an output folder holding a result of ``kind``: :func:`run_script` checks it before
+    the stage starts (a folder of other files, a file, the checkout itself are refused; see
+    :func:`fairforget.artifacts.output_folder`)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "writes": kind} if help_text
+                             else {"writes": kind})
+
+
+def check_outputs(cfg: Any) -> None:
+    """Check every output folder flag of ``cfg`` (the :func:`output_field` fields); one a stage adds its files to
+    (not a folder replaced whole) is created with its marker."""
+    for field in dataclasses.fields(cfg):
+        kind, value = field.metadata.get("writes"), getattr(cfg, field.name)
+        if kind is not None and value is not None:
+            check = output_folder if kind in WHOLE_FOLDER_KINDS else claim_folder
+            check(value, kind, "--" + field.name.replace("_", "-"))
+
+
 def run_script(main: Callable[[C], Any], default: C, argv: list[str] | None = None, verify_data: bool = True) -> None:
     """Parse flags into ``default``'s type, verify the pinned data files its paths point at (unless
-    ``verify_data`` is False: the fetch stage, which repairs them), run ``main(cfg)``; a FairforgetError exits 2
+    ``verify_data`` is False: the fetch stage, which repairs them), check its output folders, run ``main(cfg)``; a FairforgetError exits 2
     with one line."""
     try:
         cfg = parse_config(default, argv, description=(sys.modules[main.__module__].__doc__ or None))
         if verify_data:
             check_data_inputs(path_fields(cfg))
+        check_outputs(cfg)
         main(cfg)
     except FairforgetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -140,7 +140,7 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path | str, base_spec: str)
     """
     for config in model.peft_config.values():
         config.base_model_name_or_path = base_spec
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "adapter") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(folder)

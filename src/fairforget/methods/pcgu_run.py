@@ -216,7 +216,7 @@ def write_results(run: Setup, done: Trained, held: HeldOut | None) -> None:
     and clear the training state."""
     cfg, steps, epochs = run.cfg, done.steps, done.epochs
     best = next(e for e in epochs if e["step"] == done.best_step)
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, "model") as tmp:
         shutil.copytree(beside(cfg.out, "best"), tmp, dirs_exist_ok=True)
     summary = {"kept_step": best["step"], "kept_epoch": best["epoch"],
                "criterion": f"smallest |SS - 50| ({cfg.selection_metric}) on {len(run.examples)} selection-half "
