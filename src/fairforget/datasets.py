@@ -100,12 +100,14 @@ def read_table(path: Path | str, required: Iterable[str] = (), delimiter: str = 
                what: str = "file") -> list[tuple[int, dict[str, str]]]:
     """Rows of a CSV / TSV file with a header, each with its line number; a missing file, a header without the
     ``required`` columns, or a row with another number of columns than the header raises one FairforgetError
-    naming the file and line."""
+    naming the file and line. A TSV is read with quoting off (its fields are never quoted, so a stray ``"``
+    is a character, not the start of a field running over the next lines: one line is one row)."""
     path = Path(path)
     if not path.is_file():
         raise FairforgetError(f"{what} not found: {path}")
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
         header = next(reader, [])
         missing = [c for c in required if c not in header]
         if missing:

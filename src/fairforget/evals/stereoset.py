@@ -74,7 +74,7 @@ def load_stereoset(path: Path | str) -> list[Example]:
     if problems:
         shown = "\n  ".join(problems[:MAX_PROBLEMS]) + (f"\n  ... and {len(problems) - MAX_PROBLEMS} more"
                                                         if len(problems) > MAX_PROBLEMS else "")
-        raise FairforgetError(f"StereoSet file {path} has {len(problems)} malformed example(s):\n  {shown}")
+        raise FairforgetError(f"StereoSet file {path} has {len(problems)} problem(s) in its examples:\n  {shown}")
     return examples
 
 
@@ -162,8 +162,10 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batc
     plan = [(ex, label, prefix, cont) for ex in examples for label, prefix, cont in scoring_requests(ex)]
     scores: list[Score | None] = [None] * len(plan)
     intra = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intrasentence"]
+    names = [f"StereoSet {ex.split} example {ex.id} ({label})" for ex, label, *_ in plan]
     for k, score in zip(intra, score_continuations(model, tokenizer, [plan[k][2:] for k in intra],
-                                                   batch_size=batch_size, desc="StereoSet intrasentence")):
+                                                   batch_size=batch_size, desc="StereoSet intrasentence",
+                                                   names=[names[k] for k in intra])):
         scores[k] = score
     inter = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intersentence"]
     groups = [inter[i: i + len(LABELS)] for i in range(0, len(inter), len(LABELS))]
@@ -173,7 +175,8 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batc
         prompt_ids.append(encoded[0].ids[: encoded[0].n_prefix])
         option_ids.append([e.ids[e.n_prefix:] for e in encoded])
     shared = encoded_option_logprobs(model, prompt_ids, option_ids, tokenizer.pad_token_id,
-                                     max(1, batch_size // len(LABELS)), desc="StereoSet intersentence")
+                                     max(1, batch_size // len(LABELS)), desc="StereoSet intersentence",
+                                     names=[names[group[0]].rsplit(" (", 1)[0] for group in groups])
     for group, group_scores in zip(groups, shared):
         for k, score in zip(group, group_scores):
             scores[k] = score

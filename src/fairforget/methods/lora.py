@@ -9,7 +9,6 @@ conditioned on the BOS/EOS token, computed with the shared differentiable scorer
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -108,14 +107,11 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
         # fewer examples than processes: this process contributes zero loss and zero gradients
         loss = lm_loss(model, batch, n_tokens) if mine else torch.zeros((), device=device)
         batch_loss = distributed.all_sum(float(loss.detach()))
-        if not math.isfinite(batch_loss):
-            raise FairforgetError(f"the training loss became non-finite at epoch {epoch}, step {step}; "
-                                  f"lower --lr")
         run.optimizer.zero_grad(set_to_none=True)
         if mine:
             loss.backward()
         distributed.sum_gradients(run.params)
-        run.optimizer.step()
+        run.step(epoch, step, batch_loss)
         run.log(StepLog(epoch, step, batch_loss, n_tokens))
         bar.set_postfix(epoch=epoch, loss=f"{batch_loss:.4f}")
         bar.update(1)
