@@ -175,8 +175,8 @@ def output_folder(path: Path | str, kind: str, flag: str = "--out") -> Path:
                               f"folder above them); a stage replaces its output folder, so name a new one")
     if full.is_dir() and any(full.iterdir()) and not _holds_result(full, kind):
         shown = ", ".join(sorted(p.name for p in full.iterdir())[:5])
-        raise FairforgetError(f"{flag} {path} holds files that are not a fairforget {kind} ({shown}); it would be "
-                              f"replaced, so choose a new or empty folder with {flag} (or delete this one)")
+        raise FairforgetError(f"{flag} {path} holds files that are not a fairforget {kind} ({shown}); a stage never "
+                              f"replaces or adds to such a folder: choose a new or empty one with {flag}")
     _check_writable(full, flag)
     return path
 
