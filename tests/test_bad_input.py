@@ -391,13 +391,13 @@ def test_a_symlinked_out_is_written_through_and_no_temporary_is_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
-def test_training_stops_at_the_first_non_finite_step_keeping_the_last_state(tmp_path, tiny_models, tokenizer):
+def test_training_stops_at_the_first_non_finite_step_keeping_the_last_state(tmp_path, tokenizer):
     from fairforget.checkpoint import Checkpointer, latest_checkpoint
     from fairforget.methods.lora import add_lora, finetune
     from fairforget.tiny import build_tiny_model
 
     texts = ["The nurse said she was tired.", "The doctor said he was late.", "A cat sat.", "It rained."]
-    model = add_lora(tiny_models["llama"], ["q_proj", "v_proj"], r=2)
+    model = add_lora(build_tiny_model("llama", tokenizer, seed=0), ["q_proj", "v_proj"], r=2)  # not the shared one
     with pytest.raises(FairforgetError, match=r"training stopped at epoch 1, step 1: the update made .*lora.* "
                                               r"non-finite \(lower --lr\); nothing was saved"):
         finetune(model, tokenizer, texts, epochs=1, batch_size=4, lr=float("inf"))  # one step: the last one
