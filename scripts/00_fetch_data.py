@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fairforget.artifacts import provenance, write_json
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.datasets import DATA_DIR, DATASETS, RAW_GITHUB, Dataset, FetchResult, dataset_files, fetch
 from fairforget.errors import FairforgetError
 
@@ -26,7 +26,7 @@ from fairforget.errors import FairforgetError
 class Config:
     datasets: list[Dataset] = field(default_factory=lambda: list(DATASETS),
                                     metadata={"help": "which datasets to fetch"})
-    out: Path = field(default=DATA_DIR, metadata={"help": "data root; files land in OUT/<dataset>/"})
+    out: Path = output_field(DATA_DIR, "data", "data root; files land in OUT/<dataset>/")
     source: Path | None = field(default=None, metadata={"help": "copy from this folder (data/ layout) "
                                                                  "instead of downloading"})
     force: bool = field(default=False, metadata={"help": "re-fetch files even when present and verified"})
@@ -85,7 +85,6 @@ def write_manifest(cfg: Config, results: list[FetchResult]) -> None:
         entries[r.spec.file] = {
             "file": r.spec.file, "bytes": r.spec.bytes, "sha256": r.spec.sha256, "upstream": r.spec.upstream,
             "status": r.status, "verified_utc": now,
-            "mtime_ns": (Path(cfg.out) / r.spec.file).stat().st_mtime_ns,  # stages trust size + mtime + sha256
             "source": r.source if r.source is not None else previous.get(r.spec.file, {}).get("source"),
         }
     write_json(path, {"provenance": provenance(cfg), "files": sorted(entries.values(), key=lambda e: e["file"])})

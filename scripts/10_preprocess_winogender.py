@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import provenance, write_json
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.pairs import group_first_pairs, orientation_counts
 from fairforget.winogender import load_winobias_pairs, load_winogender_pairs, write_pairs_tsv
@@ -34,7 +34,7 @@ class Config:
     winobias: bool = field(default=False, metadata={"help": "also add WinoBias pro/anti pairs (as --sources winobias)"})
     winobias_dir: Path = Path("data/winobias/data")
     winobias_split: Literal["dev", "test"] = "dev"
-    out_dir: Path = Path("data/processed")
+    out_dir: Path = output_field(Path("data/processed"), "pairs")
     out_name: str = field(default="pairs.tsv", metadata={"help": "file name of the pairs in --out-dir"})
     seed: int = 0  # no randomness here; kept for the common interface
 

@@ -19,7 +19,7 @@ from typing import Literal
 from fairforget import distributed
 from fairforget.artifacts import provenance, write_csv, write_json
 from fairforget.checkpoint import Checkpointer
-from fairforget.config import config_to_dict, run_script
+from fairforget.config import config_to_dict, output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, kernel_bypass_warning, mean_loss, save_adapter, target_modules
 from fairforget.models import DEFAULT_EMBEDDED, load_model
@@ -33,7 +33,7 @@ from fairforget.winogender import load_winogender_sentences
 class Config:
     model: str = field(default=DEFAULT_EMBEDDED, metadata={"help": "base model: hub id, folder or embedded:name"})
     sentences: Path = Path("data/winogender/data/all_sentences.tsv")
-    out: Path = Path("models/finetuned_lora")
+    out: Path = output_field(Path("models/finetuned_lora"), "adapter")
     epochs: int = 3
     batch_size: int = 8
     lr: float = 5e-5

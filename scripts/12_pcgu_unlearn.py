@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods.pcgu_heldout import start_heldout, write_eval_only
 from fairforget.methods.pcgu_run import prepare, train, write_results
@@ -58,8 +58,8 @@ class Config:
         default="finetuned", metadata={"help": "base: the pretrained model; finetuned: models/finetuned_lora"})
     pairs: Path = Path("data/processed/pairs.tsv")
     stereoset: Path = Path("data/stereoset/dev.json")
-    out: Path = Path("models/debiased")
-    log_dir: Path | None = field(default=None, metadata={"help": "default <out>_log"})
+    out: Path = output_field(Path("models/debiased"), "model")
+    log_dir: Path | None = output_field(None, "training log", "default <out>_log")
     preset: Literal["default", "aggressive"] = "default"
     lr: float | None = field(default=None, metadata={"help": "SGD learning rate (default from --preset)"})
     k: int | None = field(default=None, metadata={"help": "partitions updated per batch (default from --preset)"})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import provenance, write_csv, write_json, write_text
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.evals.generation import comparison_markdown, complete, load_prompts, pronoun_counts
 from fairforget.models import DEFAULT_EMBEDDED, load_model
@@ -35,7 +35,7 @@ class Config:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-    out: Path = Path("outputs/prompts")
+    out: Path = output_field(Path("outputs/prompts"), "prompts")
 
     def validate(self) -> None:
         if not self.models:

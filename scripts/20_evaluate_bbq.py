@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.evals.bbq import CATEGORIES
 from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import check_stage_flags, run_stage
@@ -47,7 +47,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
     dtype: str = "auto"
-    out: Path | None = field(default=None, metadata={"help": "run folder (default outputs/bbq/<model>)"})
+    out: Path | None = output_field(None, "run", "run folder (default outputs/bbq/<model>)")
     compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder on the same items, for a "
                                                                       "paired comparison"})
 

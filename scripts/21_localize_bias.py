@@ -25,7 +25,7 @@ from typing import Literal
 from fairforget.artifacts import provenance
 from fairforget.evals.bbq import load_bbq, sample_per_category
 from fairforget.evals.bbq_eval import evaluate_bbq, use_chat_template
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.evals.localization import run_localization
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
@@ -42,7 +42,7 @@ class Config:
     mode: Literal["letter", "answer", "none"] = field(
         default="answer", metadata={"help": "scorer whose answers group the prompts by answer type (none: skip)"})
     name: str | None = field(default=None, metadata={"help": "folder name of the model (default: from --model)"})
-    out_root: Path = Path("outputs/localization")
+    out_root: Path = output_field(Path("outputs/localization"), "localization")
     chat_template: Literal["auto", "on", "off"] = "auto"
     batch_size: int = 8
     seed: int = 0

@@ -27,7 +27,7 @@ from typing import Literal
 
 from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category
 from fairforget.evals.bbq_eval import use_chat_template
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods import head_pruning as hp
 from fairforget.methods.head_experiment import Experiment, final_model_folder
@@ -88,7 +88,7 @@ class Config:
     localization_root: Path = Path("outputs/localization")
     models_dir: Path = Path("models")
     checkpoint_every: int = field(default=20, metadata={"help": "recovery state saved every N steps (0: off)"})
-    out: Path | None = field(default=None, metadata={"help": "run folder (default outputs/mitigation/<model>)"})
+    out: Path | None = output_field(None, "mitigation", "run folder (default outputs/mitigation/<model>)")
     seed: int = field(default=0, metadata={"help": "option order, bootstrap, random heads and training seed"})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: str = "auto"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import provenance, read_json, write_csv, write_json, write_text
-from fairforget.config import run_script, typed_config
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.evals.suite import SuiteConfig, held_out_items, score_all
@@ -70,7 +70,7 @@ class Config:
     n_boot: int = 1000
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    out: Path = Path("outputs/methods")
+    out: Path = output_field(Path("outputs/methods"), "method comparison")
 
     def validate(self) -> None:
         for entry in (*self.methods, *self.records):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import write_csv, write_text
-from fairforget.config import run_script, typed_config
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
 from fairforget.methods.cda import CDAConfig, augment, budget_pairs, load_swaps, token_count
@@ -35,8 +35,8 @@ class Config:
     pairs: Path = Path("data/processed/pairs.tsv")
     swap_lists: list[Path] = field(default_factory=lambda: [Path("data/winobias/generalized_swaps.txt"),
                                                             Path("data/winobias/extra_gendered_words.txt")])
-    out: Path = Path("models/methods/cda")
-    log_dir: Path = Path("outputs/methods/cda")
+    out: Path = output_field(Path("models/methods/cda"), "adapter")
+    log_dir: Path = output_field(Path("outputs/methods/cda"), "method log")
     epochs: int = 3
     batch_size: int = 8
     lr: float = 5e-5

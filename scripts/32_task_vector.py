@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import save_model, write_csv
-from fairforget.config import run_script, typed_config
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, target_modules
 from fairforget.methods.selection import choose, selection_examples, selection_score
@@ -36,8 +36,8 @@ class Config:
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
     stereoset: Path = Path("data/stereoset/dev.json")
-    out: Path = Path("models/methods/task_vector")
-    log_dir: Path = Path("outputs/methods/task_vector")
+    out: Path = output_field(Path("models/methods/task_vector"), "model")
+    log_dir: Path = output_field(Path("outputs/methods/task_vector"), "method log")
     epochs: int = 3
     batch_size: int = 8
     lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate of the advantaged-side fine-tune"})

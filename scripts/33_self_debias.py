@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.config import run_script, typed_config
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.registry import load_output, save_method_config, write_method_record
 from fairforget.methods.selection import selection_examples, selection_score
@@ -39,8 +39,8 @@ class Config:
     selection_limit: int | None = 120
     half_seed: int = 0
     eval_batch_size: int = 8
-    out: Path = Path("models/methods/self_debias")
-    log_dir: Path = Path("outputs/methods/self_debias")
+    out: Path = output_field(Path("models/methods/self_debias"), "self-debias settings")
+    log_dir: Path = output_field(Path("outputs/methods/self_debias"), "method log")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import write_csv
-from fairforget.config import run_script, typed_config
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, save_adapter, target_modules
 from fairforget.methods.bias_unlearn import BiasUnlearnConfig, Weights, check_sample, unlearn
@@ -32,8 +32,8 @@ from fairforget.winogender import read_pairs_tsv
 class Config:
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
-    out: Path = Path("models/methods/bias_unlearn")
-    log_dir: Path = Path("outputs/methods/bias_unlearn")
+    out: Path = output_field(Path("models/methods/bias_unlearn"), "adapter")
+    log_dir: Path = output_field(Path("outputs/methods/bias_unlearn"), "method log")
     epochs: int = 2
     batch_size: int = 8
     lr: float = 1e-4

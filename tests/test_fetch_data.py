@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fairforget.artifacts import FOLDER_MARKER
 from fairforget.datasets import DATASETS, FileSpec, data_path, dataset_files, fetch, manifest, verify_dataset
 from fairforget.errors import FairforgetError
 
@@ -198,7 +199,7 @@ def test_script_copies_winogender_then_skips(shared_data, tmp_path):
     assert first.returncode == 0, first.stderr
     shared = {e["file"]: e for e in json.loads((shared_data / "MANIFEST.json").read_text())
               if e["file"].startswith("winogender/")}
-    assert all_files(out) == set(shared) | {"MANIFEST.json"}
+    assert all_files(out) == set(shared) | {"MANIFEST.json", FOLDER_MARKER}  # the marker: a fairforget data root
     for name, entry in shared.items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
     written = json.loads((out / "MANIFEST.json").read_text())
@@ -259,7 +260,7 @@ def test_verify_dataset_and_data_path(shared_data, tmp_path):
 
 # --- verification when a stage uses the data ------------------------------------------------------------------
 
-def test_stage_inputs_are_verified_at_use_cheaply(shared_data, tmp_path, monkeypatch):
+def test_stage_inputs_are_hashed_once_per_process(shared_data, tmp_path, monkeypatch):
     from fairforget import datasets
 
     out = tmp_path / "data"
@@ -271,7 +272,9 @@ def test_stage_inputs_are_verified_at_use_cheaply(shared_data, tmp_path, monkeyp
     assert sorted(f.name for f, _ in datasets.pinned_files(flags["--winogender-dir"])) == [
         "all_sentences.tsv", "occupations-stats.tsv", "templates.tsv"]
     datasets.check_data_inputs(flags)
-    assert hashed == []  # size and mtime as recorded by the fetch: trusted without hashing
+    datasets.check_data_inputs(flags)
+    assert sorted(f.name for f in hashed) == ["all_sentences.tsv", "occupations-stats.tsv", "templates.tsv"]
+    hashed.clear()  # each hashed once in this process: a size and mtime recorded on disk are not trusted
 
     templates = out / "winogender/data/templates.tsv"
     good = templates.read_bytes()

@@ -91,10 +91,10 @@ def test_atomic_writes_keep_the_old_result_on_failure(tmp_path):
     assert json.loads(target.read_text()) == {"ss": 50}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
     folder = tmp_path / "model"
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "model") as tmp:
         (tmp / "weights").write_text("good")
     with pytest.raises(RuntimeError):
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, "model") as tmp:
             (tmp / "weights").write_text("half")
             raise RuntimeError("killed")
     assert (folder / "weights").read_text() == "good"

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,10 @@ FAULT_MODE_ENV = "FAIRFORGET_FAULT_MODE"  # "kill" (SIGKILL, the default) or "ra
 NULL_NOTE = ("null marks an undefined value (NaN or infinite: e.g. a metric of a group with no examples, or an "
              "interval without finite bootstrap replicates)")
 _TEMP_NAME = re.compile(r"(?P<pid>\d+)-[^/]*\.tmp|old-(?P<old>\d+)")  # atomic_dir's temporaries, after ".NAME."
+FOLDER_MARKER = ".fairforget.json"  # in every folder a stage writes: {"kind": ...}, what wrote it
+WHOLE_FOLDER_KINDS = ("model", "adapter", "run", "training state")  # written by atomic_dir, replaced whole
+PACKAGE_DIR = Path(__file__).resolve().parent
+CHECKOUT_DIR = PACKAGE_DIR.parents[1]  # the repository root of a source checkout (src/fairforget)
 SMALL_N = 10  # below this many items a 95% interval is unreliable (often zero-width): the stages warn
 
 
@@ -91,11 +96,19 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 
 def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
-    """A full disk becomes one clear error; the temporary copy is already gone and ``path`` untouched."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    """A full disk or a file-size limit becomes one clear error; the temporary copy is already gone and ``path``
+    untouched. Also for the safetensors writer, whose error carries the OS code in its text."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and type(exc).__name__ == "SafetensorError":
+        found = re.search(r"code: (\d+)", str(exc))
+        code = int(found[1]) if found else None
+    reasons = {errno.ENOSPC: ("no space left on the device", "Free some space"),
+               errno.EFBIG: ("a file grew past the size limit of this process (ulimit -f) or file system",
+                             "Raise the limit (ulimit -f unlimited)")}
+    if code in reasons:
+        reason, fix = reasons[code]
         kept = "the earlier version was left as it was" if path.exists() else "nothing was written"
-        raise FairforgetError(f"no space left on the device while writing {path}; {kept}. Free some space "
-                              f"and run the stage again") from exc
+        raise FairforgetError(f"{reason} while writing {path}; {kept}. {fix} and run the stage again") from exc
 
 
 def _writes_results() -> bool:
@@ -110,18 +123,22 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole, on error it is removed."""
-    path = Path(path)
+def atomic_dir(path: Path | str, kind: str) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` holding the marker of ``kind``; on success it replaces ``path``
+    whole, on error it is removed. ``path`` must be a valid target for ``kind`` (:func:`output_folder`); a
+    symbolic link is written through (its target replaced)."""
+    path = output_folder(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
+        _write_marker(tmp, kind)
         yield tmp
         if not _writes_results():
             shutil.rmtree(tmp)
         else:
+            _readable_modes(tmp)
             _swap_in(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,11 +146,87 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         raise
 
 
+def _readable_modes(folder: Path) -> None:
+    """Give every file in ``folder`` the mode of a fresh file (0644 under the usual umask): some writers (the
+    weight savers) create theirs 0600."""
+    mask = _umask()
+    for item in folder.rglob("*"):
+        if item.is_file() and not item.is_symlink():
+            os.chmod(item, 0o666 & ~mask)
+
+
+def output_folder(path: Path | str, kind: str, flag: str = "--out") -> Path:
+    """The folder a result of ``kind`` is written at: ``path``, a symbolic link resolved to its target. Refused
+    with one FairforgetError naming ``flag``: an empty path or ``.``, a file, a path inside a file, the fairforget
+    checkout or package (or a folder above it), a place that cannot be written, and a non-empty folder that is
+    not a fairforget result of the same ``kind`` (its marker ``.fairforget.json`` says what wrote it)."""
+    if str(path) in ("", "."):
+        raise FairforgetError(f"{flag} {str(path)!r} names the current folder; give the results a folder of "
+                              f"their own")
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    full = path.resolve()
+    blocker = next((p for p in [full, *full.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == full else f"is inside the file {blocker}"
+        raise FairforgetError(f"{flag} {path} {where}; pass a folder")
+    if full == Path.cwd() or full == PACKAGE_DIR or PACKAGE_DIR in full.parents or full in CHECKOUT_DIR.parents \
+            or full == CHECKOUT_DIR:
+        raise FairforgetError(f"{flag} {path} is the current folder, the fairforget checkout or its package (or a "
+                              f"folder above them); a stage replaces its output folder, so name a new one")
+    if full.is_dir() and any(full.iterdir()) and not _holds_result(full, kind):
+        shown = ", ".join(sorted(p.name for p in full.iterdir())[:5])
+        raise FairforgetError(f"{flag} {path} holds files that are not a fairforget {kind} ({shown}); a stage never "
+                              f"replaces or adds to such a folder: choose a new or empty one with {flag}")
+    _check_writable(full, flag)
+    return path
+
+
+def claim_folder(path: Path | str, kind: str, flag: str = "--out") -> Path:
+    """Check ``path`` as :func:`output_folder` does and create it with the marker of ``kind``: for a folder that
+    a stage adds its files to rather than replacing it whole."""
+    path = output_folder(path, kind, flag)
+    if _writes_results() and not (path / FOLDER_MARKER).is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        _write_marker(path, kind)
+    return path
+
+
+def _holds_result(folder: Path, kind: str) -> bool:
+    """Whether ``folder`` is a fairforget result of ``kind``: its marker says so; a folder written before the
+    marker existed counts when a pipeline stage record (``.stage.json``, ``.NAME.stage.json``) is in it, or for a
+    run a run file, for a data root its MANIFEST.json."""
+    try:
+        return json.loads((folder / FOLDER_MARKER).read_text()).get("kind") == kind
+    except (OSError, ValueError, AttributeError):
+        legacy = {"run": ("metrics.json", "run_complete.json"), "data": ("MANIFEST.json",)}.get(kind, ())
+        return not (folder / FOLDER_MARKER).exists() and any(
+            p.name.endswith(".stage.json") or p.name in legacy for p in folder.iterdir())
+
+
+def _write_marker(folder: Path, kind: str) -> None:
+    """The marker saying what ``folder`` holds (a plain write: the folder is new or about to be swapped in)."""
+    (folder / FOLDER_MARKER).write_text(json.dumps({"kind": kind, "written_by": "fairforget"}) + "\n")
+
+
+def _check_writable(full: Path, flag: str) -> None:
+    """Refuse an output that cannot be written before any work: a file is created and removed in the nearest
+    existing folder above it and in the folder itself (a read-only file system shows only so, not in its modes)."""
+    nearest = next(p for p in [full.parent, *full.parent.parents] if p.exists())
+    for folder in [nearest] + ([full] if full.is_dir() else []):
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".fairforget-probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise FairforgetError(f"{flag} {full} cannot be written: {folder} is not writable ({exc.strerror}); "
+                                  f"choose another folder") from exc
+
+
 def save_model(model: Any, tokenizer: Any, folder: Path | str, info: dict[str, Any] | None = None) -> Path:
     """A loadable Hugging Face model folder (safetensors; a peft model is merged into a copy first), with
     each ``info`` entry written as a JSON file beside the weights; swapped in whole (:func:`atomic_dir`)."""
     to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "model") as tmp:
         to_save.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, content in (info or {}).items():
@@ -288,6 +381,11 @@ def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def command_line() -> str:
+    """This process's command line (``sys.argv``), shell-quoted so a path with spaces reads back as one argument."""
+    return shlex.join(sys.argv)
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -326,7 +424,7 @@ def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extr
         "fairforget_version": __import__("fairforget").__version__,
         "git_commit": git_commit(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "host": platform.node(),
         "processes": distributed.world_size(),
         "packages": package_versions(),

@@ -78,7 +78,7 @@ def save_training_state(root: Path | str, step: int, params: dict[str, torch.Ten
              "params": {name: p.detach().cpu().clone() for name, p in params.items()},
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "rng": rngs, "extra": extra or {}}
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "training state") as tmp:
         torch.save(state, tmp / STATE_FILE)
         write_json(tmp / "meta.json", {"step": step, "fingerprint": fingerprint, "params": len(params),
                                        "world_size": state["world_size"]})

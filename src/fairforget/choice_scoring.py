@@ -37,7 +37,8 @@ import torch
 from fairforget import distributed
 from fairforget.errors import FairforgetError
 from fairforget.progress import progress
-from fairforget.scoring import Encoded, Score, backbone_and_head, collate, length_sorted_batches, score_encoded
+from fairforget.scoring import (Encoded, Score, backbone_and_head, check_finite, check_lengths, collate,
+                                length_sorted_batches, score_encoded)
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -127,6 +128,8 @@ def option_letter_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], l
     device = torch.device(device) if device is not None else next(model.parameters()).device
     variants = letter_token_ids(tokenizer, letters)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    names = [f"prompt {k + 1} ({p[:60]!r})" for k, p in enumerate(prompts)]
+    check_lengths(model, [len(e) for e in encoded], names)
     out = torch.empty(len(prompts), len(variants))
     done = []
     with torch.inference_mode():
@@ -138,6 +141,7 @@ def option_letter_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], l
             done.append((idx, torch.stack(columns, dim=1).cpu()))
     for idx, rows in distributed.gather_batches(done):
         out[idx] = rows
+    check_finite(out.sum(dim=1).tolist(), names)
     return out
 
 
@@ -264,13 +268,15 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
 
 def encoded_option_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
                             option_ids: Sequence[Sequence[Sequence[int]]], pad_id: int, batch_size: int = 8,
-                            device: torch.device | str | None = None,
-                            desc: str = "scoring options") -> list[list[Score]]:
-    """:func:`option_logprobs` on token ids already made: ``option_ids[i]`` continue ``prompt_ids[i]``."""
+                            device: torch.device | str | None = None, desc: str = "scoring options",
+                            names: Sequence[str] | None = None) -> list[list[Score]]:
+    """:func:`option_logprobs` on token ids already made: ``option_ids[i]`` continue ``prompt_ids[i]``; a row
+    past the model's position limit or a non-finite score raises naming it (``names[i]``, else its number)."""
     if batch_size < 1:
         raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
     if any(not p for p in prompt_ids) or any(not o for opts in option_ids for o in opts):
         raise FairforgetError("every prompt and option needs at least one token")
+    check_lengths(model, [len(p) + max(map(len, opts), default=0) for p, opts in zip(prompt_ids, option_ids)], names)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prompt_ids = [list(p) for p in prompt_ids]
     option_ids = [[list(o) for o in opts] for opts in option_ids]
@@ -288,6 +294,7 @@ def encoded_option_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     for idx, scores in distributed.gather_batches(done):
         for i, s in zip(idx, scores):
             results[i] = s
+    check_finite([sum(s.logprob for s in row) for row in results], names)  # type: ignore[union-attr]
     return results  # type: ignore[return-value]
 
 

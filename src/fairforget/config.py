@@ -10,15 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
+from fairforget.artifacts import WHOLE_FOLDER_KINDS, claim_folder, output_folder
 from fairforget.datasets import check_data_inputs
 from fairforget.errors import FairforgetError
 
 C = TypeVar("C")
+MIN_BOOT = 10  # bootstrap replicates below which --n-boot is refused: fewer give no 95% interval at all
 
 
 def _field_type(cls: type, field: dataclasses.Field) -> Any:
@@ -72,7 +75,8 @@ def build_parser(default: Any, description: str | None = None) -> argparse.Argum
 
 
 def parse_config(default: C, argv: list[str] | None = None, description: str | None = None) -> C:
-    """Return a copy of ``default`` with overrides from ``--config`` and command-line flags."""
+    """Return a copy of ``default`` with overrides from ``--config`` and command-line flags, checked: the shared
+    checks (:func:`check_common`), the output folders (:func:`check_outputs`), then ``validate()``."""
     parser = build_parser(default, description)
     args = vars(parser.parse_args(argv))
     overrides: dict[str, Any] = {}
@@ -81,10 +85,28 @@ def parse_config(default: C, argv: list[str] | None = None, description: str | N
         overrides.update(_load_overrides(config_file, default))
     overrides.update(args)
     cfg = dataclasses.replace(default, **overrides)
+    check_common(cfg)
+    check_outputs(cfg)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
     return cfg
+
+
+def check_common(cfg: Any) -> None:
+    """The checks every stage's flags share, by field: a number must be finite (``--lr inf`` is not a rate),
+    ``--seed`` at least 0, ``--n-boot`` at least :data:`MIN_BOOT`, a ``*dropout`` probability in [0, 1)."""
+    for field in dataclasses.fields(cfg):
+        flag, value = "--" + field.name.replace("_", "-"), getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FairforgetError(f"{flag} must be a finite number, got {value}")
+        if field.name == "seed" and isinstance(value, int) and value < 0:
+            raise FairforgetError(f"{flag} must be at least 0, got {value}")
+        if field.name == "n_boot" and isinstance(value, int) and value < MIN_BOOT:
+            raise FairforgetError(f"{flag} must be at least {MIN_BOOT} (a 95% interval needs bootstrap replicates "
+                                  f"beyond its 2.5% tails; 1000 is the default), got {value}")
+        if field.name.endswith("dropout") and isinstance(value, (int, float)) and not 0 <= value < 1:
+            raise FairforgetError(f"{flag} is a probability of dropping a unit: it must be in [0, 1), got {value}")
 
 
 def _load_overrides(path: Path, default: Any) -> dict[str, Any]:
@@ -182,14 +204,36 @@ def path_fields(cfg: Any) -> dict[str, Path]:
     return found
 
 
+def output_field(default: Path | None, kind: str, help_text: str = "") -> Any:
+    """A Config field naming an output folder holding a result of ``kind``: :func:`run_script` checks it before
+    the stage starts (a folder of other files, a file, the checkout itself are refused; see
+    :func:`fairforget.artifacts.output_folder`)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "writes": kind} if help_text
+                             else {"writes": kind})
+
+
+def check_outputs(cfg: Any, claim: bool = False) -> None:
+    """Check every output folder flag of ``cfg`` (its :func:`output_field` fields) before the stage starts;
+    with ``claim``, create each folder a stage adds its files to (not one replaced whole) with its marker."""
+    for field in dataclasses.fields(cfg):
+        kind, value = field.metadata.get("writes"), getattr(cfg, field.name)
+        if kind is not None and value is not None:
+            flag = "--" + field.name.replace("_", "-")
+            if claim and kind not in WHOLE_FOLDER_KINDS:
+                claim_folder(value, kind, flag)
+            else:
+                output_folder(value, kind, flag)
+
+
 def run_script(main: Callable[[C], Any], default: C, argv: list[str] | None = None, verify_data: bool = True) -> None:
     """Parse flags into ``default``'s type, verify the pinned data files its paths point at (unless
-    ``verify_data`` is False: the fetch stage, which repairs them), run ``main(cfg)``; a FairforgetError exits 2
+    ``verify_data`` is False: the fetch stage, which repairs them), claim its output folders, run ``main(cfg)``; a FairforgetError exits 2
     with one line."""
     try:
         cfg = parse_config(default, argv, description=(sys.modules[main.__module__].__doc__ or None))
         if verify_data:
             check_data_inputs(path_fields(cfg))
+        check_outputs(cfg, claim=True)
         main(cfg)
     except FairforgetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -100,12 +100,14 @@ def read_table(path: Path | str, required: Iterable[str] = (), delimiter: str = 
                what: str = "file") -> list[tuple[int, dict[str, str]]]:
     """Rows of a CSV / TSV file with a header, each with its line number; a missing file, a header without the
     ``required`` columns, or a row with another number of columns than the header raises one FairforgetError
-    naming the file and line."""
+    naming the file and line. A TSV is read with quoting off (its fields are never quoted, so a stray ``"``
+    is a character, not the start of a field running over the next lines: one line is one row)."""
     path = Path(path)
     if not path.is_file():
         raise FairforgetError(f"{what} not found: {path}")
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
         header = next(reader, [])
         missing = [c for c in required if c not in header]
         if missing:
@@ -123,7 +125,7 @@ def read_table(path: Path | str, required: Iterable[str] = (), delimiter: str = 
 
 # ---- verification at use: every pinned file a stage reads ---------------------------------------------------
 
-_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) found to be the pinned file in this process
+_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) hashed and found pinned in this process
 
 
 def is_data_root(folder: Path) -> bool:
@@ -150,38 +152,17 @@ def pinned_files(path: Path | str) -> list[tuple[Path, FileSpec]]:
 
 
 def pinned_problem(spec: FileSpec, path: Path) -> str | None:
-    """Why the file at ``path`` is not the pinned one (None if it is). Cheap when nothing changed: a file whose
-    size and mtime match its data root's MANIFEST.json entry (recorded when it was fetched and verified), or
-    were verified earlier in this process, is not hashed again."""
+    """Why the file at ``path`` is not the pinned one (None if it is): its size, then its sha256, hashed once per
+    process (a file changed since, in size or mtime, is hashed again). A same-size edit with its mtime restored
+    is caught: nothing recorded on disk is trusted instead of the hash."""
     stat = path.stat()
     key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
-    if key in _verified or _recorded(path, spec) == (stat.st_size, stat.st_mtime_ns, spec.sha256):
+    if key in _verified:
         return None
     problem = _mismatch(spec, stat.st_size, None) or _mismatch(spec, spec.bytes, sha256_file(path))
     if problem is None:
         _verified.add(key)
     return problem
-
-
-def _recorded(path: Path, spec: FileSpec) -> tuple[int, int, str] | None:
-    """(bytes, mtime_ns, sha256) that the fetch stage recorded for ``spec`` in the data root's MANIFEST.json."""
-    manifest_file = Path(str(path)[: -len(spec.file)] or ".") / "MANIFEST.json"
-    try:
-        entry = _manifest_entries(str(manifest_file.absolute()), manifest_file.stat().st_mtime_ns)[spec.file]
-        return (entry["bytes"], entry["mtime_ns"], entry["sha256"])
-    except (OSError, KeyError, TypeError):
-        return None
-
-
-@lru_cache(maxsize=8)
-def _manifest_entries(path: str, mtime_ns: int) -> dict[str, dict]:
-    """A data root's MANIFEST.json entries by file (the fetch stage's object, or a mirror's list); {} if unreadable."""
-    try:
-        data = json.loads(Path(path).read_text())
-        entries = data["files"] if isinstance(data, dict) else data
-        return {e["file"]: e for e in entries if isinstance(e, dict) and "file" in e}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 def check_data_inputs(paths: dict[str, Path]) -> None:

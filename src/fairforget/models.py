@@ -131,11 +131,13 @@ def _hub_error(spec: str, exc: Exception) -> FairforgetError:
 
 
 def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "auto",
-               merge_adapter: bool = True, fast_mamba: bool = True) -> LoadedModel:
+               merge_adapter: bool = True, fast_mamba: bool = True, _adapters: tuple[Path, ...] = ()) -> LoadedModel:
     """Load a causal LM and its tokenizer from ``spec``; the model is on ``device`` in eval mode.
 
     A peft adapter folder is loaded on its base model (from ``adapter_config.json``) and merged unless
-    ``merge_adapter`` is False. Mamba models get fairforget's fast CPU scan unless ``fast_mamba`` is False.
+    ``merge_adapter`` is False (``_adapters``: the adapter folders above this one, to refuse a cycle). Mamba
+    models get fairforget's fast CPU scan unless ``fast_mamba`` is False. Weights that are not finite (NaN or
+    infinite) are refused, naming the tensor; so is a folder holding only pickle weights.
     """
     from transformers import AutoModelForCausalLM
 
@@ -152,8 +154,13 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
             if not adapter_base or not isinstance(adapter_base, str):
                 raise FairforgetError(f"adapter folder {path} names no base_model_name_or_path")
             check_weight_files(path)
+            chain = (*_adapters, path.resolve())
+            if Path(adapter_base).resolve() in chain:
+                raise FairforgetError(f"adapter {path} names {adapter_base!r} as its base model "
+                                      f"(base_model_name_or_path in {path / 'adapter_config.json'}), which is this "
+                                      f"adapter or one built on it; set it to the model the adapter was trained on")
             try:
-                inner = load_model(adapter_base, torch_device, dtype, fast_mamba=fast_mamba)
+                inner = load_model(adapter_base, torch_device, dtype, fast_mamba=fast_mamba, _adapters=chain)
             except FairforgetError as exc:
                 raise FairforgetError(f"the base model of adapter {path} ({adapter_base!r}, base_model_name_or_path "
                                       f"in {path / 'adapter_config.json'}) cannot be loaded: {exc}") from exc
@@ -161,6 +168,12 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
         if not (path / "config.json").is_file():
             raise FairforgetError(f"model folder {path} has no config.json (nor adapter_config.json)")
         check_weight_files(path)
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise FairforgetError(f"model folder {path} holds only pickle weights ({', '.join(pickles)}), "
+                                  f"which can run code when loaded; fairforget loads safetensors only. Get the "
+                                  f"model's safetensors files (most hub models have them) or convert it on a "
+                                  f"machine you trust and keep only the .safetensors files")
         source = str(path)
     elif not HUB_ID.fullmatch(spec) or _looks_local(spec):
         raise FairforgetError(f"model folder not found: {spec} ("
@@ -180,6 +193,7 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str = "aut
             raise _hub_error(spec, exc) from exc
         raise FairforgetError(f"cannot load model from {source}: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    check_finite(model, source)
     model.to(torch_device).eval()
     if fast_mamba:
         _maybe_enable_fast_mamba(model)
@@ -203,6 +217,16 @@ def check_weight_files(folder: Path) -> None:
             raise FairforgetError(f"weight file {file} cannot be read ({exc}; {file.stat().st_size:,} bytes): it is "
                                   f"empty, truncated or corrupt. Re-create it with the stage that wrote "
                                   f"{folder}, or delete that folder") from exc
+
+
+def check_finite(model: Any, source: str) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first such tensor (it would score as 0 or NaN)."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            bad = int((~torch.isfinite(param)).sum())
+            raise FairforgetError(f"model {source} has non-finite weights: {name} holds {bad:,} NaN or infinite "
+                                  f"value(s) of {param.numel():,}. It cannot be scored; re-create it with the stage "
+                                  f"that wrote it (a lower --lr)")
 
 
 def _cached_on_hub(spec: str) -> bool:
@@ -239,9 +263,10 @@ def _attach_adapter(base: LoadedModel, adapter_dir: Path, merge: bool) -> Loaded
 
     try:
         model = PeftModel.from_pretrained(base.model, str(adapter_dir))
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise FairforgetError(f"cannot load the peft adapter in {adapter_dir}: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    check_finite(model, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()
     model.eval()

@@ -33,8 +33,9 @@ def interval_bars(path: Path | str, groups: Sequence[str], series: dict[str, tup
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(len(series), 1)), 4.0))
     for k, (name, (values, intervals)) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        low = [v - ci[0] for v, ci in zip(values, intervals)]
-        high = [ci[1] - v for v, ci in zip(values, intervals)]
+        # a percentile interval may lie beside its estimate (few replicates, skewed statistics): no bar below 0
+        low = [max(v - ci[0], 0.0) for v, ci in zip(values, intervals)]
+        high = [max(ci[1] - v, 0.0) for v, ci in zip(values, intervals)]
         ax.bar(xs, values, width=width, label=name, yerr=[low, high], capsize=3)
     if reference is not None:
         ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=f"ideal ({reference:g})")

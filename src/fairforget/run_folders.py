@@ -8,16 +8,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from fairforget.artifacts import atomic_dir, sha256_file, write_json
+from fairforget.artifacts import atomic_dir, command_line, output_folder, sha256_file, write_json
 from fairforget.errors import FairforgetError
 
 RUN_MARKER = "run_complete.json"  # written last into every run folder; readers require it
-RUN_FILES = ("metrics.json", RUN_MARKER, ".stage.json")  # a folder holding none of these is not a run folder
+RUN_KIND = "run"  # the marker kind of an evaluation run folder
 
 SidePart = Literal["log", "resume", "best"]
 
@@ -35,31 +34,23 @@ def run_folder(path: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling of the run folder ``path`` to write every result file into; on success write
     the completion marker and swap it in whole (``path`` keeps the earlier run until then); on error remove it.
 
-    A folder that holds files but is not a fairforget run (no metrics.json, marker or stage record) is refused
-    rather than replaced.
+    A folder that holds files but is not a fairforget run is refused rather than replaced
+    (:func:`fairforget.artifacts.output_folder`).
     """
-    path = check_run_target(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, RUN_KIND) as tmp:
         yield tmp
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / RUN_MARKER, {
             "complete": True, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(sys.argv),
+            "command": command_line(),
             "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                       for p in files}})
 
 
 def check_run_target(path: Path | str) -> Path:
-    """``path`` if a run may be written there (absent, empty, or an earlier run); a stage calls this before its
-    work so a wrong ``--out`` fails at once. A folder of other files is refused rather than replaced."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FairforgetError(f"run folder {path} is a file; pass a folder with --out")
-    if path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in RUN_FILES):
-        shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
-        raise FairforgetError(f"{path} holds files that are not a fairforget run ({shown}); a run replaces its "
-                              f"folder whole, so choose a new or empty folder with --out")
-    return path
+    """``path`` if a run may be written there (absent, empty, or an earlier run: :func:`artifacts.output_folder`);
+    a stage calls this before its work so a wrong ``--out`` fails at once."""
+    return output_folder(path, RUN_KIND)
 
 
 def writes_run_folder(writer: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,7 +78,7 @@ def run_problem(folder: Path | str) -> str | None:
         return f"incomplete: its {RUN_MARKER} is unreadable"
     for name, entry in files.items():
         item = folder / name
-        if not item.is_file() or item.stat().st_size != entry.get("bytes"):
+        if not item.is_file() or item.stat().st_size != entry.get("bytes") or sha256_file(item) != entry.get("sha256"):
             return f"not the run its {RUN_MARKER} describes: {name} is missing or was changed"
     return None
 

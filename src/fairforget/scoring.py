@@ -9,6 +9,7 @@ at later positions, so padding cannot change a score (for attention, Mamba and G
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -110,6 +111,32 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     return sums, counts
 
 
+def check_lengths(model: Any, lengths: Sequence[int], names: Sequence[str] | None = None) -> None:
+    """Refuse a request longer than the model's own position limit (``max_position_embeddings`` where its
+    config has one; a recurrent model has none), naming it: past the limit scores are meaningless."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for k, n in enumerate(lengths):
+        if n > limit:
+            raise FairforgetError(f"{_name(names, k, len(lengths))} is {n:,} tokens long, more than the model's "
+                                  f"{limit:,} positions (max_position_embeddings); shorten it or leave it out")
+
+
+def check_finite(values: Sequence[float], names: Sequence[str] | None = None) -> None:
+    """Stop at the first non-finite score, naming its request: a NaN or infinite log-probability means the
+    model's outputs overflowed and every number computed from them would be wrong."""
+    for k, value in enumerate(values):
+        if not math.isfinite(value):
+            raise FairforgetError(f"{_name(names, k, len(values))} got a non-finite log-probability ({value}): the "
+                                  f"model's outputs are NaN or infinite, so nothing was scored; check the model "
+                                  f"(in float32: --dtype float32)")
+
+
+def _name(names: Sequence[str] | None, k: int, n: int) -> str:
+    return names[k] if names is not None else f"request {k + 1} of {n}"
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -117,10 +144,14 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def score_encoded(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 32,
-                  device: torch.device | str | None = None, desc: str = "scoring") -> list[Score]:
-    """Scores of already-tokenized requests, in input order (a progress bar named ``desc`` when it lasts)."""
+                  device: torch.device | str | None = None, desc: str = "scoring",
+                  names: Sequence[str] | None = None) -> list[Score]:
+    """Scores of already-tokenized requests, in input order (a progress bar named ``desc`` when it lasts). A
+    request past the model's position limit, or a non-finite score, raises naming it (``names``, else its
+    number)."""
     if batch_size < 1:
         raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
+    check_lengths(model, [len(e.ids) for e in encoded], names)
     device = device or next(model.parameters()).device
     scores: list[Score | None] = [None] * len(encoded)
     done = []
@@ -133,11 +164,15 @@ def score_encoded(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_siz
     for batch_idx, (sums, counts) in distributed.gather_batches(done):
         for i, s, n in zip(batch_idx, sums, counts):
             scores[i] = Score(s, int(n))
+    check_finite([s.logprob for s in scores], names)  # type: ignore[union-attr]
     return scores  # type: ignore[return-value]
 
 
 def score_continuations(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int = 32,
-                        device: torch.device | str | None = None, desc: str = "scoring") -> list[Score]:
-    """Log-likelihood of each continuation given its prefix, in input order."""
+                        device: torch.device | str | None = None, desc: str = "scoring",
+                        names: Sequence[str] | None = None) -> list[Score]:
+    """Log-likelihood of each continuation given its prefix, in input order (``names`` of the requests for
+    errors; by default each continuation's start)."""
     encoded = [encode(tokenizer, prefix, continuation) for prefix, continuation in requests]
-    return score_encoded(model, encoded, tokenizer.pad_token_id, batch_size, device, desc)
+    names = names or [f"request {k + 1} ({c[:60]!r})" for k, (_, c) in enumerate(requests)]
+    return score_encoded(model, encoded, tokenizer.pad_token_id, batch_size, device, desc, names)

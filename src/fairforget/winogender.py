@@ -131,13 +131,20 @@ def _read_winobias(path: Path) -> list[tuple[int, str]]:
 
 
 def write_pairs_tsv(path: Path | str, pairs: list[Pair]) -> None:
+    """The pairs as an unquoted TSV (read back with quoting off); a field holding a tab or a line break, which
+    such a file cannot hold, is refused naming its pair."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PAIR_COLUMNS, delimiter="\t")
+        writer = csv.DictWriter(handle, fieldnames=PAIR_COLUMNS, delimiter="\t", quoting=csv.QUOTE_NONE,
+                                quotechar=None)
         writer.writeheader()
         for pair in pairs:
             row = asdict(pair)
             row["pct_female"] = "" if pair.pct_female is None else pair.pct_female
-            writer.writerow(row)
+            try:
+                writer.writerow(row)
+            except csv.Error as exc:
+                raise FairforgetError(f"pair {pair.pair_id!r} has a field with a tab or line break, which a TSV "
+                                      f"cannot hold ({exc})") from exc
 
 
 def read_pairs_tsv(path: Path | str) -> list[Pair]:

@@ -95,7 +95,8 @@ def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[CrowsPair], batch_si
                 score: ScoreKind = "sum") -> list[dict]:
     """One item per pair with both sentences' scores and whether the stereotyping one is preferred."""
     requests = [("", s) for p in pairs for s in (p.stereotyping, p.other)]
-    scores = score_continuations(model, tokenizer, requests, batch_size=batch_size, desc="CrowS-Pairs")
+    names = [f"CrowS-Pairs pair {p.id} ({side})" for p in pairs for side in ("stereotyping", "other")]
+    scores = score_continuations(model, tokenizer, requests, batch_size=batch_size, desc="CrowS-Pairs", names=names)
     value = (lambda s: s.logprob) if score == "sum" else (lambda s: s.mean)
     items = []
     for i, pair in enumerate(pairs):

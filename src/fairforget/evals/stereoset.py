@@ -28,6 +28,7 @@ from fairforget.stats import bootstrap_ci, bootstrap_intervals, mcnemar, minimum
 SPLITS = ("intrasentence", "intersentence")
 DOMAINS = ("gender", "profession", "race", "religion")
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
+MAX_PROBLEMS = 20  # problems of a malformed file listed in its error
 SCORING_NOTE = ("mean log-probability of the candidate's tokens; intrasentence: whole sentence conditioned on "
                 "the tokenizer's BOS (else EOS) token; intersentence: candidate conditioned on the context, "
                 "joined with one space, context tokens not scored")
@@ -46,7 +47,8 @@ class Example:
 
 
 def load_stereoset(path: Path | str) -> list[Example]:
-    """Read StereoSet ``dev.json``; a malformed file raises an error naming the file and the example."""
+    """Read StereoSet ``dev.json``; a malformed file raises one error naming the file and, one line each, every
+    problem found (types, unique ids, exactly one candidate per gold label, a known domain)."""
     path = Path(path)
     if not path.is_file():
         raise FairforgetError(f"StereoSet file not found: {path} (run scripts/00_fetch_data.py)")
@@ -54,27 +56,55 @@ def load_stereoset(path: Path | str) -> list[Example]:
         data = json.loads(path.read_text())["data"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise FairforgetError(f"StereoSet file {path} is malformed: {exc!r}") from exc
-    examples = []
+    if not isinstance(data, dict):
+        raise FairforgetError(f"StereoSet file {path} is malformed: 'data' must be an object of sections")
+    examples, problems, seen = [], [], set()
     for split in SPLITS:
-        if split not in data:
-            raise FairforgetError(f"StereoSet file {path} has no {split!r} section")
+        if not isinstance(data.get(split), list):
+            raise FairforgetError(f"StereoSet file {path} has no {split!r} section (a list of examples)")
         for position, raw in enumerate(data[split]):
-            examples.append(_parse_example(raw, split, f"{path}: {split}[{position}]"))
+            where = f"{split}[{position}]"
+            found = _example_problems(raw, split)
+            if not found and raw["id"] in seen:
+                found = [f"duplicate example id {raw['id']!r}"]
+            problems += [f"{where}: {problem}" for problem in found]
+            if not found:
+                seen.add(raw["id"])
+                sentences = {c["gold_label"]: (c["id"], c["sentence"]) for c in raw["sentences"]}
+                examples.append(Example(raw["id"], split, raw["bias_type"], raw["target"], raw["context"], sentences))
+    if problems:
+        shown = "\n  ".join(problems[:MAX_PROBLEMS]) + (f"\n  ... and {len(problems) - MAX_PROBLEMS} more"
+                                                        if len(problems) > MAX_PROBLEMS else "")
+        raise FairforgetError(f"StereoSet file {path} has {len(problems)} problem(s) in its examples:\n  {shown}")
     return examples
 
 
-def _parse_example(raw: Any, split: str, where: str) -> Example:
-    try:
-        sentences = {s["gold_label"]: (s["id"], s["sentence"]) for s in raw["sentences"]}
-        example = Example(raw["id"], split, raw["bias_type"], raw["target"], raw["context"], sentences)
-    except (KeyError, TypeError) as exc:
-        raise FairforgetError(f"malformed StereoSet example at {where}: missing {exc}") from exc
-    if set(sentences) != set(LABELS):
-        raise FairforgetError(f"malformed StereoSet example at {where}: gold labels {sorted(sentences)}, "
-                              f"expected {list(LABELS)}")
-    if split == "intrasentence" and "BLANK" not in example.context:
-        raise FairforgetError(f"malformed StereoSet example at {where}: intrasentence context has no BLANK")
-    return example
+def _example_problems(raw: Any, split: str) -> list[str]:
+    """What is wrong with one raw example (an empty list when nothing is)."""
+    if not isinstance(raw, dict):
+        return [f"an example must be an object, got {type(raw).__name__}"]
+    problems = [f"{key!r} must be a string, got {_kind(raw.get(key))}" for key in ("id", "target", "context")
+                if not isinstance(raw.get(key), str)]
+    if raw.get("bias_type") not in DOMAINS:
+        problems.append(f"unknown bias_type {raw.get('bias_type')!r} (known: {', '.join(DOMAINS)})")
+    if split == "intrasentence" and isinstance(raw.get("context"), str) and "BLANK" not in raw["context"]:
+        problems.append("intrasentence context has no BLANK")
+    candidates = raw.get("sentences")
+    if not isinstance(candidates, list):
+        return problems + [f"'sentences' must be a list of candidates, got {_kind(candidates)}"]
+    labels = []
+    for k, candidate in enumerate(candidates):
+        bad = [f"{key!r} must be a string, got {_kind(candidate.get(key))}" for key in ("id", "sentence", "gold_label")
+               if not isinstance(candidate.get(key), str)] if isinstance(candidate, dict) else ["not an object"]
+        problems += [f"sentences[{k}]: {b}" for b in bad]
+        labels.append(candidate.get("gold_label") if isinstance(candidate, dict) else None)
+    if sorted(map(str, labels)) != sorted(LABELS):
+        problems.append(f"gold labels {labels}, expected exactly one each of {list(LABELS)}")
+    return problems
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:60]
 
 
 def _strata(examples: Sequence[Example]) -> dict[tuple[str, str], list[Example]]:
@@ -133,8 +163,10 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batc
     plan = [(ex, label, prefix, cont) for ex in examples for label, prefix, cont in scoring_requests(ex)]
     scores: list[Score | None] = [None] * len(plan)
     intra = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intrasentence"]
+    names = [f"StereoSet {ex.split} example {ex.id} ({label})" for ex, label, *_ in plan]
     for k, score in zip(intra, score_continuations(model, tokenizer, [plan[k][2:] for k in intra],
-                                                   batch_size=batch_size, desc="StereoSet intrasentence")):
+                                                   batch_size=batch_size, desc="StereoSet intrasentence",
+                                                   names=[names[k] for k in intra])):
         scores[k] = score
     inter = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intersentence"]
     groups = [inter[i: i + len(LABELS)] for i in range(0, len(inter), len(LABELS))]
@@ -144,7 +176,8 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batc
         prompt_ids.append(encoded[0].ids[: encoded[0].n_prefix])
         option_ids.append([e.ids[e.n_prefix:] for e in encoded])
     shared = encoded_option_logprobs(model, prompt_ids, option_ids, tokenizer.pad_token_id,
-                                     max(1, batch_size // len(LABELS)), desc="StereoSet intersentence")
+                                     max(1, batch_size // len(LABELS)), desc="StereoSet intersentence",
+                                     names=[names[group[0]].rsplit(" (", 1)[0] for group in groups])
     for group, group_scores in zip(groups, shared):
         for k, score in zip(group, group_scores):
             scores[k] = score

@@ -9,7 +9,6 @@ conditioned on the BOS/EOS token, computed with the shared differentiable scorer
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -108,14 +107,11 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
         # fewer examples than processes: this process contributes zero loss and zero gradients
         loss = lm_loss(model, batch, n_tokens) if mine else torch.zeros((), device=device)
         batch_loss = distributed.all_sum(float(loss.detach()))
-        if not math.isfinite(batch_loss):
-            raise FairforgetError(f"the training loss became non-finite at epoch {epoch}, step {step}; "
-                                  f"lower --lr")
         run.optimizer.zero_grad(set_to_none=True)
         if mine:
             loss.backward()
         distributed.sum_gradients(run.params)
-        run.optimizer.step()
+        run.step(epoch, step, batch_loss)
         run.log(StepLog(epoch, step, batch_loss, n_tokens))
         bar.set_postfix(epoch=epoch, loss=f"{batch_loss:.4f}")
         bar.update(1)
@@ -140,7 +136,7 @@ def save_adapter(model: Any, tokenizer: Any, folder: Path | str, base_spec: str)
     """
     for config in model.peft_config.values():
         config.base_model_name_or_path = base_spec
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "adapter") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(folder)

@@ -218,7 +218,7 @@ def write_results(run: Setup, done: Trained, held: HeldOut | None) -> None:
     and clear the training state."""
     cfg, steps, epochs = run.cfg, done.steps, done.epochs
     best = next(e for e in epochs if e["step"] == done.best_step)
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, "model") as tmp:
         shutil.copytree(beside(cfg.out, "best"), tmp, dirs_exist_ok=True)
         write_json(tmp / CONFIG_FILE, method_config("pcgu", typed_config(PCGUConfig, cfg), kept_step=best["step"]))
     summary = {"kept_step": best["step"], "kept_epoch": best["epoch"],

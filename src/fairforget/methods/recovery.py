@@ -114,11 +114,9 @@ def _train(model: Any, n_items: int, loss_of: Callable[[list[int]], torch.Tensor
     run = start_training(model, lr, 0.0, seed, checkpoint)
     for epoch, step, idx in shuffled_batches(n_items, epochs, batch_size, seed, run.checkpoint):
         loss = loss_of(idx)
-        if not torch.isfinite(loss):
-            raise FairforgetError(f"the recovery loss became non-finite at epoch {epoch}, step {step}; lower --lr")
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        run.optimizer.step()
+        run.step(epoch, step, float(loss.detach()))
         run.log(StepLog(epoch, step, float(loss.detach()), len(idx)))
     model.eval()
     for param in model.parameters():
