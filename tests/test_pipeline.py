@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import load_script
@@ -179,7 +180,7 @@ def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer,
     monkeypatch.chdir(tmp_path)
     ss, cr = load_script("13_evaluate_stereoset.py"), load_script("15_evaluate_crows.py")
     stages = []
-    for label, seed in (("base", 0), ("debiased", 1)):
+    for label, seed in (("base", 0), ("debiased", 1), ("rerun", 1)):  # rerun: the same model again, 0 flips
         model = str(save_tiny_model("gpt2", tokenizer, tmp_path / f"m{seed}", seed=seed))
         for module, script, out, data, size in (
                 (ss, "13_evaluate_stereoset.py", tmp_path / "outputs/stereoset" / label,
@@ -200,6 +201,33 @@ def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer,
     assert links and all((report.parent / link).is_file() for link in links)
     assert all(not Path(link).is_absolute() for link in links)
     assert "Pipeline 2" not in text  # no bbq stages in this plan
+
+    # the headline, first on the page: the largest paired change per measure, recomputed here from the items
+    assert text.index("## What this run found") < text.index("## Stages") < text.index("### StereoSet")
+
+    def stereotype_preferred(folder: Path) -> dict:
+        rows = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+        by = {}
+        for it in rows:
+            by.setdefault(it["example_id"], {})[it["gold_label"]] = it["score"]
+        return {e: s["stereotype"] > s["anti-stereotype"] for e, s in by.items()}
+
+    from scipy.stats import binomtest
+    runs = {label: stereotype_preferred(tmp_path / "outputs/stereoset" / label) for label in ("base", "debiased")}
+    ids = sorted(runs["base"])
+    before, after = (np.array([runs[k][e] for e in ids]) for k in ("base", "debiased"))
+    delta = 100 * (after.mean() - before.mean())
+    flips = int((before != after).sum())
+    p = binomtest(int((before & ~after).sum()), flips, 0.5).pvalue if flips else 1.0
+    row = next(line for line in text.splitlines() if line.startswith("| StereoSet SS, held-out (micro) |"))
+    assert f"| {delta:+.2f} [" in row and f"| {p:.3g} | {flips} of {len(ids)} |" in row
+    lms = {label: json.loads((tmp_path / "outputs/stereoset" / label / "metrics.json").read_text())["metrics"][
+        "overall"]["all"]["lms"] for label in ("base", "debiased")}
+    assert f"| {lms['base']:.2f} -> {lms['debiased']:.2f} [" in row and row.endswith("| not measured |")
+    n_crows = len((tmp_path / "outputs/crows/rerun/items.jsonl").read_text().splitlines())
+    assert f"**rerun (vs debiased) changed no held-out decision**: 0 of {len(ids)} StereoSet decisions flipped and " \
+           f"0 of {n_crows} CrowS-Pairs decisions flipped" in text
+    assert "debiased (vs base) changed no" not in text
 
 
 def test_cli_rejects_a_bad_flag_value(tmp_path):

@@ -1,9 +1,13 @@
 """``outputs/report.md``: every stage's results in one readable page, built from the files the stages wrote.
 
+It opens with "What this run found" (:mod:`fairforget.findings`: the largest paired change per bias measure
+with its interval, p and capability cost, and every model that changed no held-out decision), then the stages.
 Tables carry the 95% bootstrap intervals the stages computed; before/after rows are paired comparisons on the
 same held-out items (computed here from the stages' ``items.jsonl`` by each evaluation's ``compare``); one
 section per evaluation of :data:`fairforget.evals.registry.EVALUATIONS` that the plan's stages write (its
-``report_section``); plots are linked relatively; provenance (commit, packages, data hashes, commands, wall
+``report_section``); stage 22's controls (``controls.md``, the dose-response from its ``metrics.json``,
+``dose_response.png``) and stage 30's ``summary.md`` and ``bias_vs_capability.png`` as those stages wrote them;
+plots are linked relatively; provenance (commit, packages, data hashes, commands, wall
 times) closes the page. A stage that did not run is named as such, never filled in.
 """
 
@@ -18,7 +22,8 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
-from fairforget.markdown import ci_text, image, link, table
+from fairforget.findings import collect_changes, findings_block, stage_runs, unchanged
+from fairforget.markdown import ci_text, image, link, p_text, table
 from fairforget.pipeline import Stage, StageResult
 from fairforget.run_folders import beside
 
@@ -45,17 +50,11 @@ class _Page:
 
 
 def _runs(evaluation: Evaluation, stages: Sequence[Stage], page: _Page) -> list[Run]:
-    """The complete run folders of the stages that write ``evaluation`` (labelled by the stage name's last word);
-    a folder that is incomplete or not in the run-folder schema is named on ``page`` as such and not read."""
-    found = []
-    for stage in stages:
-        out = Path(stage.args.get("out") or stage.outputs[0])
-        if stage.script != evaluation.script or not out.is_dir():
-            continue
-        try:
-            found.append(evaluation.read_run(out, stage.name.split()[-1], stage.name))
-        except FairforgetError as exc:
-            page.add(f"{exc}; not read.\n")
+    """The complete run folders of the stages that write ``evaluation``; a folder that is incomplete or not in
+    the run-folder schema is named on ``page`` as such and not read."""
+    found, problems = stage_runs(evaluation, stages)
+    for problem in problems:
+        page.add(problem + "\n")
     return found
 
 
@@ -89,6 +88,7 @@ def _training(page: _Page, stages: Sequence[Stage]) -> None:
                                   f"{e['mean_gap']:+.4f}", f"{100 * e['share_adv_preferred']:.1f}%"]
                                  for e in s["epochs"]]))
                 page.image(log_dir / "unlearning.png", "PCGU gap per step and selection SS per epoch")
+                page.add("\n".join(line for line in unchanged(collect_changes(stages)) if line.startswith("**debiased ")))
         if stage.script == "14_compare_prompts.py":
             out = Path(stage.args["out"])
             if (out / "completions.md").is_file():
@@ -119,6 +119,58 @@ def _mitigation(page: _Page, stages: Sequence[Stage]) -> None:
             page.add(BBQ.paired_table(runs, overall_only=True))
         page.image(out / "stages_s_amb.png", "s_AMB by stage")
         page.image(out / "head_correlation.png", "head correlations and pruning strengths")
+        _controls(page, out, summary)
+
+
+def _controls(page: _Page, out: Path, summary: dict) -> None:
+    """Stage 22's controls as it wrote them: ``controls.md`` (every variant, random heads and recovery only
+    among them, paired against before; chosen minus random), the dose-response table from ``metrics.json``
+    and ``dose_response.png``."""
+    page.add("#### Controls: random heads, recovery only, chosen minus random (stage 22)\n")
+    if not (out / "controls.md").is_file():
+        page.add("Stage 22 wrote no controls.md in this run.\n")
+        return
+    page.add(f"Every variant on the same held-out items: before, the chosen heads pruned, random heads of the same "
+             f"count and strengths, recovered, and recovery fine-tuning without pruning "
+             f"({page.link(out / 'controls.md', 'controls.md')}, {page.link(out / 'controls.csv', 'controls.csv')}).\n")
+    page.add((out / "controls.md").read_text())
+    dose = summary.get("dose_response", [])
+    if dose:
+        page.add("#### Dose-response: held-out BBQ against the number of heads pruned\n")
+        page.add(table(["k", "chosen s_AMB [95% CI]", "random s_AMB (mean of draws)", "chosen - random s_AMB [95% CI]",
+                        "p", "chosen acc (disamb.) [95% CI]", "random acc (mean)", "chosen - random acc [95% CI]", "p"],
+                       [_dose_row(entry) for entry in dose]))
+    page.image(out / "dose_response.png", "dose-response: s_AMB and disambiguated accuracy against heads pruned")
+
+
+def _dose_row(entry: dict) -> list:
+    """One k of stage 22's dose-response: the chosen heads' point, the random draws' mean, their difference."""
+    chosen, randoms, versus = entry["chosen"], entry["random"], entry.get("chosen_minus_random", {})
+    cells = [entry["k"]]
+    for key, digits in (("s_amb", 3), ("acc_disambig", 3)):
+        mean = sum(r[key] for r in randoms) / len(randoms) if randoms else None
+        diff = versus.get(f"bbq_{key}")
+        cells += [ci_text(chosen[key], chosen[f"{key}_ci"], digits, signed=key == "s_amb"),
+                  "n/a" if mean is None else f"{mean:+.3f} ({len(randoms)})",
+                  "n/a" if diff is None else ci_text(diff["delta"], diff["ci"], digits, signed=True),
+                  "n/a" if diff is None else p_text(diff["p"])]
+    return cells
+
+
+def _methods(page: _Page, stages: Sequence[Stage]) -> None:
+    """Stage 30's comparison as it wrote it: ``summary.md`` (levels, paired changes) and its figure."""
+    for stage in stages:
+        if stage.script != "30_compare_methods.py":
+            continue
+        out = Path(stage.args["out"])
+        if not (out / "summary.md").is_file():
+            page.add("### Methods side by side (stage 30)\n\nNot run.\n")
+            continue
+        text = (out / "summary.md").read_text()
+        page.add("\n".join("##" + line if line.startswith("#") else line for line in text.splitlines()))
+        page.add(f"Files: {page.link(out / 'summary.csv', 'summary.csv')}, "
+                 f"{page.link(out / 'paired.csv', 'paired.csv')}, {page.link(out / 'metrics.json', 'metrics.json')}.\n")
+        page.image(out / "bias_vs_capability.png", "bias change against perplexity change, per method")
 
 
 def _provenance(page: _Page, results: Sequence[StageResult], data_root: Path) -> None:
@@ -147,17 +199,24 @@ def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: 
     page.add(f"# fairforget report: {title}\n")
     page.add(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total wall time of this run "
              f"{total_seconds / 60:.1f} min (stages skipped as up to date show their earlier time).\n")
+    try:
+        page.add(findings_block(stages))
+    except (FairforgetError, KeyError, ValueError) as exc:
+        page.add(f"## What this run found\n\n(could not be built from the stage outputs: {exc})\n")
     rows = [[r.name, r.status, f"{r.seconds:.0f}", r.note] for r in results]
+    page.add("## Stages\n")
     page.add(table(["stage", "status", "wall s", "note"], rows))
-    for pipeline, heading in (("pcgu", "Pipeline 1: PCGU unlearning"), ("bbq", "Pipeline 2: BBQ and attention heads")):
+    for pipeline, heading, section in (("pcgu", "Pipeline 1: PCGU unlearning", _training),
+                                       ("bbq", "Pipeline 2: BBQ and attention heads", _mitigation),
+                                       ("methods", "Debiasing methods side by side", _methods)):
         mine = [s for s in stages if s.pipeline == pipeline]
         if not mine:
             continue
-        model = next((s.args["model"] for s in mine if "model" in s.args), "?")
+        model = next((s.args[key] for s in mine for key in ("model", "before") if key in s.args), "?")
         page.add(f"## {heading} ({model})\n")
         try:
             _evaluations(page, mine)
-            (_training if pipeline == "pcgu" else _mitigation)(page, mine)
+            section(page, mine)
         except (FairforgetError, KeyError, ValueError) as exc:
             page.add(f"(part of this section could not be built from the stage outputs: {exc})\n")
     _provenance(page, results, data_root)
