@@ -24,9 +24,9 @@ from fairforget.markdown import ci_text, p_text, pairs, table
 # a change is "cheap" within the README's capability bar: LMS at most 2 points lower, perplexity at most +5%
 MAX_LMS_DROP, MAX_PPL_PCT = 2.0, 5.0
 SIGNIFICANT = 0.05
-MEASURES = {  # name -> the value an unbiased model has
-    "StereoSet SS, held-out (micro)": 50.0, "StereoSet gender SS (micro)": 50.0,
-    "StereoSet gender |SS - 50|": 0.0, "CrowS-Pairs (% stereotyping preferred)": 50.0, "BBQ s_AMB": 0.0}
+MEASURES = {  # name -> (the value an unbiased model has, digits shown)
+    "StereoSet SS, held-out (micro)": (50.0, 2), "StereoSet gender SS (micro)": (50.0, 2),
+    "StereoSet gender |SS - 50|": (0.0, 2), "CrowS-Pairs (% stereotyping preferred)": (50.0, 2), "BBQ s_AMB": (0.0, 3)}
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,16 @@ class Change:
         """How much closer to the unbiased value (negative) or farther (positive) the after model is."""
         if self.before is None or self.after is None:
             return None
-        ideal = MEASURES[self.measure]
+        ideal = MEASURES[self.measure][0]
         return abs(self.after - ideal) - abs(self.before - ideal)
 
     @property
     def towards_ideal(self) -> bool:
         return self.distance_change is not None and self.distance_change < 0
+
+    def text(self) -> str:
+        """The change with its interval and the direction it moved the measure."""
+        return ci_text(self.delta, self.ci, MEASURES[self.measure][1], signed=True) + _direction(self)
 
     @property
     def significant(self) -> bool:
@@ -171,7 +175,7 @@ def collect_changes(stages: Sequence) -> list[Change]:
 
 
 def _direction(change: Change) -> str:
-    moved, ideal = change.distance_change, MEASURES[change.measure]
+    moved, ideal = change.distance_change, MEASURES[change.measure][0]
     if moved is None:
         return ""
     return f" ({'towards' if moved < 0 else 'away from' if moved > 0 else 'no closer to'} {ideal:g})"
@@ -215,7 +219,7 @@ def findings_block(stages: Sequence) -> str:
     rows = []
     for c in largest(changes):
         lms, ppl = _cost(c)
-        rows.append([c.measure, c.model, ci_text(c.delta, c.ci, signed=True) + _direction(c),
+        rows.append([c.measure, c.model, c.text(),
                      "n/a" if c.p is None else p_text(c.p), "n/a" if c.flips is None else f"{c.flips} of {c.n}",
                      lms, ppl])
     text = (head + "Generated from this run's results. For each bias measure, the largest paired change "
@@ -227,7 +231,7 @@ def findings_block(stages: Sequence) -> str:
     lines = []
     if significant:
         lines.append(f"Significant (p < {SIGNIFICANT:g}, interval excluding 0): " + "; ".join(
-            f"{c.model} on {c.measure}, {ci_text(c.delta, c.ci, signed=True)}{_direction(c)}, p = {p_text(c.p)}, "
+            f"{c.model} on {c.measure}, {c.text()}, p = {p_text(c.p)}, "
             f"LMS {_cost(c)[0]}, perplexity {_cost(c)[1]}" for c in significant) + ".")
     else:
         lines.append(f"No paired change on any bias measure is significant (p < {SIGNIFICANT:g} with the interval "

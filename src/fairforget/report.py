@@ -151,7 +151,7 @@ def _dose_row(entry: dict) -> list:
         mean = sum(r[key] for r in randoms) / len(randoms) if randoms else None
         diff = versus.get(f"bbq_{key}")
         cells += [ci_text(chosen[key], chosen[f"{key}_ci"], digits, signed=key == "s_amb"),
-                  "n/a" if mean is None else f"{mean:+.3f} ({len(randoms)})",
+                  "n/a" if mean is None else f"{mean:{'+' if key == 's_amb' else ''}.{digits}f} ({len(randoms)})",
                   "n/a" if diff is None else ci_text(diff["delta"], diff["ci"], digits, signed=True),
                   "n/a" if diff is None else p_text(diff["p"])]
     return cells
