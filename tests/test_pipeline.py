@@ -51,6 +51,20 @@ def test_quick_plan_chains_the_stages(tmp_path):
     assert by["12 PCGU unlearning"].command(2)[1].endswith("12_pcgu_unlearn.py")
 
 
+def test_quick_preset_runs_the_pcgu_configuration_the_ablation_chose():
+    from fairforget.methods.plan import PCGU_CONFIG
+
+    chosen = json.loads((pipeline.CONFIGS / "pcgu" / f"{PCGU_CONFIG}.json").read_text())
+    by = {s.name: s for s in build_plan("quick")}
+    pcgu, pairs = by["12 PCGU unlearning"], by["10 WinoGender pairs"]
+    method = ("target_tokens", "direction", "balance", "lr", "k", "epochs", "evals_per_epoch", "selection_metric",
+              "selection_limit", "stop_at_parity")
+    assert {k: pcgu.args[k] for k in method} == {k: chosen[k] for k in method}
+    # the pairs it reads are the group-first pairs stage 10 writes, and a planned input (so a change re-runs it)
+    assert Path(pcgu.args["pairs"]).name == Path(chosen["pairs"]).name and Path(pcgu.args["pairs"]) in pcgu.inputs
+    assert pairs.args["sources"] == ["group_first"] and pairs.args["out_name"] == Path(chosen["pairs"]).name
+
+
 @pytest.mark.parametrize("preset", ["quick", "full"])
 def test_every_planned_command_parses_with_its_stage_config(preset):
     from fairforget.config import build_parser
