@@ -10,8 +10,8 @@ Each stage runs as its own subprocess, exactly the command printed (``scripts/NN
 current folder (paths are relative to it, as the scripts' defaults). A stage whose outputs exist with a
 matching ``.stage.json`` (same script, arguments and input sha256) is skipped; ``--force`` redoes all.
 ``quick``: the embedded SmolLM2-135M-Instruct for both pipelines and small samples (StereoSet 300 examples of
-the held-out half, CrowS-Pairs 200 pairs, BBQ 8 per category, 1 LoRA epoch on 240 sentences, 2 PCGU
-epochs). ``full``: state-spaces/mamba-130m-hf (pipeline 1) and meta-llama/Llama-3.2-1B-Instruct (pipeline 2),
+the held-out half, CrowS-Pairs 200 pairs, BBQ 8 per category, 1 LoRA epoch on 240 sentences, PCGU in the
+configuration the ablation chose, configs/pcgu/gf_after_dyn_bal_lr1e-3.json). ``full``: state-spaces/mamba-130m-hf (pipeline 1) and meta-llama/Llama-3.2-1B-Instruct (pipeline 2),
 every example. With ``--nproc N`` the evaluations and the LoRA fine-tuning run in N processes under torchrun
 (same results). A preset is a file, ``configs/<name>.json``: the models and each stage's flags; copy one,
 edit it and pass ``--preset my_preset.json``. The run stops at the first failing stage, with its error, and
