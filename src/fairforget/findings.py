@@ -210,9 +210,9 @@ def unchanged(changes: Sequence[Change]) -> list[str]:
             for model, found in by_model.items() if all(c.flips == 0 for c in found)]
 
 
-def findings_block(stages: Sequence) -> str:
-    """The "What this run found" markdown: the largest change per measure, then generated conclusions."""
-    changes = collect_changes(stages)
+def findings_block(changes: Sequence[Change]) -> str:
+    """The "What this run found" markdown of :func:`collect_changes`: the largest change per measure, then the
+    conclusions generated from all of them."""
     head = "## What this run found\n\n"
     if not changes:
         return head + "No paired comparison has been written yet: no bias change to report.\n"

@@ -22,7 +22,7 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
-from fairforget.findings import collect_changes, findings_block, stage_runs, unchanged
+from fairforget.findings import Change, collect_changes, findings_block, stage_runs, unchanged
 from fairforget.markdown import ci_text, image, link, p_text, table
 from fairforget.pipeline import Stage, StageResult
 from fairforget.run_folders import beside
@@ -31,8 +31,9 @@ from fairforget.run_folders import beside
 class _Page:
     """Markdown being assembled, with image links relative to the report's folder."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, changes: Sequence[Change] = ()):
         self.folder = folder
+        self.changes = changes  # every paired change of a bias measure (fairforget.findings), read once
         self.parts: list[str] = []
 
     def add(self, text: str) -> None:
@@ -88,7 +89,7 @@ def _training(page: _Page, stages: Sequence[Stage]) -> None:
                                   f"{e['mean_gap']:+.4f}", f"{100 * e['share_adv_preferred']:.1f}%"]
                                  for e in s["epochs"]]))
                 page.image(log_dir / "unlearning.png", "PCGU gap per step and selection SS per epoch")
-                page.add("\n".join(line for line in unchanged(collect_changes(stages)) if line.startswith("**debiased ")))
+                page.add("\n".join(line for line in unchanged(page.changes) if line.startswith("**debiased ")))
         if stage.script == "14_compare_prompts.py":
             out = Path(stage.args["out"])
             if (out / "completions.md").is_file():
@@ -195,14 +196,15 @@ def _provenance(page: _Page, results: Sequence[StageResult], data_root: Path) ->
 def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: Path, title: str,
                  total_seconds: float, data_root: Path = Path("data")) -> str:
     """The report's markdown (also written to ``path``)."""
-    page = _Page(Path(path).parent)
+    try:
+        changes, problem = collect_changes(stages), ""
+    except (FairforgetError, KeyError, ValueError) as exc:
+        changes, problem = [], f"## What this run found\n\n(could not be built from the stage outputs: {exc})\n"
+    page = _Page(Path(path).parent, changes)
     page.add(f"# fairforget report: {title}\n")
     page.add(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total wall time of this run "
              f"{total_seconds / 60:.1f} min (stages skipped as up to date show their earlier time).\n")
-    try:
-        page.add(findings_block(stages))
-    except (FairforgetError, KeyError, ValueError) as exc:
-        page.add(f"## What this run found\n\n(could not be built from the stage outputs: {exc})\n")
+    page.add(problem or findings_block(changes))
     rows = [[r.name, r.status, f"{r.seconds:.0f}", r.note] for r in results]
     page.add("## Stages\n")
     page.add(table(["stage", "status", "wall s", "note"], rows))
