@@ -60,6 +60,7 @@ def test_quick_preset_runs_the_pcgu_configuration_the_ablation_chose():
     method = ("target_tokens", "direction", "balance", "lr", "k", "epochs", "evals_per_epoch", "selection_metric",
               "selection_limit", "stop_at_parity")
     assert {k: pcgu.args[k] for k in method} == {k: chosen[k] for k in method}
+    assert pcgu.args["max_lms_drop"] == 2  # the README's LMS budget: from the fine-tuned start the last point collapses
     # the pairs it reads are the group-first pairs stage 10 writes, and a planned input (so a change re-runs it)
     assert Path(pcgu.args["pairs"]).name == Path(chosen["pairs"]).name and Path(pcgu.args["pairs"]) in pcgu.inputs
     assert pairs.args["sources"] == ["group_first"] and pairs.args["out_name"] == Path(chosen["pairs"]).name
