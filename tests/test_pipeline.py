@@ -268,6 +268,7 @@ def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tin
         write_bbq_run(out / "mitigation" / "m" / name, metrics, items, {"seed": 0})
     write_bbq_run(out / "bbq" / "m", metrics, items, {"seed": 0})
     # stage 22's controls and dose-response, as it writes them (numbers made up, so the rendering is checked)
+    from fairforget.artifacts import write_json
     from fairforget.methods import head_controls as hc
 
     point = lambda v: {"s_amb": v, "s_amb_ci": [v - 0.1, v + 0.1], "acc_disambig": 0.5, "acc_disambig_ci": [0.4, 0.6],  # noqa: E731
@@ -283,14 +284,16 @@ def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tin
     controls = hc.controls_markdown({**rows, "random heads": [rows["before"], rows["pruned"]]},
                                     {**changes, "random heads": [changes["pruned"]]}, {"pruned": "3"}, versus)
     (out / "mitigation" / "m" / "controls.md").write_text(controls)
-    dose = [{"k": 0, "chosen": point(0.1), "random": []},
+    nan = float("nan")
+    undefined = {**point(0.0), "acc_disambig": nan, "acc_disambig_ci": [nan, nan]}  # no disambiguated item
+    dose = [{"k": 0, "chosen": point(0.1), "random": []}, {"k": 1, "chosen": undefined, "random": [undefined]},
             {"k": 3, "chosen": point(-0.1), "random": [point(0.2), point(0.0)], "chosen_minus_random": {
                 "bbq_s_amb": {"delta": -0.2, "ci": [-0.45, 0.05], "p": 0.12, "n_draws": 2},
                 "bbq_acc_disambig": {"delta": 0.0, "ci": [-0.1, 0.1], "p": 1.0, "n_draws": 2}}}]
     hc.plot_dose_response(out / "mitigation" / "m" / "dose_response.png", dose, "test")
-    (out / "mitigation" / "m" / "metrics.json").write_text(json.dumps(
-        {"n_mitigation": 16, "n_held_out": len(examples), "heads_pruned": 3, "heads_by_strength": {"0.5": 3},
-         "protected": [], "n_recovery_examples": 0, "rows": rows, "changes": changes, "dose_response": dose}))
+    write_json(out / "mitigation" / "m" / "metrics.json",  # as stage 22 writes it: NaN becomes null
+               {"n_mitigation": 16, "n_held_out": len(examples), "heads_pruned": 3, "heads_by_strength": {"0.5": 3},
+                "protected": [], "n_recovery_examples": 0, "rows": rows, "changes": changes, "dose_response": dose})
     stages = [Stage("20 BBQ before", "20_evaluate_bbq.py", {"out": out / "bbq" / "m"}, [], [out / "bbq" / "m"], "bbq"),
               Stage("22 heads", "22_mitigate_heads.py", {"out": out / "mitigation" / "m"}, [],
                     [out / "mitigation" / "m"], "bbq")]
@@ -307,6 +310,7 @@ def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tin
     assert f"| 3 | -0.100 [-0.200, +0.000] | {mean:+.3f} (2) | -0.200 [-0.450, +0.050] | 0.12 | 0.500 [0.400, 0.600] " \
            f"| 0.500 (2) | +0.000 [-0.100, +0.100] | 1 |" in text
     assert "| 0 | +0.100 [+0.000, +0.200] | n/a | n/a | n/a |" in text
+    assert "| 1 | +0.000 [-0.100, +0.100] | +0.000 (1) | n/a | n/a | n/a | n/a | n/a | n/a |" in text
     assert "](mitigation/m/dose_response.png)" in text
     # the headline: the largest s_AMB change is the recovered model's, with its LMS and perplexity cost
     assert "| BBQ s_AMB | head pruning: recovered (vs before, stage 22) | +0.300 [+0.100, +0.500] (away from 0) | 0.01 | " \

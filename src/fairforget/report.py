@@ -149,10 +149,11 @@ def _dose_row(entry: dict) -> list:
     chosen, randoms, versus = entry["chosen"], entry["random"], entry.get("chosen_minus_random", {})
     cells = [entry["k"]]
     for key, digits in (("s_amb", 3), ("acc_disambig", 3)):
-        mean = sum(r[key] for r in randoms) / len(randoms) if randoms else None
+        values = [r[key] for r in randoms if r[key] is not None]  # JSON keeps an undefined (NaN) value as null
+        mean = sum(values) / len(values) if values else None
         diff = versus.get(f"bbq_{key}")
         cells += [ci_text(chosen[key], chosen[f"{key}_ci"], digits, signed=key == "s_amb"),
-                  "n/a" if mean is None else f"{mean:{'+' if key == 's_amb' else ''}.{digits}f} ({len(randoms)})",
+                  "n/a" if mean is None else f"{mean:{'+' if key == 's_amb' else ''}.{digits}f} ({len(values)})",
                   "n/a" if diff is None else ci_text(diff["delta"], diff["ci"], digits, signed=True),
                   "n/a" if diff is None else p_text(diff["p"])]
     return cells
