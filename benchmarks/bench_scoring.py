@@ -4,6 +4,7 @@ full-logits reference (bias-bench style).
 
     python benchmarks/bench_scoring.py                     # full dev (4229 examples, 12687 sentences)
     python benchmarks/bench_scoring.py --limit 300 --n 0   # a stratified 300-example subset, no reference
+    python benchmarks/bench_scoring.py --profile           # and where one pass spends its time
 
 Dev mix: ``stereoset.score_examples`` (each intersentence context computed once for its three candidates)
 against the same scores computed as before, every (context, candidate) a separate sequence. The floor is
@@ -29,7 +30,7 @@ from common import matmul_gflops, matmul_rates, median_seconds  # noqa: E402
 
 from fairforget.models import DEFAULT_EMBEDDED, load_model  # noqa: E402
 from fairforget.progress import progress  # noqa: E402
-from fairforget.scoring import encode, score_continuations  # noqa: E402
+from fairforget.scoring import encode, length_sorted_batches, score_continuations  # noqa: E402
 from fairforget.evals.stereoset import load_stereoset, score_examples, scoring_requests, stratified_limit  # noqa: E402
 
 
@@ -112,6 +113,66 @@ def dev_mix(model, tokenizer, examples, batch_size: int, repeats: int, n_params:
               f"{', cold' if repeats == 0 else ''}, batch {batch_size})")
 
 
+def padding_tokens(tokenizer, examples, batch_size: int) -> dict[str, tuple[int, int]]:
+    """(padded positions, real tokens) of the batches the shared path computes: length-sorted intrasentence
+    sequences, and intersentence rows (a context and its three candidates) grouped a third as many per batch."""
+    intra, inter = [], []
+    for ex in examples:
+        encoded = [encode(tokenizer, prefix, cont) for _, prefix, cont in scoring_requests(ex)]
+        if ex.split == "intrasentence":
+            intra += [len(e.ids) for e in encoded]
+        else:
+            inter.append(encoded[0].n_prefix + sum(e.n_scored for e in encoded))
+    out = {}
+    for name, lengths, size in (("intra", intra, batch_size), ("inter", inter, max(1, batch_size // 3))):
+        batches = length_sorted_batches(lengths, size)
+        computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        out[name] = (computed - sum(lengths), sum(lengths))
+    return out
+
+
+PROFILE_BUCKETS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm")), ("attention", ("scaled_dot_product",)),
+                   ("log-softmax", ("aten::_log_softmax", "aten::gather")))
+
+
+def profile(model, tokenizer, examples, batch_size: int, n_params: int) -> None:
+    """Where one shared-context pass spends its time: tokenization, matrix products, attention, the
+    vocabulary log-softmax, every other op (norms, rotary, activations, copies), and time outside any op
+    (Python per batch: collation, masks, dispatch), beside padding and the FLOP floor at the matmul rate now."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    requests = [(p, c) for ex in examples for _, p, c in scoring_requests(ex)]
+    _, t_tok, _ = timed(lambda: [encode(tokenizer, p, c) for p, c in requests])
+    score_examples(model, tokenizer, examples[:8], batch_size)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        _, wall, _ = timed(lambda: score_examples(model, tokenizer, examples, batch_size))
+    rate = max(matmul_rates())
+    floor = 2 * n_params * sum(floor_tokens(tokenizer, examples).values()) / (rate * 1e9)
+    spent = {name: 0.0 for name, _ in PROFILE_BUCKETS}
+    other = 0.0
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        bucket = next((name for name, keys in PROFILE_BUCKETS if any(k in event.key for k in keys)), None)
+        seconds = event.self_cpu_time_total / 1e6
+        if bucket:
+            spent[bucket] += seconds
+        else:
+            other += seconds
+    outside = wall - sum(spent.values()) - other
+    parts = [("tokenization (all requests, timed apart)", t_tok), *spent.items(),
+             ("other ops (norms, rotary, activations, copies)", other),
+             ("outside ops (Python per batch: collation, masks, dispatch)", outside)]
+    print(f"profile of one shared-context pass: {wall:.2f} s wall = {wall / floor:.2f}x the floor {floor:.2f} s "
+          f"(fp32 matmul {rate:.1f} GFLOP/s measured now)")
+    for name, seconds in parts:
+        print(f"  {name:<60} {seconds:7.2f} s  {seconds / floor:5.2f}x floor")
+    for name, (padded, real) in padding_tokens(tokenizer, examples, batch_size).items():
+        print(f"  padding, {name}sentence batches: {padded} padded positions beside {real} tokens "
+              f"({100 * padded / (padded + real):.1f}% of the positions computed)")
+
+
 def versus_reference(model, tokenizer, examples, n: int, batch_size: int, repeats: int, n_params: int) -> None:
     repeats = max(repeats, 1)
     requests = [("", s) for e in examples if e.split == "intrasentence" for _, s in e.sentences.values()][:n]
@@ -141,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/stereoset/dev.json"))
     parser.add_argument("--model", default=DEFAULT_EMBEDDED)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also profile one shared-context pass")
     args = parser.parse_args(argv)
 
     examples = stratified_limit(load_stereoset(args.data), args.limit, seed=0)
@@ -148,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     n_params = sum(p.numel() for p in model.parameters())
     dev_mix(model, tokenizer, examples, args.batch_size, args.repeats, n_params)
+    if args.profile:
+        profile(model, tokenizer, examples, args.batch_size, n_params)
     if args.n > 0:
         versus_reference(model, tokenizer, examples, args.n, args.batch_size, args.repeats, n_params)
 

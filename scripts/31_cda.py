@@ -25,7 +25,6 @@ from fairforget.methods.lora import add_lora, finetune, save_adapter, target_mod
 from fairforget.methods.cda import CDAConfig, augment, budget_pairs, load_swaps, token_count
 from fairforget.methods.registry import save_method_config, write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model
-from fairforget.progress import progress
 from fairforget.winogender import read_pairs_tsv
 
 
@@ -65,10 +64,8 @@ def main(cfg: Config) -> None:
     texts = budget_pairs(augment(source, swaps), loaded.tokenizer, budget, cfg.seed)
     model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                      cfg.seed)
-    steps = -(-len(texts) // cfg.batch_size) * cfg.epochs
-    with progress(total=steps, desc="CDA fine-tune", unit="step") as bar:
-        history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
-                           on_step=lambda entry: (bar.set_postfix(loss=f"{entry.loss:.3f}"), bar.update(1)))
+    history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
+                       desc="CDA fine-tune")
     save_adapter(model, loaded.tokenizer, cfg.out, cfg.model)
     save_method_config(cfg.out, "cda", typed_config(CDAConfig, cfg))
     write_text(cfg.log_dir / "train_texts.txt", "\n".join(texts) + "\n")

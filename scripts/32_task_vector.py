@@ -70,10 +70,8 @@ def main(cfg: Config) -> None:
     tokenizer = loaded.tokenizer
     theta_0 = state_copy(loaded.model)
     model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, 0.0, cfg.seed)
-    steps = -(-len(texts) // cfg.batch_size) * cfg.epochs
-    with progress(total=steps, desc="advantaged-side fine-tune", unit="step") as bar:
-        finetune(model, tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
-                 on_step=lambda entry: (bar.set_postfix(loss=f"{entry.loss:.3f}"), bar.update(1)))
+    finetune(model, tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
+             desc="advantaged-side fine-tune")
     model = model.merge_and_unload()
     model.eval()
     tau = task_vector(theta_0, state_copy(model))

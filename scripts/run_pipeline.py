@@ -4,13 +4,14 @@
     python scripts/run_pipeline.py --preset full                                   # every example, GPU
     python scripts/run_pipeline.py --preset quick --pipelines bbq --force           # one pipeline, redone
     python scripts/run_pipeline.py --preset full --nproc 4                          # 4 GPUs (torchrun)
+    python scripts/run_pipeline.py --preset quick --findings-only                   # print the headline block
 
 Each stage runs as its own subprocess, exactly the command printed (``scripts/NN_*.py --flags``), from the
 current folder (paths are relative to it, as the scripts' defaults). A stage whose outputs exist with a
 matching ``.stage.json`` (same script, arguments and input sha256) is skipped; ``--force`` redoes all.
 ``quick``: the embedded SmolLM2-135M-Instruct for both pipelines and small samples (StereoSet 300 examples of
-the held-out half, CrowS-Pairs 200 pairs, BBQ 8 per category, 1 LoRA epoch on 240 sentences, 2 PCGU
-epochs). ``full``: state-spaces/mamba-130m-hf (pipeline 1) and meta-llama/Llama-3.2-1B-Instruct (pipeline 2),
+the held-out half, CrowS-Pairs 200 pairs, BBQ 8 per category, 1 LoRA epoch on 240 sentences, PCGU in the
+configuration the ablation chose, configs/pcgu/gf_after_dyn_bal_lr1e-3.json). ``full``: state-spaces/mamba-130m-hf (pipeline 1) and meta-llama/Llama-3.2-1B-Instruct (pipeline 2),
 every example. With ``--nproc N`` the evaluations and the LoRA fine-tuning run in N processes under torchrun
 (same results). A preset is a file, ``configs/<name>.json``: the models and each stage's flags; copy one,
 edit it and pass ``--preset my_preset.json``. The run stops at the first failing stage, with its error, and
@@ -26,6 +27,7 @@ from typing import Literal
 
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
+from fairforget.study.findings import collect_changes, findings_block
 from fairforget.study.pipeline import PIPELINES, Layout, build_plan, run_stages
 from fairforget.study.report import build_report
 
@@ -47,6 +49,9 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     report: Path = Path("outputs/report.md")
+    findings_only: bool = field(default=False, metadata={"help": "run nothing: print the report's 'What this run "
+                                                                 "found' block from the outputs already there "
+                                                                 "(the README opens with it)"})
 
     def validate(self) -> None:
         if not self.pipelines:
@@ -62,6 +67,9 @@ def main(cfg: Config) -> None:
     layout = Layout()
     stages = build_plan(cfg.preset, cfg.pipelines, cfg.data_source.resolve() if cfg.data_source else None,
                         cfg.device, cfg.seed, layout, cfg.pcgu_model, cfg.bbq_model)
+    if cfg.findings_only:
+        print(findings_block(collect_changes(stages)), end="")
+        return
     print(f"preset {cfg.preset}: {len(stages)} stages ({', '.join(dict.fromkeys(cfg.pipelines))})", flush=True)
     results = run_stages(stages, force=cfg.force, nproc=cfg.nproc, log=lambda line: print(line, flush=True))
     total = time.perf_counter() - start

@@ -32,9 +32,11 @@ def test_scoring_benchmark_reports_the_dev_mix_against_the_floor(tmp_path, token
     folder = save_tiny_model("llama", tokenizer, tmp_path / "tiny-llama")
     bench = load_benchmark("bench_scoring.py")
     bench.main(["--model", str(folder), "--data", str(shared_data / "stereoset" / "dev.json"), "--limit", "12",
-                "--n", "4", "--repeats", "0"])
+                "--n", "4", "--repeats", "0", "--profile"])
     out = capsys.readouterr().out
     assert re.search(r"dev mix: 1\d examples \(\d+ intra, \d+ inter\)", out), out
     assert re.search(r"wall: shared contexts .* = \d+\.\d\dx floor .* speed-up \d+\.\d\dx", out), out
     diff = float(re.search(r"max \|score difference\| shared vs separate (\S+)", out).group(1))
     assert diff < 1e-4
+    assert re.search(r"profile of one shared-context pass: .* = \d+\.\d\dx the floor", out), out
+    assert re.search(r"matmul +\d+\.\d\d s +\d+\.\d\dx floor", out) and "padding, intrasentence batches" in out

@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import load_script
@@ -51,6 +52,21 @@ def test_quick_plan_chains_the_stages(tmp_path):
     assert by["13 StereoSet base"].command(2)[1:3] == ["-m", "torch.distributed.run"]
     assert by["11 LoRA fine-tuning"].command(2)[1:3] == ["-m", "torch.distributed.run"]
     assert by["12 PCGU unlearning"].command(2)[1].endswith("12_pcgu_unlearn.py")
+
+
+def test_quick_preset_runs_the_pcgu_configuration_the_ablation_chose():
+    from fairforget.methods.pcgu_run import PCGU_PRESET_CONFIG
+
+    chosen = json.loads(PCGU_PRESET_CONFIG.read_text())
+    by = {s.name: s for s in build_plan("quick")}
+    pcgu, pairs = by["12 PCGU unlearning"], by["10 WinoGender pairs"]
+    method = ("target_tokens", "direction", "balance", "lr", "k", "epochs", "evals_per_epoch", "selection_metric",
+              "selection_limit", "stop_at_parity")
+    assert {k: pcgu.args[k] for k in method} == {k: chosen[k] for k in method}
+    assert pcgu.args["max_lms_drop"] == 2  # the README's LMS budget: from the fine-tuned start the last point collapses
+    # the pairs it reads are the group-first pairs stage 10 writes, and a planned input (so a change re-runs it)
+    assert Path(pcgu.args["pairs"]).name == Path(chosen["pairs"]).name and Path(pcgu.args["pairs"]) in pcgu.inputs
+    assert pairs.args["sources"] == ["group_first"] and pairs.args["out_name"] == Path(chosen["pairs"]).name
 
 
 @pytest.mark.parametrize("preset", ["quick", "full"])
@@ -183,7 +199,7 @@ def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer,
     monkeypatch.chdir(tmp_path)
     ss, cr = load_script("13_evaluate_stereoset.py"), load_script("15_evaluate_crows.py")
     stages = []
-    for label, seed in (("base", 0), ("debiased", 1)):
+    for label, seed in (("base", 0), ("debiased", 1), ("rerun", 1)):  # rerun: the same model again, 0 flips
         model = str(save_tiny_model("gpt2", tokenizer, tmp_path / f"m{seed}", seed=seed))
         for module, script, out, data, size in (
                 (ss, "13_evaluate_stereoset.py", tmp_path / "outputs/stereoset" / label,
@@ -204,6 +220,33 @@ def test_report_has_tables_intervals_paired_tests_and_plots(tmp_path, tokenizer,
     assert links and all((report.parent / link).is_file() for link in links)
     assert all(not Path(link).is_absolute() for link in links)
     assert "Pipeline 2" not in text  # no bbq stages in this plan
+
+    # the headline, first on the page: the largest paired change per measure, recomputed here from the items
+    assert text.index("## What this run found") < text.index("## Stages") < text.index("### StereoSet")
+
+    def stereotype_preferred(folder: Path) -> dict:
+        rows = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+        by = {}
+        for it in rows:
+            by.setdefault(it["example_id"], {})[it["gold_label"]] = it["score"]
+        return {e: s["stereotype"] > s["anti-stereotype"] for e, s in by.items()}
+
+    from scipy.stats import binomtest
+    runs = {label: stereotype_preferred(tmp_path / "outputs/stereoset" / label) for label in ("base", "debiased")}
+    ids = sorted(runs["base"])
+    before, after = (np.array([runs[k][e] for e in ids]) for k in ("base", "debiased"))
+    delta = 100 * (after.mean() - before.mean())
+    flips = int((before != after).sum())
+    p = binomtest(int((before & ~after).sum()), flips, 0.5).pvalue if flips else 1.0
+    row = next(line for line in text.splitlines() if line.startswith("| StereoSet SS, held-out (micro) |"))
+    assert f"| {delta:+.2f} [" in row and f"| {p:.3g} | {flips} of {len(ids)} |" in row
+    lms = {label: json.loads((tmp_path / "outputs/stereoset" / label / "metrics.json").read_text())["metrics"][
+        "overall"]["all"]["lms"] for label in ("base", "debiased")}
+    assert f"| {lms['base']:.2f} -> {lms['debiased']:.2f} [" in row and row.endswith("| not measured |")
+    n_crows = len((tmp_path / "outputs/crows/rerun/items.jsonl").read_text().splitlines())
+    assert f"**rerun (vs debiased) changed no held-out decision**: 0 of {len(ids)} StereoSet decisions flipped and " \
+           f"0 of {n_crows} CrowS-Pairs decisions flipped" in text
+    assert "debiased (vs base) changed no" not in text
 
 
 def test_cli_rejects_a_bad_flag_value(tmp_path):
@@ -228,9 +271,33 @@ def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tin
         metrics, items = evaluate_bbq(model, tokenizer, examples, "letter", "off", 8, 50, 0)
         write_bbq_run(out / "mitigation" / "m" / name, metrics, items, {"seed": 0})
     write_bbq_run(out / "bbq" / "m", metrics, items, {"seed": 0})
-    (out / "mitigation" / "m" / "metrics.json").write_text(json.dumps(
-        {"n_mitigation": 16, "n_held_out": len(examples), "heads_pruned": 3, "heads_by_strength": {"0.5": 3},
-         "protected": [], "n_recovery_examples": 0}))
+    # stage 22's controls and dose-response, as it writes them (numbers made up, so the rendering is checked)
+    from fairforget.artifacts import write_json
+    from fairforget.methods import head_controls as hc
+
+    point = lambda v: {"s_amb": v, "s_amb_ci": [v - 0.1, v + 0.1], "acc_disambig": 0.5, "acc_disambig_ci": [0.4, 0.6],  # noqa: E731
+                       "s_dis": 0.0, "s_dis_ci": [-0.1, 0.1]}
+    rows = {"before": {"s_amb": 0.1, "s_amb_ci": [0.0, 0.2], "lms_overall": 80.0, "lms_overall_ci": [75.0, 85.0]},
+            "pruned": {"s_amb": -0.1, "s_amb_ci": [-0.2, 0.0], "lms_overall": 70.0, "lms_overall_ci": [65.0, 75.0]},
+            "recovered": {"s_amb": 0.4, "s_amb_ci": [0.3, 0.5], "lms_overall": 77.0, "lms_overall_ci": [72.0, 82.0]}}
+    changes = {"pruned": {"d_s_amb": -0.2, "d_s_amb_ci": [-0.5, 0.1], "p_biased": 0.3, "d_ppl_pct": 40.0,
+                          "d_ppl_pct_ci": [30.0, 50.0]},
+               "recovered": {"d_s_amb": 0.3, "d_s_amb_ci": [0.1, 0.5], "p_biased": 0.01, "d_ppl_pct": 12.0,
+                             "d_ppl_pct_ci": [5.0, 20.0]}}
+    versus = {"bbq_s_amb": {"delta": -0.15, "ci": [-0.3, 0.0], "p": 0.04, "n_draws": 2}}
+    controls = hc.controls_markdown({**rows, "random heads": [rows["before"], rows["pruned"]]},
+                                    {**changes, "random heads": [changes["pruned"]]}, {"pruned": "3"}, versus)
+    (out / "mitigation" / "m" / "controls.md").write_text(controls)
+    nan = float("nan")
+    undefined = {**point(0.0), "acc_disambig": nan, "acc_disambig_ci": [nan, nan]}  # no disambiguated item
+    dose = [{"k": 0, "chosen": point(0.1), "random": []}, {"k": 1, "chosen": undefined, "random": [undefined]},
+            {"k": 3, "chosen": point(-0.1), "random": [point(0.2), point(0.0)], "chosen_minus_random": {
+                "bbq_s_amb": {"delta": -0.2, "ci": [-0.45, 0.05], "p": 0.12, "n_draws": 2},
+                "bbq_acc_disambig": {"delta": 0.0, "ci": [-0.1, 0.1], "p": 1.0, "n_draws": 2}}}]
+    hc.plot_dose_response(out / "mitigation" / "m" / "dose_response.png", dose, "test")
+    write_json(out / "mitigation" / "m" / "metrics.json",  # as stage 22 writes it: NaN becomes null
+               {"n_mitigation": 16, "n_held_out": len(examples), "heads_pruned": 3, "heads_by_strength": {"0.5": 3},
+                "protected": [], "n_recovery_examples": 0, "rows": rows, "changes": changes, "dose_response": dose})
     stages = [Stage("20 BBQ before", "20_evaluate_bbq.py", {"out": out / "bbq" / "m"}, [], [out / "bbq" / "m"], "bbq"),
               Stage("22 heads", "22_mitigate_heads.py", {"out": out / "mitigation" / "m"}, [],
                     [out / "mitigation" / "m"], "bbq")]
@@ -240,3 +307,56 @@ def test_report_bbq_section_pairs_the_mitigation_stages(tmp_path, tokenizer, tin
     assert f"| pruned | {overall['n']} |" in text and f"{overall['s_amb']:+.3f} [{low:+.3f}, {high:+.3f}]" in text
     assert "| before -> pruned |" in text and "### BBQ, before (stage 20)" in text
     assert "Pipeline 1" not in text
+    # the controls section: stage 22's controls.md as written, the dose-response table and figure
+    controls_at = text.index("#### Controls: random heads, recovery only")
+    assert text.index(controls, controls_at) > controls_at and "| random heads (2 draws) |" in text
+    mean = (0.2 + 0.0) / 2  # the two random draws at k = 3
+    assert f"| 3 | -0.100 [-0.200, +0.000] | {mean:+.3f} (2) | -0.200 [-0.450, +0.050] | 0.12 | 0.500 [0.400, 0.600] " \
+           f"| 0.500 (2) | +0.000 [-0.100, +0.100] | 1 |" in text
+    assert "| 0 | +0.100 [+0.000, +0.200] | n/a | n/a | n/a |" in text
+    assert "| 1 | +0.000 [-0.100, +0.100] | +0.000 (1) | n/a | n/a | n/a | n/a | n/a | n/a |" in text
+    assert "](mitigation/m/dose_response.png)" in text
+    # the headline: the largest s_AMB change is the recovered model's, with its LMS and perplexity cost
+    assert "| BBQ s_AMB | head pruning: recovered (vs before, stage 22) | +0.300 [+0.100, +0.500] (away from 0) | 0.01 | " \
+           "n/a | 80.00 -> 77.00 [72.00, 82.00] | +12.0 [+5.0, +20.0]% |" in text
+    assert "Significant (p < 0.05, interval excluding 0): head pruning: recovered" in text
+    assert "within the capability bar (LMS at most 2 points lower, perplexity at most +5%): none." in text
+
+
+def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys):
+    from fairforget.study.report import build_report
+
+    monkeypatch.chdir(tmp_path)
+    out = Path("outputs") / "methods"  # where the methods preset's stage 30 writes
+    out.mkdir(parents=True)
+    (out / "summary.md").write_text("# Debiasing methods side by side (before: `m`)\n\n## Levels\n\n| method | x |\n"
+                                    "|---|---|\n| before | 1 |\n")
+    (out / "bias_vs_capability.png").write_bytes(b"png")
+    level = lambda lms: {"stereoset": {"all": {"lms": lms, "lms_ci": [lms - 3, lms + 3]}}}  # noqa: E731
+    change = lambda d, p: {  # noqa: E731
+        "ss_overall": {"delta_ss_micro": d, "delta_ss_micro_ci": [d - 1, d + 1], "p_value": p, "n": 100,
+                       "true_before_only": 5, "true_after_only": 2, "ss_micro_before": 60.0, "ss_micro_after": 60.0 + d},
+        "ss_gender_distance": {"delta": d / 2, "delta_ci": [d / 2 - 1, d / 2 + 1], "p_value": p, "n": 50,
+                               "before": 8.0, "after": 8.0 + d / 2},
+        "crows_all": {"delta": 0.0, "delta_ci": [-1.0, 1.0], "p_value": 1.0, "n": 40, "true_before_only": 0,
+                      "true_after_only": 0, "metric_before": 55.0, "metric_after": 55.0},
+        "bbq": {"s_amb_delta": 0.0, "s_amb_delta_ci": [-0.1, 0.1], "mcnemar_biased": {"p_value": 1.0}, "n": 88},
+        "perplexity": {"ppl_change_pct": 3.0, "ppl_change_pct_ci": [1.0, 5.0]}}
+    (out / "metrics.json").write_text(json.dumps({"levels": {"before": level(80.0), "cda": level(79.5),
+                                                             "tv": level(70.0)},
+                                                  "changes": {"cda": change(-3.0, 0.001), "tv": change(-6.0, 0.2)}}))
+    stage = Stage("30 compare methods", "30_compare_methods.py", {"before": "m", "out": out}, [], [out], "methods")
+    text = build_report([stage], [], tmp_path / "outputs" / "report.md", "test", 1.0, tmp_path / "no-data")
+    assert "## Debiasing methods side by side (m)" in text and "### Debiasing methods side by side (before: `m`)" in text
+    assert "#### Levels" in text and "](methods/bias_vs_capability.png)" in text
+    # largest SS change: tv (-6, p 0.2); the significant one, cda (-3, p 0.001), costs 0.5 LMS and +3% perplexity
+    assert "| StereoSet SS, held-out (micro) | tv (vs before, stage 30) | -6.00 [-7.00, -5.00] (towards 50) | 0.2 | " \
+           "7 of 100 | 80.00 -> 70.00 [67.00, 73.00] | +3.0 [+1.0, +5.0]% |" in text
+    assert "within the capability bar (LMS at most 2 points lower, perplexity at most +5%): cda (vs before, stage " \
+           "30) on StereoSet SS, held-out (micro); cda (vs before, stage 30) on StereoSet gender |SS - 50|." in text
+    # the README's block: run_pipeline.py --findings-only prints the same block from the preset's outputs, runs nothing
+    run_pipeline = load_script("run_pipeline.py")
+    capsys.readouterr()
+    run_pipeline.main(run_pipeline.Config(preset="methods", findings_only=True))
+    block = capsys.readouterr().out
+    assert block.startswith("## What this run found") and block in text and not (tmp_path / "data").exists()

@@ -1,6 +1,7 @@
 """The progress entry point: whole lines when output is not a terminal, silence when quiet or short."""
 
 import io
+import json
 
 import pytest
 
@@ -62,3 +63,24 @@ def test_a_nested_bar_in_a_log_prints_no_cursor_moves(every_update):
     lines = out.getvalue().splitlines()
     assert "\x1b" not in out.getvalue() and all(line.split(":")[0] in ("outer", "inner") for line in lines)
     assert sum(line.startswith("inner") for line in lines) == 6
+
+
+def test_a_wrapped_training_loop_prints_one_bar(every_update, monkeypatch, capsys, tmp_path, tokenizer, shared_data):
+    """Stage 31 names the fine-tune's bar instead of wrapping lora.finetune (which has its own) in a second one."""
+    from conftest import load_script
+    from fairforget.tiny import save_tiny_model
+    from fairforget.winogender import load_winogender_pairs, write_pairs_tsv
+
+    monkeypatch.setattr(progress_module, "DELAY_SECONDS", 0.0)
+    wino = shared_data / "winogender" / "data"
+    pairs = tmp_path / "pairs.tsv"
+    write_pairs_tsv(pairs, load_winogender_pairs(wino / "all_sentences.tsv", wino / "occupations-stats.tsv")[:12])
+    cda = load_script("31_cda.py")
+    swaps = [shared_data / "winobias" / name for name in ("generalized_swaps.txt", "extra_gendered_words.txt")]
+    capsys.readouterr()
+    cda.main(cda.Config(model=str(save_tiny_model("llama", tokenizer, tmp_path / "m")), pairs=pairs, swap_lists=swaps,
+                        out=tmp_path / "cda", log_dir=tmp_path / "log", epochs=2, batch_size=8, device="cpu"))
+    steps = json.loads((tmp_path / "log" / "method.json").read_text())["steps"]
+    bars = [line for line in capsys.readouterr().out.splitlines() if f"/{steps} [" in line]
+    assert {line.split(":")[0] for line in bars} == {"CDA fine-tune"}
+    assert [line.split()[3] for line in bars] == [f"{n}/{steps}" for n in range(steps + 1)]

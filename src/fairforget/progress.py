@@ -88,8 +88,10 @@ class _LineBar(tqdm):
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", leave: bool = True, delay: float = DELAY_SECONDS, **kwargs: Any) -> tqdm:
-    """A tqdm bar over ``iterable`` (or a manual one of ``total`` steps); see the module doc for the modes."""
+             unit: str = "it", leave: bool = True, delay: float | None = None, **kwargs: Any) -> tqdm:
+    """A tqdm bar over ``iterable`` (or a manual one of ``total`` steps); see the module doc for the modes.
+    ``delay`` defaults to :data:`DELAY_SECONDS`, read at each call."""
+    delay = DELAY_SECONDS if delay is None else delay
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     stream = kwargs.pop("file", sys.stdout)

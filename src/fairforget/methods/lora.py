@@ -87,10 +87,12 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], n_tokens: float | None =
 def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, batch_size: int = 8,
              lr: float = 5e-5, weight_decay: float = 0.0, seed: int = 0,
              checkpoint: Checkpointer | None = None,
-             on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
+             on_step: Callable[[StepLog], None] | None = None, desc: str = "LoRA fine-tuning") -> list[StepLog]:
     """Train the trainable parameters of ``model`` with AdamW on ``texts`` (shuffled each epoch, seeded).
 
-    ``on_step`` is called with each step's log (progress reports). ``checkpoint`` saves the training state regularly and resumes a killed run where it stopped. Under
+    The loop's one progress bar is named ``desc`` (callers name it here rather than wrapping it in a bar of their
+    own); ``on_step`` is called with each step's log. ``checkpoint`` saves the training state regularly and
+    resumes a killed run where it stopped. Under
     several processes (``fairforget.distributed``) each takes a share of every batch and the gradients of
     the batch's token-mean loss are summed: the same step as one process.
     """
@@ -99,7 +101,7 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], epochs: int = 3, 
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, "", text) for text in texts]
     run = start_training(model, lr, weight_decay, seed, checkpoint)
-    bar = step_bar(run, epochs * -(-len(encoded) // batch_size), "LoRA fine-tuning")
+    bar = step_bar(run, epochs * -(-len(encoded) // batch_size), desc)
     for epoch, step, indices in shuffled_batches(len(encoded), epochs, batch_size, seed, run.checkpoint):
         mine = distributed.shard(indices)  # all of it in one process
         batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id, device) if mine else None

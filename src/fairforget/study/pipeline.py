@@ -225,9 +225,10 @@ def _pcgu_stages(spec: str, flags: Callable[[str], dict], layout: Layout, common
     finetuned, debiased = mdir / "finetuned_lora", mdir / "debiased"
     stereo, crows = data / "stereoset" / "dev.json", data / "crows_pairs" / "data" / "crows_pairs_anonymized.csv"
     wino = data / "winogender" / "data"
-    pairs = data / "processed" / "pairs.tsv"
+    pair_flags = flags("10_preprocess_winogender.py")  # e.g. the group-first pairs PCGU's configuration reads
+    pairs = data / "processed" / pair_flags.get("out_name", "pairs.tsv")
     stages = [Stage("10 WinoGender pairs", "10_preprocess_winogender.py",
-                    {"winogender_dir": wino, "out_dir": data / "processed"},
+                    {"winogender_dir": wino, "out_dir": data / "processed", **pair_flags},
                     [wino / "all_sentences.tsv", wino / "occupations-stats.tsv"],
                     [data / "processed"], "pcgu")]
 

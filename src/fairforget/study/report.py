@@ -1,9 +1,13 @@
 """``outputs/report.md``: every stage's results in one readable page, built from the files the stages wrote.
 
+It opens with "What this run found" (:mod:`fairforget.study.findings`: the largest paired change per bias measure
+with its interval, p and capability cost, and every model that changed no held-out decision), then the stages.
 Tables carry the 95% bootstrap intervals the stages computed; before/after rows are paired comparisons on the
 same held-out items (computed here from the stages' ``items.jsonl`` by each evaluation's ``compare``); one
 section per evaluation of :data:`fairforget.evals.registry.EVALUATIONS` that the plan's stages write (its
-``report_section``); plots are linked relatively; provenance (commit, packages, data hashes, commands, wall
+``report_section``); stage 22's controls (``controls.md``, the dose-response from its ``metrics.json``,
+``dose_response.png``) and stage 30's ``summary.md`` and ``bias_vs_capability.png`` as those stages wrote them;
+plots are linked relatively; provenance (commit, packages, data hashes, commands, wall
 times) closes the page. A stage that did not run is named as such, never filled in.
 """
 
@@ -18,7 +22,8 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
-from fairforget.markdown import ci_text, image, link, table
+from fairforget.markdown import ci_text, image, link, p_text, table
+from fairforget.study.findings import Change, collect_changes, findings_block, stage_runs, unchanged
 from fairforget.study.pipeline import StageResult
 from fairforget.study.stage import Stage
 from fairforget.run_folders import beside
@@ -27,8 +32,9 @@ from fairforget.run_folders import beside
 class _Page:
     """Markdown being assembled, with image links relative to the report's folder."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, changes: Sequence[Change] = ()):
         self.folder = folder
+        self.changes = changes  # every paired change of a bias measure (fairforget.study.findings), read once
         self.parts: list[str] = []
 
     def add(self, text: str) -> None:
@@ -46,17 +52,11 @@ class _Page:
 
 
 def _runs(evaluation: Evaluation, stages: Sequence[Stage], page: _Page) -> list[Run]:
-    """The complete run folders of the stages that write ``evaluation`` (labelled by the stage name's last word);
-    a folder that is incomplete or not in the run-folder schema is named on ``page`` as such and not read."""
-    found = []
-    for stage in stages:
-        out = Path(stage.args.get("out") or stage.outputs[0])
-        if stage.script != evaluation.script or not out.is_dir():
-            continue
-        try:
-            found.append(evaluation.read_run(out, stage.name.split()[-1], stage.name))
-        except FairforgetError as exc:
-            page.add(f"{exc}; not read.\n")
+    """The complete run folders of the stages that write ``evaluation``; a folder that is incomplete or not in
+    the run-folder schema is named on ``page`` as such and not read."""
+    found, problems = stage_runs(evaluation, stages)
+    for problem in problems:
+        page.add(problem + "\n")
     return found
 
 
@@ -90,6 +90,7 @@ def _training(page: _Page, stages: Sequence[Stage]) -> None:
                                   f"{e['mean_gap']:+.4f}", f"{100 * e['share_adv_preferred']:.1f}%"]
                                  for e in s["epochs"]]))
                 page.image(log_dir / "unlearning.png", "PCGU gap per step and selection SS per epoch")
+                page.add("\n".join(line for line in unchanged(page.changes) if line.startswith("**debiased ")))
         if stage.script == "14_compare_prompts.py":
             out = Path(stage.args["out"])
             if (out / "completions.md").is_file():
@@ -120,6 +121,59 @@ def _mitigation(page: _Page, stages: Sequence[Stage]) -> None:
             page.add(BBQ.paired_table(runs, overall_only=True))
         page.image(out / "stages_s_amb.png", "s_AMB by stage")
         page.image(out / "head_correlation.png", "head correlations and pruning strengths")
+        _controls(page, out, summary)
+
+
+def _controls(page: _Page, out: Path, summary: dict) -> None:
+    """Stage 22's controls as it wrote them: ``controls.md`` (every variant, random heads and recovery only
+    among them, paired against before; chosen minus random), the dose-response table from ``metrics.json``
+    and ``dose_response.png``."""
+    page.add("#### Controls: random heads, recovery only, chosen minus random (stage 22)\n")
+    if not (out / "controls.md").is_file():
+        page.add("Stage 22 wrote no controls.md in this run.\n")
+        return
+    page.add(f"Every variant on the same held-out items: before, the chosen heads pruned, random heads of the same "
+             f"count and strengths, recovered, and recovery fine-tuning without pruning "
+             f"({page.link(out / 'controls.md', 'controls.md')}, {page.link(out / 'controls.csv', 'controls.csv')}).\n")
+    page.add((out / "controls.md").read_text())
+    dose = summary.get("dose_response", [])
+    if dose:
+        page.add("#### Dose-response: held-out BBQ against the number of heads pruned\n")
+        page.add(table(["k", "chosen s_AMB [95% CI]", "random s_AMB (mean of draws)", "chosen - random s_AMB [95% CI]",
+                        "p", "chosen acc (disamb.) [95% CI]", "random acc (mean)", "chosen - random acc [95% CI]", "p"],
+                       [_dose_row(entry) for entry in dose]))
+    page.image(out / "dose_response.png", "dose-response: s_AMB and disambiguated accuracy against heads pruned")
+
+
+def _dose_row(entry: dict) -> list:
+    """One k of stage 22's dose-response: the chosen heads' point, the random draws' mean, their difference."""
+    chosen, randoms, versus = entry["chosen"], entry["random"], entry.get("chosen_minus_random", {})
+    cells = [entry["k"]]
+    for key, digits in (("s_amb", 3), ("acc_disambig", 3)):
+        values = [r[key] for r in randoms if r[key] is not None]  # JSON keeps an undefined (NaN) value as null
+        mean = sum(values) / len(values) if values else None
+        diff = versus.get(f"bbq_{key}")
+        cells += [ci_text(chosen[key], chosen[f"{key}_ci"], digits, signed=key == "s_amb"),
+                  "n/a" if mean is None else f"{mean:{'+' if key == 's_amb' else ''}.{digits}f} ({len(values)})",
+                  "n/a" if diff is None else ci_text(diff["delta"], diff["ci"], digits, signed=True),
+                  "n/a" if diff is None else p_text(diff["p"])]
+    return cells
+
+
+def _methods(page: _Page, stages: Sequence[Stage]) -> None:
+    """Stage 30's comparison as it wrote it: ``summary.md`` (levels, paired changes) and its figure."""
+    for stage in stages:
+        if stage.script != "30_compare_methods.py":
+            continue
+        out = Path(stage.args["out"])
+        if not (out / "summary.md").is_file():
+            page.add("### Methods side by side (stage 30)\n\nNot run.\n")
+            continue
+        text = (out / "summary.md").read_text()
+        page.add("\n".join("##" + line if line.startswith("#") else line for line in text.splitlines()))
+        page.add(f"Files: {page.link(out / 'summary.csv', 'summary.csv')}, "
+                 f"{page.link(out / 'paired.csv', 'paired.csv')}, {page.link(out / 'metrics.json', 'metrics.json')}.\n")
+        page.image(out / "bias_vs_capability.png", "bias change against perplexity change, per method")
 
 
 def _provenance(page: _Page, results: Sequence[StageResult], data_root: Path) -> None:
@@ -144,21 +198,29 @@ def _provenance(page: _Page, results: Sequence[StageResult], data_root: Path) ->
 def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: Path, title: str,
                  total_seconds: float, data_root: Path = Path("data")) -> str:
     """The report's markdown (also written to ``path``)."""
-    page = _Page(Path(path).parent)
+    try:
+        changes, problem = collect_changes(stages), ""
+    except (FairforgetError, KeyError, ValueError) as exc:
+        changes, problem = [], f"## What this run found\n\n(could not be built from the stage outputs: {exc})\n"
+    page = _Page(Path(path).parent, changes)
     page.add(f"# fairforget report: {title}\n")
     page.add(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total wall time of this run "
              f"{total_seconds / 60:.1f} min (stages skipped as up to date show their earlier time).\n")
+    page.add(problem or findings_block(changes))
     rows = [[r.name, r.status, f"{r.seconds:.0f}", r.note] for r in results]
+    page.add("## Stages\n")
     page.add(table(["stage", "status", "wall s", "note"], rows))
-    for pipeline, heading in (("pcgu", "Pipeline 1: PCGU unlearning"), ("bbq", "Pipeline 2: BBQ and attention heads")):
+    for pipeline, heading, section in (("pcgu", "Pipeline 1: PCGU unlearning", _training),
+                                       ("bbq", "Pipeline 2: BBQ and attention heads", _mitigation),
+                                       ("methods", "Debiasing methods side by side", _methods)):
         mine = [s for s in stages if s.pipeline == pipeline]
         if not mine:
             continue
-        model = next((s.args["model"] for s in mine if "model" in s.args), "?")
+        model = next((s.args[key] for s in mine for key in ("model", "before") if key in s.args), "?")
         page.add(f"## {heading} ({model})\n")
         try:
             _evaluations(page, mine)
-            (_training if pipeline == "pcgu" else _mitigation)(page, mine)
+            section(page, mine)
         except (FairforgetError, KeyError, ValueError) as exc:
             page.add(f"(part of this section could not be built from the stage outputs: {exc})\n")
     _provenance(page, results, data_root)
