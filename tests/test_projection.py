@@ -10,7 +10,8 @@ import torch
 
 from fairforget.artifacts import read_json, save_model
 from fairforget.methods.projection import (CONFIG_KEY, GenderedPair, extract, fit, fitting_pairs, fold,
-                                           inlp_directions, record_in_config, untie_head)
+                                           inlp_directions, leace_eraser, leace_projection, record_in_config,
+                                           untie_head)
 from fairforget.models import load_model
 from fairforget.tiny import build_tiny_model
 
@@ -67,11 +68,18 @@ def test_zero_strength_returns_every_logit_exactly(tiny_models, tokenizer, tmp_p
 def test_folded_model_equals_the_projection_hooked_on_the_final_hidden_state(tiny_models, tokenizer, tmp_path, which):
     base = _models(tiny_models, tokenizer)[which]
     embeddings = base.get_input_embeddings().weight.detach().clone()
-    # LEACE's projection is oblique (P != P^T), so a transposed fold would not pass.
-    projection = fit("leace", extract(base, tokenizer, PAIRS), 1.0)(0.8)
+    # The hook applies the concept-erasure eraser itself, blended: h + alpha (eraser(h) - h). Its projection is
+    # oblique (P != P^T), so a transposed fold would not pass, nor one that dropped an affine term.
+    reps = extract(base, tokenizer, PAIRS)
+    eraser = leace_eraser(reps.tokens, reps.labels)
+    projection = leace_projection(eraser, 0.8)
     assert (projection - projection.T).abs().max() > 1e-3
-    matrix = projection.float()
-    handle = base.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0] @ matrix.T,))
+
+    def erase(_, args):
+        h = args[0].double()
+        return ((h + 0.8 * (eraser(h) - h)).to(args[0].dtype),)
+
+    handle = base.get_output_embeddings().register_forward_pre_hook(erase)
     hooked = _logits(base, tokenizer)
     handle.remove()
     model = copy.deepcopy(base)
@@ -144,3 +152,34 @@ def test_leace_leaves_no_cross_covariance_with_the_label(tiny_models, tokenizer,
 
     assert np.abs(cross_covariance(x)).max() > 1e-2
     assert np.abs(cross_covariance(x @ projection.numpy().T)).max() <= 1e-5
+
+
+def test_stage_36_fits_once_scores_each_strength_and_saves_the_choice(tokenizer, shared_data, tmp_path):
+    from conftest import load_script
+    from fairforget.tiny import save_tiny_model
+
+    stage = load_script("36_projection.py")
+    base = save_tiny_model("llama", tokenizer, tmp_path / "base")
+    cfg = stage.Config(method="sentence_debias", model=str(base), strengths=[1.0, 2.0],
+                       winobias_dir=shared_data / "winobias" / "data", winogender_dir=shared_data / "winogender" / "data",
+                       fit_limit=40, stereoset=shared_data / "stereoset" / "dev.json", selection_limit=8,
+                       max_lms_drop=None, out=tmp_path / "out", log_dir=tmp_path / "log", device="cpu")
+    cfg.validate()
+    stage.main(cfg)
+    record = read_json(tmp_path / "log" / "method.json")
+    rows = record["selection"]
+    assert [r["strength"] for r in rows] == [0.0, 1.0, 2.0]
+    best = min(rows[1:], key=lambda r: abs(r["ss"] - 50))
+    assert record["chosen_strength"] == best["strength"] and record["strength_name"] == "k"
+    fitting = record["fitting_data"]
+    assert sum(fitting["pairs"].values()) == 40 and fitting["pairs"]["winobias-dev"] > fitting["pairs"]["winogender"]
+    assert fitting["sentences"] == 80 and 2 * fitting["male_rows"] == fitting["token_rows"]
+    saved = load_model(str(tmp_path / "out"), "cpu").model
+    assert saved.config.to_dict()[CONFIG_KEY] == {"method": "sentence_debias", "strength": best["strength"],
+                                                  "untied_lm_head": True, "folded_into": "lm_head.weight = W P",
+                                                  "strength_name": "k"}
+    start = load_model(str(base), "cpu").model
+    assert torch.equal(saved.get_input_embeddings().weight, start.get_input_embeddings().weight)
+    assert not torch.equal(saved.lm_head.weight, start.lm_head.weight)
+    with pytest.raises(stage.FairforgetError, match="alpha"):
+        stage.Config(method="leace", strengths=[1.5]).validate()
