@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from concept_erasure import LeaceFitter
+from scipy.linalg import orth
 
 from fairforget.errors import FairforgetError
 from fairforget.progress import progress
@@ -139,12 +140,13 @@ def sentence_debias_directions(differences: torch.Tensor, k: int) -> torch.Tenso
 
 
 def orthogonal_complement(directions: torch.Tensor, dim: int) -> torch.Tensor:
-    """``I - Q Q^T``: the orthogonal projection removing the span of ``directions`` (rows); none: exactly I."""
+    """``I - B B^T``, B an orthonormal basis of the span of ``directions`` (rows; ``scipy.linalg.orth``, so a
+    repeated direction is removed once): the orthogonal projection off that span; none: exactly I."""
     eye = torch.eye(dim, dtype=torch.float64)
     if len(directions) == 0:
         return eye
-    q, _ = torch.linalg.qr(directions.double().T)
-    return eye - q @ q.T
+    basis = torch.from_numpy(orth(directions.double().T.numpy()))
+    return eye - basis @ basis.T
 
 
 def logistic_direction(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100) -> torch.Tensor:
