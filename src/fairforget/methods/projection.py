@@ -35,7 +35,8 @@ from scipy.linalg import orth
 
 from fairforget.errors import FairforgetError
 from fairforget.progress import progress
-from fairforget.scoring import backbone_and_head, conditioning_token_id, hidden_states, length_sorted_batches
+from fairforget.scoring import (Encoded, backbone_and_head, collate, conditioning_token_id, hidden_states,
+                                length_sorted_batches)
 from fairforget.winogender import Pair, load_winobias_pairs, load_winogender_pairs
 
 METHODS = ("sentence_debias", "inlp", "leace")
@@ -59,7 +60,6 @@ class Representations:
 
     tokens: torch.Tensor  # [n_tokens, hidden]
     labels: torch.Tensor  # [n_tokens], 1.0 male, 0.0 female
-    pair_of_token: torch.Tensor  # [n_tokens], the index of the pair each row comes from
     differences: torch.Tensor  # [n_pairs, hidden], mean male representation minus mean female one
 
 
@@ -105,32 +105,25 @@ def pair_token_ids(tokenizer: Any, pair: GenderedPair) -> tuple[list[int], list[
 
 def extract(model: Any, tokenizer: Any, pairs: Sequence[GenderedPair], batch_size: int = 32) -> Representations:
     """The final hidden state at every position from each pair's first difference on (see the module doc)."""
-    sequences, owners = [], []
+    encoded, labels = [], []
     for index, pair in enumerate(pairs):
         male, female, first = pair_token_ids(tokenizer, pair)
         if first >= min(len(male), len(female)):
             raise FairforgetError(f"fitting pair {index} ({pair.source}) has no differing token: {pair.male!r}")
-        sequences += [(male, first, 1.0), (female, first, 0.0)]
-        owners += [index, index]
+        encoded += [Encoded(tuple(male), first), Encoded(tuple(female), first)]
+        labels += [1.0, 0.0]
     device = next(model.parameters()).device
-    rows: list[torch.Tensor | None] = [None] * len(sequences)
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
     with torch.inference_mode():
-        batches = length_sorted_batches([len(ids) for ids, _, _ in sequences], batch_size)
+        batches = length_sorted_batches([len(e.ids) for e in encoded], batch_size)
         for batch in progress(batches, desc="final hidden states", unit="batch"):
-            width = max(len(sequences[i][0]) for i in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
+            inputs = collate([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+            hidden = hidden_states(model, inputs["input_ids"], inputs["attention_mask"]).float()
             for row, i in enumerate(batch):
-                ids[row, : len(sequences[i][0])] = torch.tensor(sequences[i][0])
-                mask[row, : len(sequences[i][0])] = 1
-            hidden = hidden_states(model, ids.to(device), mask.to(device)).float().cpu()
-            for row, i in enumerate(batch):
-                rows[i] = hidden[row, sequences[i][1]: len(sequences[i][0])]
-    tokens = torch.cat(rows)  # type: ignore[arg-type]
-    labels = torch.cat([torch.full((len(r),), s[2]) for r, s in zip(rows, sequences)])  # type: ignore[arg-type]
-    pair_of_token = torch.cat([torch.full((len(r),), o, dtype=torch.long) for r, o in zip(rows, owners)])  # type: ignore[arg-type]
-    means = torch.stack([r.mean(dim=0) for r in rows])  # type: ignore[union-attr]
-    return Representations(tokens, labels, pair_of_token, means[0::2] - means[1::2])
+                rows[i] = hidden[row][inputs["target_mask"][row]].cpu()
+    sizes = torch.tensor([len(r) for r in rows])
+    means = torch.stack([r.mean(dim=0) for r in rows])
+    return Representations(torch.cat(rows), torch.tensor(labels).repeat_interleave(sizes), means[0::2] - means[1::2])
 
 
 def sentence_debias_directions(differences: torch.Tensor, k: int) -> torch.Tensor:
