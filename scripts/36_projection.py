@@ -29,7 +29,7 @@ from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.methods import write_method_record
 from fairforget.methods.projection import (DEFAULT_STRENGTHS, STRENGTH_NAMES, extract, fit, fitting_files, fitting_pairs,
-                                           fold, record_in_config, untie_head)
+                                           fold, record_in_config, reused_body_outputs, untie_head)
 from fairforget.methods.selection import choose, selection_examples, selection_score
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
@@ -91,11 +91,12 @@ def main(cfg: Config) -> None:
     start_weight, tied = untie_head(model)
     name = STRENGTH_NAMES[cfg.method]
     rows = []
-    for strength in progress([0.0, *strengths], desc=f"{name} on the selection half", unit=name):
-        fold(model, start_weight, projection_at(strength))
-        rows.append({"strength": strength, **selection_score(model, tokenizer, examples, cfg.eval_batch_size,
-                                                             seed=cfg.seed)})
-        print(f"{name} {strength:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
+    with reused_body_outputs(model):
+        for strength in progress([0.0, *strengths], desc=f"{name} on the selection half", unit=name):
+            fold(model, start_weight, projection_at(strength))
+            rows.append({"strength": strength, **selection_score(model, tokenizer, examples, cfg.eval_batch_size,
+                                                                 seed=cfg.seed)})
+            print(f"{name} {strength:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
     best = choose(rows[1:], "strength", cfg.max_lms_drop, rows[0]["lms"])
     fold(model, start_weight, projection_at(best["strength"]))
     fitting = {"pairs": dict(Counter(p.source for p in pairs)), "sentences": 2 * len(pairs),

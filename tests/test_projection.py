@@ -11,8 +11,9 @@ import torch
 from fairforget.artifacts import read_json, save_model
 from fairforget.methods.projection import (CONFIG_KEY, GenderedPair, extract, fit, fitting_pairs, fold,
                                            inlp_directions, leace_eraser, leace_projection, record_in_config,
-                                           untie_head)
+                                           reused_body_outputs, untie_head)
 from fairforget.models import load_model
+from fairforget.scoring import score_continuations
 from fairforget.tiny import build_tiny_model
 
 PAIRS = [GenderedPair("The nurse said that he would be late for the meeting.",
@@ -94,6 +95,28 @@ def test_folded_model_equals_the_projection_hooked_on_the_final_hidden_state(tin
     reloaded = load_model(str(tmp_path / "m"), "cpu").model
     assert (_logits(reloaded, tokenizer) - hooked).abs().max() <= 1e-5
     assert torch.equal(reloaded.get_input_embeddings().weight, embeddings)
+
+
+def test_reused_body_outputs_score_each_strength_as_a_fresh_fold_would(tiny_models, tokenizer):
+    base = tiny_models["gpt2"]
+    projection_at = fit("sentence_debias", extract(base, tokenizer, PAIRS), 2)
+    requests = [("", s) for s in SENTENCES] + [("The doctor came.", " She was late.")]
+    model = copy.deepcopy(base)
+    start_weight, _ = untie_head(model)
+    calls = []
+    real_forward = model.transformer.forward
+    model.transformer.forward = lambda *args, **kwargs: calls.append(1) or real_forward(*args, **kwargs)
+    reused = {}
+    with reused_body_outputs(model):
+        for k in (0, 1, 2):
+            reused[k] = [s.logprob for s in score_continuations(fold(model, start_weight, projection_at(k)), tokenizer,
+                                                                requests, batch_size=2)]
+    assert len(calls) == 2  # two batches, the body run once each
+    for k in (0, 1, 2):
+        fresh = copy.deepcopy(base)
+        fold(fresh, untie_head(fresh)[0], projection_at(k))
+        assert reused[k] == [s.logprob for s in score_continuations(fresh, tokenizer, requests, batch_size=2)]
+    assert reused[0] != reused[2]
 
 
 def test_sentence_debias_removes_the_top_singular_directions_of_the_difference_matrix(tiny_models, tokenizer):
