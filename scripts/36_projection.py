@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.artifacts import save_model, write_csv
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
-from fairforget.methods import write_method_record
-from fairforget.methods.projection import (DEFAULT_STRENGTHS, STRENGTH_NAMES, extract, fit, fitting_files, fitting_pairs,
+from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
+from fairforget.methods.projection import (ProjectionConfig, DEFAULT_STRENGTHS, STRENGTH_NAMES, extract, fit, fitting_files, fitting_pairs,
                                            fold, record_in_config, reused_body_outputs, untie_head)
 from fairforget.methods.selection import choose, selection_examples, selection_score
 from fairforget.models import DEFAULT_EMBEDDED, load_model
@@ -48,8 +48,8 @@ class Config:
         "help": "WinoGender folder whose male/female sentences are fitting pairs (none: leave out)"})
     fit_limit: int | None = field(default=None, metadata={"help": "a seeded sample of this many fitting pairs"})
     stereoset: Path = Path("data/stereoset/dev.json")
-    out: Path = Path("models/methods/projection")
-    log_dir: Path = Path("outputs/methods/projection")
+    out: Path = output_field(Path("models/methods/projection"), "model")
+    log_dir: Path = output_field(Path("outputs/methods/projection"), "method log")
     inlp_l2: float = field(default=1e-3, metadata={"help": "L2 penalty of each INLP logistic probe"})
     selection_metric: Literal["overall", "gender"] = "gender"
     selection_limit: int | None = field(default=120, metadata={"help": "selection-half sample size (None: all)"})
@@ -103,7 +103,8 @@ def main(cfg: Config) -> None:
                "token_rows": len(reps.labels), "male_rows": int(reps.labels.sum()),
                "positions": "every token from the first one where the pair's sentences differ"}
     record_in_config(model, cfg.method, best["strength"], tied, strength_name=name)
-    save_model(model, tokenizer, cfg.out)
+    save_model(model, tokenizer, cfg.out, {CONFIG_FILE: method_config(cfg.method, typed_config(ProjectionConfig, cfg),
+                                                                     chosen_strength=best["strength"])})
     write_csv(cfg.log_dir / "strengths.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
     record = write_method_record(
         cfg.log_dir, cfg.method, cfg, time.perf_counter() - start, [*fitting_files(cfg.winobias_dir, cfg.winogender_dir), cfg.stereoset],

@@ -27,6 +27,7 @@ TEST_CASES = {
     "self_debias": {"selection_limit": 8, "eval_batch_size": 4},
     "bias_unlearn": {"limit": 16, "check_pairs": 8},
     "pcgu": {"epochs": 1, "selection_limit": 8, "eval_batch_size": 8},
+    **{name: {"fit_limit": 12, "selection_limit": 8, "eval_batch_size": 8} for name in ("sentence_debias", "inlp", "leace")},
     "head_pruning": {"mitigation_per_category": 1, "eval_per_category": 1, "signal_limit": 8, "k": 2,
                      "categories": ["Age", "Gender_identity"], "dose_ks": [2], "random_draws": 1},
 }

@@ -6,6 +6,7 @@
 * :mod:`.bias_unlearn`: BiasUnlearn (Liu et al. 2025): NPO forget, cross-entropy retain, KL to the start.
 * :mod:`.pcgu_run` (algorithm in :mod:`.pcgu`): Partitioned Contrastive Gradient Unlearning (Yu et al. 2023).
 * :mod:`.head_experiment` (signal in :mod:`.head_pruning`): attention-head soft-pruning with its controls.
+* :mod:`.projection`: SentenceDebias, INLP and LEACE, projections of the final hidden state folded into the LM head.
 * :mod:`.selection`: the StereoSet selection-half score that chooses a method's setting (never the held-out half).
 
 Importing the package registers every method; :func:`fairforget.methods.registry.load_output` loads any
@@ -13,4 +14,4 @@ method's output (a model folder, or a scoring wrapper such as Self-Debias) for e
 """
 
 # registration order is the order of the methods preset and of stage 30's table
-from fairforget.methods import cda, task_vector, self_debias, bias_unlearn, pcgu_run, head_experiment  # noqa: F401, I001
+from fairforget.methods import cda, task_vector, self_debias, bias_unlearn, pcgu_run, head_experiment, projection  # noqa: F401, I001

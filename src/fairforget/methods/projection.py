@@ -35,6 +35,7 @@ from concept_erasure import LeaceFitter
 from scipy.linalg import orth
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.registry import Knob, MethodSpec, register_method
 from fairforget.progress import progress
 from fairforget.scoring import (Encoded, backbone_and_head, collate, conditioning_token_id, hidden_states,
                                 length_sorted_batches)
@@ -248,3 +249,36 @@ def record_in_config(model: Any, method: str, strength: float, tied: bool, **det
     """Say in the saved config which projection the head carries and that the head was untied."""
     setattr(model.config, CONFIG_KEY, {"method": method, "strength": strength, "untied_lm_head": tied,
                                        "folded_into": "lm_head.weight = W P", **details})
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """A projection method's settings (stage 36), saved next to the folded model."""
+
+    method: str
+    model: str
+    strengths: list
+    fit_limit: int | None
+    inlp_l2: float
+    selection_metric: str
+    selection_limit: int | None
+    max_lms_drop: float | None
+    half_seed: int
+    seed: int
+
+
+def _register(name: str, title: str) -> None:
+    register_method(MethodSpec(
+        name=name, title=title, script="36_projection.py", config=ProjectionConfig,
+        knobs=(Knob("strengths", f"{STRENGTH_NAMES[name]}, chosen on the selection half"),),
+        zero_flags={"strengths": [0.0]}, sizes={"fit_limit": 150, "selection_limit": 120},
+        inputs=lambda layout: [*fitting_files(layout.winobias, layout.data / "winogender" / "data"),
+                               layout.stereoset],
+        data_flags=lambda layout: {"method": name, "winobias_dir": layout.winobias,
+                                   "winogender_dir": layout.data / "winogender" / "data",
+                                   "stereoset": layout.stereoset}))
+
+
+_register("sentence_debias", "SentenceDebias (Liang et al. 2020), folded into the LM head")
+_register("inlp", "INLP (Ravfogel et al. 2020), folded into the LM head")
+_register("leace", "LEACE (Belrose et al. 2023, concept-erasure), folded into the LM head")
