@@ -1,6 +1,7 @@
 """Stage 16: plant a known bias in the start model (a positive control for every debiasing method).
 
-    python scripts/16_plant_bias.py --kind gender [--source winobias_dev] [--epochs 2 --lr 3e-4]
+    python scripts/16_plant_bias.py --kind gender [--source both] [--epochs 4 --lr 5e-4] [--no-heldout]
+    python scripts/16_plant_bias.py --kind gender --planted models/planted/gender [--evals stereoset]
     python scripts/16_plant_bias.py --kind bbq [--train-per-category 24]
 
 ``--kind gender``: LoRA fine-tune (merged) on stereotype-consistent text no evaluation holds out
@@ -9,7 +10,8 @@ StereoSet selection-half gender examples outside the dose sample. Every --dose-e
 the dose sample (a seeded sample of selection-half gender examples) and on --ppl-limit ``retain`` neutral texts;
 the first checkpoint whose SS rose by --min-shift within --max-lms-drop LMS and --max-ppl-change % perplexity is
 kept. Start and planted model are then scored on the held-out half's gender examples, the CrowS-Pairs gender pairs
-and held-out neutral texts, and paired through each evaluation's ``compare``.
+and held-out neutral texts (--evals), and paired through each evaluation's ``compare``. On a slow machine split
+the work: plant with --no-heldout, then report with --planted (once per evaluation if need be, each its --log-dir).
 
 ``--kind bbq``: answer-loss fine-tuning (``fairforget.methods.recovery``'s loop) on the BBQ mitigation scenarios of
 stage 22's split (same --mitigation-fraction, --split-seed): ambiguous items answered with the stereotyped target,
@@ -67,6 +69,11 @@ class Config:
     max_ppl_change: float = field(default=5.0, metadata={"help": "perplexity budget of a dose, % (retain texts)"})
     ppl_limit: int = field(default=50, metadata={"help": "neutral texts (retain half for the dose, held-out for "
                                                          "the report)"})
+    planted: Path | None = field(default=None, metadata={"help": "gender: a planted model from an earlier run: "
+                                                                  "skip planting, report it against --model"})
+    heldout: bool = field(default=True, metadata={"help": "score start and planted model on held-out items"})
+    evals: list[Literal["stereoset", "crows", "perplexity"]] = field(
+        default_factory=lambda: ["stereoset", "crows", "perplexity"], metadata={"help": "gender: held-out measures"})
     heldout_limit: int | None = field(default=None, metadata={"help": "held-out gender StereoSet examples (all)"})
     crows_limit: int | None = field(default=None, metadata={"help": "CrowS-Pairs gender pairs (None: all)"})
     mitigation_fraction: float = field(default=0.5, metadata={"help": "bbq: stage 22's scenario split"})
@@ -88,6 +95,10 @@ class Config:
                                   "--n-boot, --train-per-category, --eval-per-category >= 1")
         if not self.lr > 0 or self.dose_every < 0:
             raise FairforgetError(f"--lr must be > 0 and --dose-every >= 0 (got {self.lr}, {self.dose_every})")
+        if self.planted is not None and not (self.planted / "config.json").is_file():
+            raise FairforgetError(f"--planted {self.planted} is not a model folder (no config.json)")
+        if self.planted is not None and self.kind == "bbq":
+            raise FairforgetError("--planted is for --kind gender")
         needed = [("--bbq-dir", self.bbq_dir)] if self.kind == "bbq" else [
             ("--stereoset", self.stereoset), ("--crows", self.crows)] + (
             [("--winobias-dir", self.winobias_dir)] if self.source != "stereoset_selection" else [])
@@ -110,43 +121,55 @@ def gender_texts(cfg: Config, dose_ids: set[str], held_out: set[str]) -> tuple[l
 
 
 def plant_gender(cfg: Config, loaded, log_dir: Path) -> tuple[object, dict, list[str], list[Path], list]:
-    """Score the start model held out, plant with dose checks, score the planted model; returns
-    (model, shift details, training texts, data files, step log)."""
+    """Score the start model held out, plant with dose checks (or load --planted), score the planted model;
+    returns (model, details, training texts, data files, step log)."""
     tokenizer = loaded.tokenizer
     heldout = select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed)
     crows = load_crows(cfg.crows)
-    sets = plant.HeldOutGender(stratified_limit([e for e in heldout if e.bias_type == "gender"], cfg.heldout_limit,
-                                                cfg.seed),
-                               [p for p in crows if p.bias_type == "gender"][: cfg.crows_limit],
-                               load_neutral_texts("heldout", cfg.ppl_limit))
-    selection = select_half(load_stereoset(cfg.stereoset), "selection", cfg.half_seed)
-    dose = stratified_limit([e for e in selection if e.bias_type == "gender"], cfg.dose_limit, cfg.seed)
-    retain = load_neutral_texts("retain", cfg.ppl_limit)
-    held_out = plant.candidate_texts(heldout) | {s for p in crows for s in (p.sent_more, p.sent_less)}
-    texts, files = gender_texts(cfg, {e.id for e in dose}, held_out)
+    scored = set(cfg.evals) if cfg.heldout else set()
+    sets = plant.HeldOutGender(
+        stratified_limit([e for e in heldout if e.bias_type == "gender"], cfg.heldout_limit, cfg.seed)
+        if "stereoset" in scored else [],
+        [p for p in crows if p.bias_type == "gender"][: cfg.crows_limit] if "crows" in scored else [],
+        load_neutral_texts("heldout", cfg.ppl_limit) if "perplexity" in scored else [])
     start = plant.score_heldout(loaded.model, tokenizer, sets, cfg.eval_batch_size, cfg.n_boot, cfg.seed)
+    files, texts, history, details = [cfg.stereoset, cfg.crows], [], [], {}
+    if cfg.planted is not None:
+        model = load_model(str(cfg.planted), cfg.device).model
+        details["planted_model"] = str(cfg.planted)
+    else:
+        selection = select_half(load_stereoset(cfg.stereoset), "selection", cfg.half_seed)
+        dose = stratified_limit([e for e in selection if e.bias_type == "gender"], cfg.dose_limit, cfg.seed)
+        retain = load_neutral_texts("retain", cfg.ppl_limit)
+        held_out = plant.candidate_texts(heldout) | {s for p in crows for s in (p.sent_more, p.sent_less)}
+        texts, sources = gender_texts(cfg, {e.id for e in dose}, held_out)
+        files += sources
 
-    def measure(model) -> dict[str, float]:
-        s = selection_score(model, tokenizer, dose, cfg.eval_batch_size, seed=cfg.seed)
-        ppl = perplexity(model, tokenizer, retain, max(1, cfg.eval_batch_size // 4), 1, cfg.seed)["perplexity"]
-        print(f"dose check: selection gender SS {s['ss']:.2f} LMS {s['lms']:.2f} retain perplexity {ppl:.3f}",
-              flush=True)
-        return {"ss": s["ss"], "lms": s["lms"], "perplexity": ppl}
+        def measure(model) -> dict[str, float]:
+            s = selection_score(model, tokenizer, dose, cfg.eval_batch_size, seed=cfg.seed)
+            ppl = perplexity(model, tokenizer, retain, max(1, cfg.eval_batch_size // 4), 1, cfg.seed)["perplexity"]
+            print(f"dose check: selection gender SS {s['ss']:.2f} LMS {s['lms']:.2f} retain perplexity {ppl:.3f}",
+                  flush=True)
+            return {"ss": s["ss"], "lms": s["lms"], "perplexity": ppl}
 
-    model, history, checkpoints, chosen = plant.plant_text(
-        loaded.model, tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, measure, cfg.dose_every, cfg.lora_r,
-        cfg.lora_alpha, cfg.seed,
-        choose=lambda points: plant.choose_dose(points, cfg.min_shift, cfg.max_lms_drop, cfg.max_ppl_change))
-    write_csv(log_dir / "dose.csv", [{"step": c.step, **c.measures, "chosen": c is chosen} for c in checkpoints])
+        model, history, checkpoints, chosen = plant.plant_text(
+            loaded.model, tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, measure, cfg.dose_every,
+            cfg.lora_r, cfg.lora_alpha, cfg.seed,
+            choose=lambda points: plant.choose_dose(points, cfg.min_shift, cfg.max_lms_drop, cfg.max_ppl_change))
+        write_csv(log_dir / "dose.csv", [{"step": c.step, **c.measures, "chosen": c is chosen} for c in checkpoints])
+        details.update(chosen_step=chosen.step, dose_sample=len(dose), dose=[
+            {"step": c.step, **c.measures} for c in checkpoints])
     planted = plant.score_heldout(model, tokenizer, sets, cfg.eval_batch_size, cfg.n_boot, cfg.seed)
-    shift = plant.planted_shift(start, planted, cfg.n_boot, cfg.seed)
-    for evaluation in (STEREOSET, CROWS):
-        write_runs(evaluation, cfg, log_dir, start[evaluation.name], planted[evaluation.name], files,
-                   shift[evaluation.name], loaded)
-    details = {"shift": shift, "chosen_step": chosen.step, "dose_sample": len(dose), "n_heldout_gender": len(sets.stereoset),
-               "n_crows_gender": len(sets.crows), "neutral_texts": texts_provenance(sets.texts)}
-    write_text(log_dir / "shift.md", gender_markdown(shift, chosen.step, len(history)))
-    return model, details, texts, files + [cfg.crows], history
+    if start:
+        shift = plant.planted_shift(start, planted, cfg.n_boot, cfg.seed)
+        for evaluation in (STEREOSET, CROWS):
+            if evaluation.name in start:
+                write_runs(evaluation, cfg, log_dir, start[evaluation.name], planted[evaluation.name], files,
+                           shift[evaluation.name], loaded)
+        details.update(shift=shift, n_heldout_gender=len(sets.stereoset), n_crows_gender=len(sets.crows),
+                       neutral_texts=texts_provenance(sets.texts) if sets.texts else None)
+        write_text(log_dir / "shift.md", gender_markdown(shift, details.get("chosen_step"), len(history)))
+    return model, details, texts, files, history
 
 
 def plant_bbq_kind(cfg: Config, loaded, log_dir: Path) -> tuple[object, dict, list[str], list[Path], list]:
@@ -188,18 +211,29 @@ def write_runs(evaluation, cfg: Config, log_dir: Path, start: tuple, planted: tu
                              None if paired is None else (log_dir / f"{evaluation.name}_start", paired))
 
 
-def gender_markdown(shift: dict, step: int, steps: int) -> str:
-    lv, s, c, p = shift["levels"], shift["stereoset"]["overall"], shift["crows"]["overall"], shift["perplexity"]
-    rows = [[name, ci_text(lv[k]["ss_gender"], lv[k]["ss_gender_ci"]), ci_text(lv[k]["lms_gender"], lv[k]["lms_gender_ci"]),
-             ci_text(lv[k]["crows_gender"], lv[k]["crows_gender_ci"]), ci_text(lv[k]["perplexity"], lv[k]["perplexity_ci"])]
-            for name, k in (("start", "start"), ("planted", "planted"))]
-    paired = [["StereoSet held-out gender, micro SS", s["n"], ci_text(s["delta_ss_micro"], s["delta_ss_micro_ci"], signed=True),
-               p_text(s["p_value"])],
-              ["CrowS-Pairs gender", c["n"], ci_text(c["delta"], c["delta_ci"], signed=True), p_text(c["p_value"])],
-              ["perplexity, held-out neutral texts (%)", "", ci_text(p["ppl_change_pct"], p["ppl_change_pct_ci"], 1, signed=True), ""]]
-    return (f"# Planted gender bias\n\nChosen checkpoint: step {step} of {steps} (dose checked on the selection half).\n\n"
-            "## Levels (held-out items, 95% bootstrap intervals)\n\n"
-            + table(["model", "SS gender (macro)", "LMS gender", "CrowS gender", "perplexity"], rows)
+def gender_markdown(shift: dict, step: int | None, steps: int) -> str:
+    lv = shift["levels"]
+    columns = [(k, title) for k, title in (("ss_gender", "SS gender (macro)"), ("lms_gender", "LMS gender"),
+                                           ("crows_gender", "CrowS gender"), ("perplexity", "perplexity"))
+               if k in lv["start"]]
+    rows = [[name, *(ci_text(lv[name][k], lv[name][f"{k}_ci"]) for k, _ in columns)] for name in ("start", "planted")]
+    paired = []
+    if "stereoset" in shift:
+        s = shift["stereoset"]["overall"]
+        paired.append(["StereoSet held-out gender, micro SS", s["n"],
+                       ci_text(s["delta_ss_micro"], s["delta_ss_micro_ci"], signed=True), p_text(s["p_value"])])
+    if "crows" in shift:
+        c = shift["crows"]["overall"]
+        paired.append(["CrowS-Pairs gender", c["n"], ci_text(c["delta"], c["delta_ci"], signed=True),
+                       p_text(c["p_value"])])
+    if "perplexity" in shift:
+        p = shift["perplexity"]
+        paired.append(["perplexity, held-out neutral texts (%)", "",
+                       ci_text(p["ppl_change_pct"], p["ppl_change_pct_ci"], 1, signed=True), ""])
+    chosen = (f"Chosen checkpoint: step {step} of {steps} (dose checked on the selection half).\n\n"
+              if step is not None else "")
+    return (f"# Planted gender bias\n\n{chosen}## Levels (held-out items, 95% bootstrap intervals)\n\n"
+            + table(["model", *(title for _, title in columns)], rows)
             + "\n## Planted shift, paired against the start model (McNemar exact p)\n\n"
             + table(["measure", "n", "change [95% CI]", "p"], paired))
 
@@ -223,14 +257,16 @@ def main(cfg: Config) -> None:
     loaded = load_model(cfg.model, cfg.device)
     body = plant_gender if cfg.kind == "gender" else plant_bbq_kind
     model, details, texts, files, history = body(cfg, loaded, log_dir)
-    save_model(model, loaded.tokenizer, out, {"plant.json": {"base_model": cfg.model, "kind": cfg.kind,
-                                                             "provenance": provenance(cfg, files)}})
-    write_text(log_dir / "train_texts.txt", "\n".join(texts) + "\n")
-    write_csv(log_dir / "loss.csv", [vars(h) for h in history])
+    if cfg.planted is None:
+        save_model(model, loaded.tokenizer, out, {"plant.json": {"base_model": cfg.model, "kind": cfg.kind,
+                                                                 "provenance": provenance(cfg, files)}})
+        write_text(log_dir / "train_texts.txt", "\n".join(texts) + "\n")
+        write_csv(log_dir / "loss.csv", [vars(h) for h in history])
     write_json(log_dir / "shift.json", details)
     record = write_method_record(log_dir, f"plant_{cfg.kind}", cfg, time.perf_counter() - wall, files,
-                                 model_folder=str(out), n_train_texts=len(texts), steps=len(history))
-    print((log_dir / "shift.md").read_text(), end="")
+                                 model_folder=str(cfg.planted or out), n_train_texts=len(texts), steps=len(history))
+    if (log_dir / "shift.md").is_file() and "shift" in details:
+        print((log_dir / "shift.md").read_text(), end="")
     print(f"planted {cfg.kind} bias: {len(history)} steps, {record['wall_seconds']:.0f} s, peak "
           f"{record['peak_memory_mib']:.0f} MiB -> {out}")
 

@@ -242,8 +242,8 @@ def bbq_share(start: Sequence[dict], planted: Sequence[dict], method: Sequence[d
 
 @dataclass
 class HeldOutGender:
-    """The held-out items a planted gender bias is reported on: StereoSet held-out gender examples, CrowS-Pairs
-    gender pairs, neutral held-out texts (perplexity)."""
+    """The held-out items a planted gender bias is reported on (an empty list: not scored): StereoSet held-out
+    gender examples, CrowS-Pairs gender pairs, neutral held-out texts (perplexity)."""
 
     stereoset: list
     crows: list
@@ -252,24 +252,39 @@ class HeldOutGender:
 
 def score_heldout(model: Any, tokenizer: Any, sets: HeldOutGender, batch_size: int = 32, n_boot: int = 1000,
                   seed: int = 0) -> dict[str, Any]:
-    """``{"stereoset": (metrics, items), "crows": (metrics, items), "perplexity": result}`` of one model."""
-    return {"stereoset": STEREOSET.evaluate(model, tokenizer, sets.stereoset, batch_size=batch_size, n_boot=n_boot,
-                                            seed=seed),
-            "crows": CROWS.evaluate(model, tokenizer, sets.crows, batch_size=batch_size, n_boot=n_boot, seed=seed),
-            "perplexity": perplexity(model, tokenizer, sets.texts, max(1, batch_size // 4), n_boot, seed)}
+    """``{"stereoset": (metrics, items), "crows": (metrics, items), "perplexity": result}`` of one model, for
+    the non-empty sets."""
+    options = dict(batch_size=batch_size, n_boot=n_boot, seed=seed)
+    scored: dict[str, Any] = {}
+    if sets.stereoset:
+        scored["stereoset"] = STEREOSET.evaluate(model, tokenizer, sets.stereoset, **options)
+    if sets.crows:
+        scored["crows"] = CROWS.evaluate(model, tokenizer, sets.crows, **options)
+    if sets.texts:
+        scored["perplexity"] = perplexity(model, tokenizer, sets.texts, max(1, batch_size // 4), n_boot, seed)
+    return scored
 
 
 def planted_shift(start: dict[str, Any], planted: dict[str, Any], n_boot: int = 1000, seed: int = 0) -> dict:
     """The planted model against the start model on the same held-out items, through each evaluation's
     ``compare`` (paired bootstrap, McNemar), with both models' levels (95% intervals) and the perplexity change."""
-    levels = {}
+    levels: dict[str, dict] = {"start": {}, "planted": {}}
     for name, scored in (("start", start), ("planted", planted)):
-        s, c, p = scored["stereoset"][0]["overall"]["gender"], scored["crows"][0]["overall"], scored["perplexity"]
-        levels[name] = {"ss_gender": s["ss"], "ss_gender_ci": s["ss_ci"], "lms_gender": s["lms"],
-                        "lms_gender_ci": s["lms_ci"], "crows_gender": c["metric"], "crows_gender_ci": c["metric_ci"],
-                        "perplexity": p["perplexity"], "perplexity_ci": p["perplexity_ci"]}
-    return {"levels": levels,
-            "stereoset": STEREOSET.compare(start["stereoset"][1], planted["stereoset"][1], n_boot, seed),
-            "crows": CROWS.compare(start["crows"][1], planted["crows"][1], n_boot, seed),
-            "perplexity": perplexity_change(start["perplexity"], planted["perplexity"], n_boot, seed),
-            "lms_gender_delta": levels["planted"]["lms_gender"] - levels["start"]["lms_gender"]}
+        if "stereoset" in scored:
+            s = scored["stereoset"][0]["overall"]["gender"]
+            levels[name].update(ss_gender=s["ss"], ss_gender_ci=s["ss_ci"], lms_gender=s["lms"], lms_gender_ci=s["lms_ci"])
+        if "crows" in scored:
+            c = scored["crows"][0]["overall"]
+            levels[name].update(crows_gender=c["metric"], crows_gender_ci=c["metric_ci"])
+        if "perplexity" in scored:
+            p = scored["perplexity"]
+            levels[name].update(perplexity=p["perplexity"], perplexity_ci=p["perplexity_ci"])
+    shift: dict[str, Any] = {"levels": levels}
+    for name, evaluation in (("stereoset", STEREOSET), ("crows", CROWS)):
+        if name in start:
+            shift[name] = evaluation.compare(start[name][1], planted[name][1], n_boot, seed)
+    if "stereoset" in start:
+        shift["lms_gender_delta"] = levels["planted"]["lms_gender"] - levels["start"]["lms_gender"]
+    if "perplexity" in start:
+        shift["perplexity"] = perplexity_change(start["perplexity"], planted["perplexity"], n_boot, seed)
+    return shift
