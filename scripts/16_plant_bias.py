@@ -6,7 +6,8 @@
 
 ``--kind gender``: LoRA fine-tune (merged) on stereotype-consistent text no evaluation holds out
 (``fairforget.methods.plant``): WinoBias dev pro-stereotyped sentences and/or the stereotype candidates of
-StereoSet selection-half gender examples outside the dose sample. Every --dose-every steps the model is scored on
+StereoSet selection-half gender examples outside the dose sample, with --neutral-mix retain-half neutral texts
+(not the dose check's) to hold perplexity. Every --dose-every steps the model is scored on
 the dose sample (a seeded sample of selection-half gender examples) and on --ppl-limit ``retain`` neutral texts;
 the first checkpoint whose SS rose by --min-shift within --max-lms-drop LMS and --max-ppl-change % perplexity is
 kept. Start and planted model are then scored on the held-out half's gender examples, the CrowS-Pairs gender pairs
@@ -32,7 +33,7 @@ from typing import Literal
 from fairforget.artifacts import provenance, save_model, write_csv, write_json, write_text
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.evals.bbq import load_bbq, sample_per_category
+from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category
 from fairforget.evals.bbq_eval import BBQ, use_chat_template
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.evals.crows import CROWS, load_crows
@@ -43,6 +44,8 @@ from fairforget.methods import plant, write_method_record
 from fairforget.methods.selection import selection_score
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import set_quiet
+
+Category = Literal[CATEGORIES]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Config:
     lr: float = 3e-4
     lora_r: int = 8
     lora_alpha: int = 16
+    neutral_mix: int = field(default=0, metadata={"help": "gender: retain-half neutral texts trained on beside the "
+                                                          "stereotypes (never the dose check's), to hold perplexity"})
     dose_every: int = field(default=20, metadata={"help": "gender: steps between dose checks (0: at the end)"})
     dose_limit: int | None = field(default=120, metadata={"help": "gender: selection-half gender dose sample"})
     min_shift: float = field(default=8.0, metadata={"help": "gender: wanted SS rise on the dose sample (points)"})
@@ -78,6 +83,8 @@ class Config:
     crows_limit: int | None = field(default=None, metadata={"help": "CrowS-Pairs gender pairs (None: all)"})
     mitigation_fraction: float = field(default=0.5, metadata={"help": "bbq: stage 22's scenario split"})
     split_seed: int = 0
+    categories: list[Category] = field(default_factory=list, metadata={"help": "bbq: categories planted and "
+                                                                               "scored (default: all 11)"})
     train_per_category: int = field(default=24, metadata={"help": "bbq: mitigation examples per category"})
     eval_per_category: int = field(default=24, metadata={"help": "bbq: held-out examples per category"})
     chat_template: Literal["auto", "on", "off"] = "auto"
@@ -93,8 +100,9 @@ class Config:
                                   self.n_boot, self.train_per_category, self.eval_per_category) < 1:
             raise FairforgetError("--epochs must be >= 0; --batch-size, --lora-r, --ppl-limit, --eval-batch-size, "
                                   "--n-boot, --train-per-category, --eval-per-category >= 1")
-        if not self.lr > 0 or self.dose_every < 0:
-            raise FairforgetError(f"--lr must be > 0 and --dose-every >= 0 (got {self.lr}, {self.dose_every})")
+        if not self.lr > 0 or self.dose_every < 0 or self.neutral_mix < 0:
+            raise FairforgetError(f"--lr must be > 0, --dose-every and --neutral-mix >= 0 (got {self.lr}, "
+                                  f"{self.dose_every}, {self.neutral_mix})")
         if self.planted is not None and not (self.planted / "config.json").is_file():
             raise FairforgetError(f"--planted {self.planted} is not a model folder (no config.json)")
         if self.planted is not None and self.kind == "bbq":
@@ -143,6 +151,7 @@ def plant_gender(cfg: Config, loaded, log_dir: Path) -> tuple[object, dict, list
         retain = load_neutral_texts("retain", cfg.ppl_limit)
         held_out = plant.candidate_texts(heldout) | {s for p in crows for s in (p.sent_more, p.sent_less)}
         texts, sources = gender_texts(cfg, {e.id for e in dose}, held_out)
+        texts += load_neutral_texts("retain")[cfg.ppl_limit: cfg.ppl_limit + cfg.neutral_mix]
         files += sources
 
         def measure(model) -> dict[str, float]:
@@ -175,9 +184,10 @@ def plant_gender(cfg: Config, loaded, log_dir: Path) -> tuple[object, dict, list
 def plant_bbq_kind(cfg: Config, loaded, log_dir: Path) -> tuple[object, dict, list[str], list[Path], list]:
     """Plant on mitigation scenarios, score start and planted on held-out scenarios."""
     data = load_bbq(cfg.bbq_dir)
-    mitigation, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
-    train = sample_per_category(mitigation, cfg.train_per_category, cfg.split_seed)
-    test = sample_per_category(held, cfg.eval_per_category, cfg.split_seed)
+    mitigation, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)  # all categories,
+    chosen = set(cfg.categories or CATEGORIES)  # as stage 22 splits them, then the chosen ones
+    train = sample_per_category([e for e in mitigation if e.category in chosen], cfg.train_per_category, cfg.split_seed)
+    test = sample_per_category([e for e in held if e.category in chosen], cfg.eval_per_category, cfg.split_seed)
     chat = use_chat_template(loaded.tokenizer, cfg.chat_template)
     prompts, answers = plant.bbq_planting_data(train, loaded.tokenizer, chat, cfg.seed)
     options = dict(mode="answer", chat_template=cfg.chat_template, batch_size=max(1, cfg.eval_batch_size // 2),

@@ -179,3 +179,23 @@ def test_stage_plants_and_reports_paired_shift(tmp_path, tokenizer, shared_data)
         comparison = json.loads((log_dir / f"{name}_planted" / "comparison.json").read_text())["comparison"]
         assert comparison == shift["shift"][name]
     assert (out / "plant.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_bbq_stage_trains_on_mitigation_scenarios_and_reports_held_out_ones(tmp_path, tokenizer, shared_data, bbq):
+    stage = load_script("16_plant_bias.py")
+    model = str(save_tiny_model("llama", tokenizer, tmp_path / "tiny"))
+    log_dir = tmp_path / "log"
+    cfg = stage.Config(kind="bbq", model=model, out=tmp_path / "planted", log_dir=log_dir, bbq_dir=shared_data / "bbq",
+                       categories=["Age", "Race_x_gender"], train_per_category=4, eval_per_category=4, epochs=1,
+                       batch_size=4, lr=1e-3, n_boot=20, device="cpu", quiet=True)
+    cfg.validate()
+    stage.main(cfg)
+    details = json.loads((log_dir / "shift.json").read_text())
+    _, held = split_by_scenario(bbq.examples, 0.5, 0)  # the split of all categories, as stage 22 makes it
+    assert details["n_train"] == 8 and details["n_heldout"] == 8
+    assert not set(details["train_scenarios"]) & {e.scenario for e in held}
+    assert set(details["shift"]["paired"]) == {"Age", "Race_x_gender", "overall"}
+    planted_items = [json.loads(line) for line in (log_dir / "bbq_planted" / "items.jsonl").read_text().splitlines()]
+    assert {it["scenario"] for it in planted_items} <= {e.scenario for e in held}
+    comparison = json.loads((log_dir / "bbq_planted" / "comparison.json").read_text())["comparison"]
+    assert comparison == details["shift"]["paired"]
