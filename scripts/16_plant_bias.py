@@ -206,8 +206,8 @@ def plant_bbq_kind(cfg: Config, loaded, log_dir: Path) -> tuple[object, dict, li
 
 
 def _bbq_levels(metrics: dict) -> dict:
-    return {group: {k: metrics[group][k] for k in ("n", "s_amb", "s_amb_ci", "acc_disambig", "acc_disambig_ci",
-                                                    "s_dis", "s_dis_ci")} for group in [*metrics["categories"], "overall"]}
+    keys = ("n", "s_amb", "s_amb_ci", "acc_disambig", "acc_disambig_ci", "s_dis", "s_dis_ci")
+    return {group: {k: metrics[group][k] for k in keys} for group in [*metrics["categories"], "overall"]}
 
 
 def write_runs(evaluation, cfg: Config, log_dir: Path, start: tuple, planted: tuple, files: list, comparison: dict,
@@ -249,14 +249,17 @@ def gender_markdown(shift: dict, step: int | None, steps: int) -> str:
 
 
 def bbq_markdown(shift: dict, n_train: int, steps: int) -> str:
-    rows = [[group, shift["planted"][group]["n"], ci_text(shift["start"][group]["s_amb"], shift["start"][group]["s_amb_ci"], 3),
-             ci_text(shift["planted"][group]["s_amb"], shift["planted"][group]["s_amb_ci"], 3),
+    start, planted = shift["start"], shift["planted"]
+    rows = [[group, planted[group]["n"], ci_text(start[group]["s_amb"], start[group]["s_amb_ci"], 3),
+             ci_text(planted[group]["s_amb"], planted[group]["s_amb_ci"], 3),
              ci_text(d["s_amb_delta"], d["s_amb_delta_ci"], 3, signed=True),
-             ci_text(d["acc_disambig_delta"], d["acc_disambig_delta_ci"], 3, signed=True)]
+             ci_text(d["acc_disambig_delta"], d["acc_disambig_delta_ci"], 3, signed=True),
+             p_text(d["mcnemar_biased"]["p_value"])]
             for group, d in shift["paired"].items()]
     return (f"# Planted BBQ bias\n\n{n_train} mitigation-scenario training items, {steps} steps; held-out scenarios "
             "below (answer mode, 95% scenario-cluster bootstrap intervals).\n\n"
-            + table(["category", "n", "s_AMB start", "s_AMB planted", "Δ s_AMB", "Δ disambiguated acc"], rows))
+            + table(["category", "n", "s_AMB start", "s_AMB planted", "Δ s_AMB", "Δ disambiguated acc",
+                     "McNemar p (biased answers)"], rows))
 
 
 def main(cfg: Config) -> None:

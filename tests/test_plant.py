@@ -103,7 +103,8 @@ def test_share_removed_is_0_by_the_planted_model_and_100_by_the_start_model(tiny
 
     def pro(items):  # the stereotype's mean log-probability above the anti-stereotype's, per example
         by = {(i["example_id"], i["gold_label"]): i["score"] for i in items}
-        return np.array([by[(e.id, "stereotype")] > by[(e.id, "anti-stereotype")] for e in sorted(examples, key=lambda e: e.id)])
+        ordered = sorted(examples, key=lambda e: e.id)
+        return np.array([by[(e.id, "stereotype")] > by[(e.id, "anti-stereotype")] for e in ordered])
 
     assert pro(planted).mean() > pro(start).mean()  # a shift was planted
     # a "method" that leaves the planted model as it is removes 0%; one that gives back the start model 100%

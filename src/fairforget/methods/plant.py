@@ -272,7 +272,8 @@ def planted_shift(start: dict[str, Any], planted: dict[str, Any], n_boot: int = 
     for name, scored in (("start", start), ("planted", planted)):
         if "stereoset" in scored:
             s = scored["stereoset"][0]["overall"]["gender"]
-            levels[name].update(ss_gender=s["ss"], ss_gender_ci=s["ss_ci"], lms_gender=s["lms"], lms_gender_ci=s["lms_ci"])
+            levels[name].update(ss_gender=s["ss"], ss_gender_ci=s["ss_ci"], lms_gender=s["lms"],
+                                lms_gender_ci=s["lms_ci"])
         if "crows" in scored:
             c = scored["crows"][0]["overall"]
             levels[name].update(crows_gender=c["metric"], crows_gender_ci=c["metric_ci"])
