@@ -1,6 +1,6 @@
 """Stage 16: plant a known bias in the start model (a positive control for every debiasing method).
 
-    python scripts/16_plant_bias.py --kind gender [--source both] [--epochs 4 --lr 5e-4] [--no-heldout]
+    python scripts/16_plant_bias.py --kind gender [--source both] [--epochs 2 --lr 2e-4] [--no-heldout]
     python scripts/16_plant_bias.py --kind gender --planted models/planted/gender [--evals stereoset]
     python scripts/16_plant_bias.py --kind bbq [--train-per-category 24]
 
@@ -59,19 +59,20 @@ class Config:
     winobias_dir: Path = Path("data/winobias/data")
     bbq_dir: Path = Path("data/bbq")
     source: Literal["winobias_dev", "stereoset_selection", "both"] = field(
-        default="both", metadata={"help": "gender planting text (never a held-out item)"})
+        default="stereoset_selection", metadata={"help": "gender planting text (never a held-out item)"})
     epochs: int = field(default=2, metadata={"help": "training epochs (0: the start model, exactly)"})
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 2e-4
     lora_r: int = 8
     lora_alpha: int = 16
     neutral_mix: int = field(default=0, metadata={"help": "gender: retain-half neutral texts trained on beside the "
                                                           "stereotypes (never the dose check's), to hold perplexity"})
-    dose_every: int = field(default=20, metadata={"help": "gender: steps between dose checks (0: at the end)"})
-    dose_limit: int | None = field(default=120, metadata={"help": "gender: selection-half gender dose sample"})
-    min_shift: float = field(default=8.0, metadata={"help": "gender: wanted SS rise on the dose sample (points)"})
+    dose_every: int = field(default=6, metadata={"help": "gender: steps between dose checks (0: at the end)"})
+    dose_limit: int | None = field(default=40, metadata={"help": "gender: selection-half gender dose sample"})
+    min_shift: float = field(default=11.0, metadata={"help": "gender: wanted SS rise on the dose sample (points; "
+                                                             "above 8 for the noise of a small sample)"})
     max_lms_drop: float = 2.0
-    max_ppl_change: float = field(default=5.0, metadata={"help": "perplexity budget of a dose, % (retain texts)"})
+    max_ppl_change: float = field(default=5.0, metadata={"help": "perplexity budget of a dose, in percent (retain texts)"})
     ppl_limit: int = field(default=50, metadata={"help": "neutral texts (retain half for the dose, held-out for "
                                                          "the report)"})
     planted: Path | None = field(default=None, metadata={"help": "gender: a planted model from an earlier run: "
