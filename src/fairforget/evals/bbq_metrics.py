@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fairforget.errors import FairforgetError
 from fairforget.stats import bootstrap_ci, interval_half_width, mcnemar
 
 METRICS = ("acc", "acc_ambig", "acc_disambig", "s_dis", "s_amb")
@@ -79,6 +80,13 @@ def metric_functions(a: _Arrays) -> dict[str, Callable[[np.ndarray], float]]:
         "s_dis": lambda idx: _bias(a, idx[~a.ambig[idx]]),
         "s_amb": s_amb,
     }
+
+
+def metric_function(items: Sequence[dict], name: str) -> Callable[[np.ndarray], float]:
+    """One metric (``METRICS``) of annotated ``items`` as a function of an index array into them."""
+    if name not in METRICS:
+        raise FairforgetError(f"unknown BBQ metric {name!r}: use one of {', '.join(METRICS)}")
+    return metric_functions(_Arrays(items))[name]
 
 
 def summarize(items: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:

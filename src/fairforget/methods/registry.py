@@ -159,9 +159,10 @@ def peak_memory_mib() -> float:
 
 
 def write_method_record(log_dir: Path, name: str, cfg: Any, seconds: float, data_files: list, **details: Any) -> dict:
-    """``<log_dir>/method.json``: the method's wall time, peak memory, typed config, details and provenance."""
-    config = typed_config(method(name).config, cfg)
-    record = {"method": name, "wall_seconds": round(seconds, 1), "peak_memory_mib": peak_memory_mib(),
-              "config": json_ready(dataclasses.asdict(config)), **details, "provenance": provenance(cfg, data_files)}
+    """``<log_dir>/method.json``: the run's wall time, peak memory, details and provenance, and for a registered
+    method its typed config (stage 16's planting records the same way, without one)."""
+    typed = {"config": json_ready(dataclasses.asdict(typed_config(METHODS[name].config, cfg)))} if name in METHODS else {}
+    record = {"method": name, "wall_seconds": round(seconds, 1), "peak_memory_mib": peak_memory_mib(), **typed,
+              **details, "provenance": provenance(cfg, data_files)}
     write_json(Path(log_dir) / "method.json", record)
     return record
