@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fairforget.artifacts import provenance, write_json
+from fairforget.artifacts import write_json
+from fairforget.provenance import provenance
 from fairforget.config import output_field, run_script
 from fairforget.datasets import DATA_DIR, DATASETS, RAW_GITHUB, Dataset, FetchResult, dataset_files, fetch
 from fairforget.errors import FairforgetError

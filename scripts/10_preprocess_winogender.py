@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import provenance, write_json
+from fairforget.artifacts import write_json
+from fairforget.provenance import provenance
 from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.pairs import group_first_pairs, orientation_counts

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget import distributed
-from fairforget.artifacts import provenance, write_csv, write_json
+from fairforget.artifacts import write_csv, write_json
+from fairforget.provenance import provenance
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, output_field, run_script
 from fairforget.errors import FairforgetError

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import provenance, write_csv, write_json, write_text
+from fairforget.artifacts import write_csv, write_json, write_text
+from fairforget.provenance import provenance
 from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.evals.generation import comparison_markdown, complete, load_prompts, pronoun_counts

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import provenance, save_model, write_csv, write_json, write_text
+from fairforget.artifacts import save_model, write_csv, write_json, write_text
+from fairforget.provenance import provenance
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
 from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category

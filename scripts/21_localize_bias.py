@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import provenance
+from fairforget.provenance import provenance
 from fairforget.evals.bbq import load_bbq, sample_per_category
 from fairforget.evals.bbq_eval import evaluate_bbq, use_chat_template
 from fairforget.config import output_field, run_script

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import provenance, read_json, write_csv, write_json, write_text
+from fairforget.artifacts import read_json, write_csv, write_json, write_text
+from fairforget.provenance import provenance
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance

@@ -8,7 +8,8 @@ from typing import Literal
 import pytest
 import torch
 
-from fairforget.artifacts import atomic_dir, provenance, read_jsonl, write_json
+from fairforget.artifacts import atomic_dir, read_jsonl, write_json
+from fairforget.provenance import provenance
 from fairforget.config import parse_config
 from fairforget.errors import FairforgetError
 from fairforget.models import load_model, prepare_embedded

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -412,28 +411,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def provenance(config: Any = None, data_files: Iterable[Path | str] = (), **extra: Any) -> dict[str, Any]:
-    """The provenance block of a result: config, versions, git commit, data hashes, time, command line and
-    the number of processes that computed it."""
-    from fairforget.config import config_to_dict  # lazy: config and datasets import this module
-    from fairforget.datasets import pinned_files
-
-    block: dict[str, Any] = {
-        "fairforget_version": __import__("fairforget").__version__,
-        "git_commit": git_commit(),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": command_line(),
-        "host": platform.node(),
-        "processes": distributed.world_size(),
-        "packages": package_versions(),
-        "config": config_to_dict(config) if config is not None else None,
-        "data_sha256": {str(p): sha256_file(p) for p in data_files},
-        "data_custom": [str(p) for p in data_files if not pinned_files(p)],  # not pinned: only their sha256
-    }
-    block.update(extra)
-    return block
 
 
 def read_jsonl(path: Path | str, what: str = "file") -> list[dict]:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fairforget import distributed
-from fairforget.artifacts import provenance, read_json, read_jsonl, small_n_warnings, write_json, write_jsonl, \
-    write_text
+from fairforget.artifacts import read_json, read_jsonl, small_n_warnings, write_json, write_jsonl, write_text
+from fairforget.provenance import provenance
 from fairforget.errors import FairforgetError
 from fairforget.markdown import pairs, table
 from fairforget.models import load_model

@@ -17,8 +17,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from fairforget import plots
-from fairforget.artifacts import (provenance, save_model, sha256_text, write_csv, write_json, write_jsonl,
-                                  write_text)
+from fairforget.artifacts import save_model, sha256_text, write_csv, write_json, write_jsonl, write_text
+from fairforget.provenance import provenance
 from fairforget.evals.bbq import sample_per_category
 from fairforget.evals.bbq_eval import PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, write_bbq_run
 from fairforget.evals.bbq_split import split_by_scenario

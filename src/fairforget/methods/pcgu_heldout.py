@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fairforget.artifacts import provenance, read_json, read_jsonl, write_json, write_jsonl
+from fairforget.artifacts import read_json, read_jsonl, write_json, write_jsonl
+from fairforget.provenance import provenance
 from fairforget.errors import FairforgetError
 from fairforget.evals.crows import compare_runs as crows_compare
 from fairforget.evals.crows import compute_metrics as crows_metrics

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from fairforget.artifacts import atomic_dir, provenance, save_model, write_csv, write_json
+from fairforget.artifacts import atomic_dir, save_model, write_csv, write_json
+from fairforget.provenance import provenance
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, typed_config
 from fairforget.errors import FairforgetError

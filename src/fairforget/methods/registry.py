@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from fairforget.artifacts import provenance, read_json, write_json
+from fairforget.artifacts import read_json, write_json
+from fairforget.provenance import provenance
 from fairforget.config import typed_config
 from fairforget.errors import FairforgetError
 from fairforget.layout import Layout
