@@ -51,3 +51,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def bars_back_on():
+    """A stage run in-process with --quiet turns bars off for the process; every test starts with them on."""
+    from fairforget.progress import set_quiet
+
+    set_quiet(False)
+    yield
+    set_quiet(False)

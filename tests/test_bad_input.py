@@ -335,7 +335,7 @@ FOLDER_STAGES = [  # every stage writing a folder, with the flag naming it
     ("21_localize_bias.py", "--out-root"), ("22_mitigate_heads.py", "--out"), ("30_compare_methods.py", "--out"),
     ("31_cda.py", "--out"), ("31_cda.py", "--log-dir"), ("32_task_vector.py", "--out"),
     ("32_task_vector.py", "--log-dir"), ("33_self_debias.py", "--out"), ("33_self_debias.py", "--log-dir"),
-    ("34_bias_unlearn.py", "--out"), ("34_bias_unlearn.py", "--log-dir"), ("35_measure_stage.py", "--log-dir"),
+    ("34_bias_unlearn.py", "--out"), ("34_bias_unlearn.py", "--log-dir"), ("36_projection.py", "--out"), ("36_projection.py", "--log-dir"),
 ]
 
 

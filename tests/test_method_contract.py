@@ -11,7 +11,7 @@ import pytest
 
 from conftest import load_script
 from fairforget.artifacts import read_json
-from fairforget.config import parse_config
+from fairforget.config import parse_config, run_script
 from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, select_half, stratified_limit
 from fairforget.layout import Layout
 from fairforget.methods.registry import (CONFIG_FILE, METHODS, Knob, MethodSpec, load_output, register_method,
@@ -44,9 +44,9 @@ def study(tmp_path_factory, tokenizer, shared_data):
     layout = Layout(data=data, outputs=root / "outputs", models=root / "models")
     stage10 = load_script("10_preprocess_winogender.py")
     for source, out in (("winogender", layout.pairs), ("group_first", layout.group_first_pairs)):
-        stage10.main(parse_config(stage10.Config(), ["--winogender-dir", str(data / "winogender" / "data"),
-                                                     "--out-dir", str(out.parent), "--sources", source,
-                                                     "--out-name", out.name]))
+        run_script(stage10.main, stage10.Config(), ["--winogender-dir", str(data / "winogender" / "data"),
+                                                    "--out-dir", str(out.parent), "--sources", source,
+                                                    "--out-name", out.name])
     start = str(save_tiny_model("llama", tokenizer, root / "start", seed=0))
     examples = stratified_limit(select_half(load_stereoset(layout.stereoset), "heldout", 0), 12, 0)
     return layout, start, examples, _scores(start, examples)
