@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.lora import LoRATrainingConfig
 from fairforget.methods.registry import Knob, MethodSpec, register_method
 from fairforget.methods.pcgu import pair_gap
 from fairforget.progress import progress
@@ -145,15 +146,9 @@ def unlearn(model: Any, pad_id: int, adv: Sequence[Encoded], dis: Sequence[Encod
 
 
 @dataclass(frozen=True)
-class BiasUnlearnConfig:
+class BiasUnlearnConfig(LoRATrainingConfig):
     """BiasUnlearn's settings, saved next to its adapter."""
 
-    model: str
-    epochs: int
-    batch_size: int
-    lr: float
-    lora_r: int
-    lora_alpha: int
     w_forget: float
     w_retain: float
     w_kl: float

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.lora import LoRATrainingConfig
 from fairforget.methods.registry import Knob, MethodSpec, register_method
 
 WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?\.?")
@@ -99,15 +100,9 @@ def token_count(texts: Sequence[str], tokenizer: Any) -> int:
 
 
 @dataclass(frozen=True)
-class CDAConfig:
+class CDAConfig(LoRATrainingConfig):
     """CDA's settings, saved next to its adapter: the LoRA fine-tune on the augmented pairs."""
 
-    model: str
-    epochs: int
-    batch_size: int
-    lr: float
-    lora_r: int
-    lora_alpha: int
     lora_dropout: float
     limit: int
     seed: int

@@ -9,6 +9,7 @@ conditioned on the BOS/EOS token, computed with the shared differentiable scorer
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,6 +32,18 @@ TARGET_MODULES = {
 # With the Mamba CUDA kernels (mamba_ssm + causal_conv1d) the fused path reads these weights directly,
 # so LoRA deltas on them are ignored during training.
 MAMBA_KERNEL_BYPASSED = ("x_proj", "dt_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class LoRATrainingConfig:
+    """The settings every LoRA-trained method shares (its typed config extends these)."""
+
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    lora_r: int
+    lora_alpha: int
 
 
 def target_modules(model: Any, override: Sequence[str] | None = None) -> list[str]:

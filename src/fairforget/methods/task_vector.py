@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fairforget.errors import FairforgetError
+from fairforget.methods.lora import LoRATrainingConfig
 from fairforget.methods.registry import Knob, MethodSpec, register_method
 
 
@@ -54,15 +55,9 @@ def tau_norms(tau: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class TaskVectorConfig:
+class TaskVectorConfig(LoRATrainingConfig):
     """Task-vector negation's settings, saved next to its model: the advantaged-side fine-tune and the lambdas."""
 
-    model: str
-    epochs: int
-    batch_size: int
-    lr: float
-    lora_r: int
-    lora_alpha: int
     lambdas: list
     selection_metric: str
     selection_limit: int | None
