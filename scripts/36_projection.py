@@ -62,10 +62,11 @@ class Config:
 
     def validate(self) -> None:
         values = self.strengths or DEFAULT_STRENGTHS[self.method]
-        if self.method == "leace" and any(not 0 < s <= 1 for s in values):
-            raise FairforgetError("--strengths: LEACE alpha values must lie in (0, 1]")
-        if self.method != "leace" and any(s < 1 or s != int(s) for s in values):
-            raise FairforgetError(f"--strengths: {STRENGTH_NAMES[self.method]} must be whole numbers >= 1")
+        if self.method == "leace" and any(not 0 <= s <= 1 for s in values):
+            raise FairforgetError("--strengths: LEACE alpha values must lie in [0, 1] (0: the start model)")
+        if self.method != "leace" and any(s < 0 or s != int(s) for s in values):
+            raise FairforgetError(f"--strengths: {STRENGTH_NAMES[self.method]} must be whole numbers >= 0 "
+                                  "(0: the start model)")
         if self.winobias_dir is None and self.winogender_dir is None:
             raise FairforgetError("--winobias-dir and --winogender-dir are both none: no fitting data")
         for flag, folder in (("--winobias-dir", self.winobias_dir), ("--winogender-dir", self.winogender_dir)):
