@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.config import run_script
+from fairforget.config import output_field, run_script
 from fairforget.evals.interface import check_stage_flags, run_stage
 from fairforget.methods.registry import load_output
 from fairforget.evals.winobias import WINOBIAS
@@ -39,7 +39,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
     dtype: str = "auto"
-    out: Path | None = field(default=None, metadata={"help": "run folder (default outputs/winobias/<model>)"})
+    out: Path | None = output_field(None, "run", "run folder (default outputs/winobias/<model>)")
     compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder for a paired comparison"})
 
     def validate(self) -> None:

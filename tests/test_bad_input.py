@@ -331,7 +331,7 @@ def test_rows_with_a_wrong_number_of_columns_are_refused(tmp_path, earlier, shar
 FOLDER_STAGES = [  # every stage writing a folder, with the flag naming it
     ("00_fetch_data.py", "--out"), ("10_preprocess_winogender.py", "--out-dir"), ("11_finetune_lora.py", "--out"),
     ("12_pcgu_unlearn.py", "--out"), ("12_pcgu_unlearn.py", "--log-dir"), ("13_evaluate_stereoset.py", "--out"),
-    ("14_compare_prompts.py", "--out"), ("15_evaluate_crows.py", "--out"), ("20_evaluate_bbq.py", "--out"),
+    ("14_compare_prompts.py", "--out"), ("15_evaluate_crows.py", "--out"), ("17_evaluate_winobias.py", "--out"), ("20_evaluate_bbq.py", "--out"),
     ("21_localize_bias.py", "--out-root"), ("22_mitigate_heads.py", "--out"), ("30_compare_methods.py", "--out"),
     ("31_cda.py", "--out"), ("31_cda.py", "--log-dir"), ("32_task_vector.py", "--out"),
     ("32_task_vector.py", "--log-dir"), ("33_self_debias.py", "--out"), ("33_self_debias.py", "--log-dir"),

@@ -20,8 +20,8 @@ from fairforget.artifacts import write_csv
 from fairforget.datasets import read_table
 from fairforget.errors import FairforgetError
 from fairforget.evals.interface import Evaluation, Examples, Run
-from fairforget.evals.shares import paired_share_change, share
-from fairforget.markdown import ci_text, image, p_text, table
+from fairforget.evals.shares import comparison_rows as share_comparison_rows, paired_share_change, share
+from fairforget.markdown import ci_text, image, table
 from fairforget.plots import interval_bars
 from fairforget.scoring import score_continuations
 from fairforget.stats import proportional_sample
@@ -189,13 +189,8 @@ class CrowsEvaluation(Evaluation):
         return f"CrowS-Pairs: {ci_text(o['metric'], o['metric_ci'])} on {o['n']} pairs"
 
     def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
-        header = ["group", "n", "before", "after", "change [95% CI]", "MDC", "stereo-preferred only before",
-                  "only after", "McNemar p"]
-        rows = [[name, c["n"], f"{c['metric_before']:.2f}", f"{c['metric_after']:.2f}",
-                 ci_text(c["delta"], c["delta_ci"], signed=True), f"±{c['mdc']:.2f}", c["true_before_only"],
-                 c["true_after_only"], p_text(c["p_value"])]
-                for name, c in comparison.items() if isinstance(c, dict) and (name == "overall" or not overall_only)]
-        return header, rows
+        return share_comparison_rows(((name, c) for name, c in comparison.items()
+                                      if isinstance(c, dict) and (name == "overall" or not overall_only)), "stereo-preferred")
 
     def report_levels(self, runs: Sequence[Run], folder: Path) -> str:
         first = runs[0].metrics

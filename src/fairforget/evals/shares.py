@@ -5,10 +5,11 @@ every interval a cluster bootstrap, for pairs that share a template."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
+from fairforget.markdown import ci_text, p_text
 from fairforget.stats import bootstrap_ci, mcnemar, minimum_detectable_change
 
 
@@ -28,3 +29,14 @@ def paired_share_change(before: np.ndarray, after: np.ndarray, n_boot: int, seed
     return {"metric_before": 100.0 * before.mean(), "metric_after": 100.0 * after.mean(),
             "delta": 100.0 * (after.mean() - before.mean()), "delta_ci": list(interval),
             **mcnemar(before, after).as_dict(), "mdc": 100.0 * minimum_detectable_change(before, after, clusters)}
+
+
+def comparison_rows(groups: Iterable[tuple[str, dict]], preferred: str) -> tuple[list[str], list[list]]:
+    """(header, rows) of a paired share comparison, one row per (group name, ``paired_share_change`` result);
+    ``preferred`` names the sentence counted (e.g. "stereo-preferred")."""
+    header = ["group", "n", "before", "after", "change [95% CI]", "MDC", f"{preferred} only before", "only after",
+              "McNemar p"]
+    rows = [[name, c["n"], f"{c['metric_before']:.2f}", f"{c['metric_after']:.2f}",
+             ci_text(c["delta"], c["delta_ci"], signed=True), f"±{c['mdc']:.2f}", c["true_before_only"],
+             c["true_after_only"], p_text(c["p_value"])] for name, c in groups]
+    return header, rows
