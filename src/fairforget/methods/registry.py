@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 
 from fairforget.artifacts import read_json, write_json
 from fairforget.provenance import provenance
-from fairforget.config import typed_config
+from fairforget.config import config_to_dict, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.layout import Layout
 from fairforget.models import LoadedModel, load_model
@@ -102,18 +102,13 @@ def method(name: str) -> MethodSpec:
 
 def method_config(name: str, config: Any, **details: Any) -> dict:
     """What ``method_config.json`` holds: which method made the folder, its output kind and its typed config."""
-    return {"method": name, "output": method(name).output, "config": json_ready(dataclasses.asdict(config)),
+    return {"method": name, "output": method(name).output, "config": config_to_dict(config),
             **details}
 
 
 def save_method_config(folder: Path | str, name: str, config: Any, **details: Any) -> None:
     """``<folder>/method_config.json`` beside an output saved without it (adapters, the Self-Debias folder)."""
     write_json(Path(folder) / CONFIG_FILE, method_config(name, config, **details))
-
-
-def json_ready(values: dict) -> dict:
-    """A typed config's values with paths as strings."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
 def read_method_config(folder: Path | str) -> dict | None:
@@ -162,7 +157,7 @@ def peak_memory_mib() -> float:
 def write_method_record(log_dir: Path, name: str, cfg: Any, seconds: float, data_files: list, **details: Any) -> dict:
     """``<log_dir>/method.json``: the run's wall time, peak memory, details and provenance, and for a registered
     method its typed config (stage 16's planting records the same way, without one)."""
-    typed = {"config": json_ready(dataclasses.asdict(typed_config(METHODS[name].config, cfg)))} if name in METHODS else {}
+    typed = {"config": config_to_dict(typed_config(METHODS[name].config, cfg))} if name in METHODS else {}
     record = {"method": name, "wall_seconds": round(seconds, 1), "peak_memory_mib": peak_memory_mib(), **typed,
               **details, "provenance": provenance(cfg, data_files)}
     write_json(Path(log_dir) / "method.json", record)
