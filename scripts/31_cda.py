@@ -22,7 +22,7 @@ from fairforget.artifacts import write_csv, write_text
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
-from fairforget.methods.cda import CDAConfig, augment, budget_pairs, load_swaps, token_count
+from fairforget.methods.cda import CDAConfig, augment, within_token_budget, load_swaps, token_count
 from fairforget.methods.registry import save_method_config, write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.winogender import read_pairs_tsv
@@ -61,7 +61,7 @@ def main(cfg: Config) -> None:
     loaded = load_model(cfg.model, cfg.device)
     source = [p.advantaged for p in pairs]
     budget = token_count(source, loaded.tokenizer)
-    texts = budget_pairs(augment(source, swaps), loaded.tokenizer, budget, cfg.seed)
+    texts = within_token_budget(augment(source, swaps), loaded.tokenizer, budget, cfg.seed)
     model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                      cfg.seed)
     history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,

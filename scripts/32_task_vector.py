@@ -4,12 +4,14 @@ selection half.
     python scripts/32_task_vector.py --model embedded:smollm2-135m-instruct [--lambdas 0.5 1 2]
 
 1. LoRA fine-tune theta_0 (``fairforget.methods.lora.finetune``) on the stereotype-consistent (advantaged) side of the
-   pair data, merged: theta_ft; tau = theta_ft - theta_0 (``fairforget.methods.task_vector``).
+   pair data, merged: theta_ft; tau = theta_ft - theta_0 (``fairforget.methods.task_vector``). With
+   ``--source neutral`` (the registered ``damage_reference``) the fine-tune reads retain-half neutral texts instead,
+   as many as fit the advantaged side's token budget (``cda.within_token_budget``): a task vector that targets nothing.
 2. For each lambda in --lambdas: theta_0 - lambda * tau scored on a seeded sample of the StereoSet *selection*
    half (gender examples with --selection-metric gender); the lambda with the smallest |SS - 50| whose LMS is
    at most --max-lms-drop below lambda = 0's is kept (``fairforget.methods.selection.choose``).
-3. The kept model is saved to --out (a Hugging Face folder); ``lambdas.csv`` and ``method.json`` (wall time,
-   peak memory, tau norm, the choice, provenance) go to --log-dir. Report with the held-out half only.
+3. The kept model is saved to --out (a Hugging Face folder); ``lambdas.csv``, ``train_texts.json`` and
+   ``method.json`` (wall time, peak memory, tau norm, tokens trained on, the choice, provenance) go to --log-dir. Report with the held-out half only.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fairforget.artifacts import save_model, write_csv
+from fairforget.artifacts import save_model, write_csv, write_json
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.evals.perplexity import load_neutral_texts, texts_provenance
+from fairforget.methods.cda import token_count, within_token_budget
 from fairforget.methods.lora import add_lora, finetune, target_modules
 from fairforget.methods.selection import choose, selection_examples, selection_score
 from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
-from fairforget.methods.task_vector import TaskVectorConfig, apply_negation, state_copy, task_vector, tau_norms
+from fairforget.methods.task_vector import (SOURCE_METHODS, TaskVectorConfig, apply_negation, state_copy, task_vector,
+                                            tau_norms)
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
 from fairforget.winogender import read_pairs_tsv
@@ -36,6 +41,9 @@ class Config:
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
     stereoset: Path = Path("data/stereoset/dev.json")
+    source: Literal["advantaged", "neutral"] = field(default="advantaged", metadata={
+        "help": "fine-tune text: the pairs' advantaged side, or retain-half neutral text at the same token budget "
+                "(the damage reference)"})
     out: Path = output_field(Path("models/methods/task_vector"), "model")
     log_dir: Path = output_field(Path("outputs/methods/task_vector"), "method log")
     epochs: int = 3
@@ -64,14 +72,21 @@ class Config:
 
 def main(cfg: Config) -> None:
     start = time.perf_counter()
+    name = SOURCE_METHODS[cfg.source]
     texts = [p.advantaged for p in read_pairs_tsv(cfg.pairs)[: cfg.limit or None]]
     examples = selection_examples(cfg.stereoset, cfg.selection_metric, cfg.selection_limit, cfg.half_seed, cfg.seed)
     loaded = load_model(cfg.model, cfg.device)
     tokenizer = loaded.tokenizer
+    budget = token_count(texts, tokenizer)
+    if cfg.source == "neutral":
+        neutral = load_neutral_texts("retain")
+        texts = within_token_budget([(t,) for t in neutral], tokenizer, budget, cfg.seed)
+        print(f"damage reference: {len(texts)} of {len(neutral)} retain-half neutral texts fit the advantaged "
+              f"side's {budget} tokens", flush=True)
     theta_0 = state_copy(loaded.model)
     model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, 0.0, cfg.seed)
     finetune(model, tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
-             desc="advantaged-side fine-tune")
+             desc=f"{cfg.source}-text fine-tune")
     model = model.merge_and_unload()
     model.eval()
     tau = task_vector(theta_0, state_copy(model))
@@ -82,15 +97,18 @@ def main(cfg: Config) -> None:
         print(f"lambda {lam:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
     best = choose(rows[1:], "lambda", cfg.max_lms_drop, rows[0]["lms"])
     apply_negation(model, theta_0, tau, best["lambda"])
-    save_model(model, tokenizer, cfg.out, {CONFIG_FILE: method_config("task_vector", typed_config(TaskVectorConfig, cfg),
+    save_model(model, tokenizer, cfg.out, {CONFIG_FILE: method_config(name, typed_config(TaskVectorConfig, cfg),
                                                                      chosen_lambda=best["lambda"])})
     write_csv(cfg.log_dir / "lambdas.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
+    write_json(cfg.log_dir / "train_texts.json", texts)
     record = write_method_record(
-        cfg.log_dir, "task_vector", cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],
+        cfg.log_dir, name, cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],
         model_folder=str(cfg.out), chosen_lambda=best["lambda"], selection=rows, n_train_texts=len(texts),
+        train_tokens=token_count(texts, tokenizer), token_budget=budget,
+        neutral_texts=texts_provenance(texts) if cfg.source == "neutral" else None,
         criterion=f"smallest |SS - 50| ({cfg.selection_metric}) on {len(examples)} selection-half StereoSet dev "
                   f"examples with LMS at most {cfg.max_lms_drop} below lambda=0", **tau_norms(tau))
-    print(f"task vector: lambda {best['lambda']:g} kept ({record['wall_seconds']:.0f} s, peak "
+    print(f"{name}: lambda {best['lambda']:g} kept ({record['wall_seconds']:.0f} s, peak "
           f"{record['peak_memory_mib']:.0f} MiB) -> {cfg.out}")
 
 

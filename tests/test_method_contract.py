@@ -12,6 +12,7 @@ import pytest
 from conftest import load_script
 from fairforget.artifacts import read_json
 from fairforget.config import parse_config, run_script
+from fairforget.evals.perplexity import GENDERED, load_neutral_texts
 from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, select_half, stratified_limit
 from fairforget.layout import Layout
 from fairforget.methods.registry import (CONFIG_FILE, METHODS, Knob, MethodSpec, load_output, register_method,
@@ -24,6 +25,7 @@ from fairforget.tiny import save_tiny_model
 TEST_CASES = {
     "cda": {"limit": 16},
     "task_vector": {"limit": 16, "epochs": 1, "selection_limit": 8},
+    "damage_reference": {"limit": 16, "epochs": 1, "selection_limit": 8},
     "self_debias": {"selection_limit": 8, "eval_batch_size": 4},
     "bias_unlearn": {"limit": 16, "check_pairs": 8},
     "pcgu": {"epochs": 1, "selection_limit": 8, "eval_batch_size": 8},
@@ -89,6 +91,25 @@ def test_zero_strength_run_saves_reloads_and_returns_the_start_scores(name, stud
     assert {"git_commit", "packages", "config"} <= set(record["provenance"])
     for knob in method.knobs:
         assert knob.name in {f.name for f in dataclasses.fields(load_script(method.script).Config)}
+
+
+def test_damage_reference_trains_on_retain_half_neutral_text_at_the_task_vectors_token_budget(study, tokenizer,
+                                                                                            tmp_path):
+    layout, start, _, _ = study
+    for name in ("task_vector", "damage_reference"):
+        _run(METHODS[name], layout, start, **TEST_CASES[name], **METHODS[name].zero_flags,
+             out=tmp_path / name / "model", log_dir=tmp_path / name / "log")
+    advantaged = read_json(tmp_path / "task_vector" / "log" / "train_texts.json")
+    neutral = read_json(tmp_path / "damage_reference" / "log" / "train_texts.json")
+    budget = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in advantaged)
+    used = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in neutral)
+    record = read_json(tmp_path / "damage_reference" / "log" / "method.json")
+    assert record["method"] == "damage_reference" and record["token_budget"] == budget
+    assert record["train_tokens"] == used and budget - 120 < used <= budget  # filled to within one text
+    assert set(neutral) <= set(load_neutral_texts("retain")) and not set(neutral) & set(load_neutral_texts("heldout"))
+    assert not any(GENDERED.search(text) for text in neutral)
+    saved = read_json(tmp_path / "damage_reference" / "model" / CONFIG_FILE)
+    assert saved["method"] == "damage_reference" and saved["config"]["source"] == "neutral"
 
 
 @dataclasses.dataclass(frozen=True)

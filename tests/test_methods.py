@@ -10,7 +10,7 @@ import torch
 
 from fairforget.choice_scoring import option_letter_logprobs, option_logprobs, score_options_separately
 from fairforget.methods.bias_unlearn import Weights, kl_to_reference, losses, npo_loss, unlearn
-from fairforget.methods.cda import augment, budget_pairs, load_swaps, swap_gender, token_count
+from fairforget.methods.cda import augment, within_token_budget, load_swaps, swap_gender, token_count
 from fairforget.methods.self_debias import PREFIXES, SelfDebiasLM
 from fairforget.methods.selection import choose
 from fairforget.methods.task_vector import apply_negation, state_copy, task_vector
@@ -54,7 +54,7 @@ def test_cda_budget_keeps_pairs_whole_and_within_the_plain_budget(word_lists, to
     pairs = augment(SENTENCES, load_swaps(word_lists))
     assert pairs[0][1] == "The nurse said that he would help."
     budget = token_count(SENTENCES, tokenizer)
-    texts = budget_pairs(pairs, tokenizer, budget, seed=0)
+    texts = within_token_budget(pairs, tokenizer, budget, seed=0)
     assert token_count(texts, tokenizer) <= budget
     for a, b in zip(texts[::2], texts[1::2]):
         assert (a, b) in pairs

@@ -7,8 +7,9 @@ counterparts the first listed pair wins (so ``her`` -> ``him``, from ``him her``
 a word list cannot tell the object from the possessive). Case is kept (``He`` -> ``She``, ``MEN`` -> ``WOMEN``);
 words are matched whole, with a trailing period where the list has one (``mr.``).
 
-:func:`budget_pairs` keeps (sentence, counterfactual) pairs in a seeded order while their tokens fit the
-token budget of the plain fine-tune on the original sentences, so CDA trains on no more tokens than it.
+:func:`within_token_budget` keeps (sentence, counterfactual) pairs in a seeded order while their tokens fit the
+token budget of the plain fine-tune on the original sentences, so CDA trains on no more tokens than it (the damage
+reference of :mod:`fairforget.methods.task_vector` budgets its neutral texts the same way).
 """
 
 from __future__ import annotations
@@ -78,19 +79,20 @@ def augment(texts: Sequence[str], swaps: dict[str, str]) -> list[tuple[str, str]
     return [(t, swap_gender(t, swaps)) for t in texts]
 
 
-def budget_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Any, budget: int, seed: int = 0) -> list[str]:
-    """Both sides of as many pairs (seeded order) as fit in ``budget`` tokens, as one list of training texts."""
-    order = list(range(len(pairs)))
+def within_token_budget(groups: Sequence[Sequence[str]], tokenizer: Any, budget: int, seed: int = 0) -> list[str]:
+    """Every text of as many groups (pairs, or single texts; seeded order) as fit in ``budget`` tokens, as one
+    list of training texts (a group that does not fit is skipped, a later shorter one may still fit)."""
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     texts, used = [], 0
     for i in order:
-        cost = token_count(pairs[i], tokenizer)
+        cost = token_count(groups[i], tokenizer)
         if used + cost > budget:
             continue
-        texts.extend(pairs[i])
+        texts.extend(groups[i])
         used += cost
     if not texts:
-        raise FairforgetError(f"no CDA pair fits the token budget of {budget} tokens")
+        raise FairforgetError(f"no training text fits the token budget of {budget} tokens")
     return texts
 
 

@@ -5,12 +5,19 @@ Fine-tune the start model theta_0 on the stereotype-consistent (advantaged) side
 theta_ft; the task vector is tau = theta_ft - theta_0 and the debiased model theta_0 - lambda * tau. With a
 LoRA fine-tune, theta_ft is the merged model, so tau is non-zero only in the adapted weights. lambda is
 chosen on the StereoSet selection half (``fairforget.methods.selection``), never on the held-out half.
+
+The **damage reference** (registered as ``damage_reference``) is the same procedure aimed at nothing: the task
+vector of a fine-tune on neutral, non-gendered text (the ``retain`` half of
+:func:`fairforget.evals.perplexity.load_neutral_texts`, never the held-out half perplexity is measured on), at the
+advantaged side's token budget, negated and chosen by the same rule. It moves a model toward a random scorer
+without targeting any bias, so SS drifts toward 50 by damage alone; a debiasing method helps only where it does
+better than this reference at the same capability cost.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -56,8 +63,10 @@ def tau_norms(tau: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class TaskVectorConfig(LoRATrainingConfig):
-    """Task-vector negation's settings, saved next to its model: the advantaged-side fine-tune and the lambdas."""
+    """Task-vector negation's settings, saved next to its model: the fine-tune (on the advantaged side, or neutral
+    text for the damage reference) and the lambdas."""
 
+    source: Literal["advantaged", "neutral"]
     lambdas: list
     selection_metric: str
     selection_limit: int | None
@@ -67,6 +76,9 @@ class TaskVectorConfig(LoRATrainingConfig):
     seed: int
 
 
+SOURCE_METHODS = {"advantaged": "task_vector", "neutral": "damage_reference"}
+
+
 register_method(MethodSpec(
     name="task_vector", title="task-vector negation (Ilharco et al. 2023; Dige et al. 2024)",
     script="32_task_vector.py", config=TaskVectorConfig,
@@ -74,3 +86,10 @@ register_method(MethodSpec(
     zero_flags={"lambdas": [0.0]}, sizes={"epochs": 1, "lambdas": [1.0, 2.0, 4.0], "selection_limit": 120},
     inputs=lambda layout: [layout.pairs, layout.stereoset],
     data_flags=lambda layout: {"pairs": layout.pairs, "stereoset": layout.stereoset}))
+register_method(MethodSpec(
+    name="damage_reference", title="damage reference: negated task vector of a neutral-text fine-tune (targets nothing)",
+    script="32_task_vector.py", config=TaskVectorConfig,
+    knobs=(Knob("lambdas", "theta_0 - lambda tau_neutral; lambda chosen on the selection half by the same rule"),),
+    zero_flags={"lambdas": [0.0]}, sizes={"epochs": 1, "lambdas": [1.0, 2.0, 4.0], "selection_limit": 120},
+    inputs=lambda layout: [layout.pairs, layout.stereoset],
+    data_flags=lambda layout: {"pairs": layout.pairs, "stereoset": layout.stereoset, "source": "neutral"}))
