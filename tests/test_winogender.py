@@ -1,10 +1,15 @@
 """WinoGender / WinoBias pairs: the advantaged side follows the occupation statistic; files are validated."""
 
 import csv
+import json
 
 import pytest
 
+from conftest import load_script
+from fairforget.config import run_script
 from fairforget.errors import FairforgetError
+from fairforget.evals.stereoset import load_stereoset, select_half
+from fairforget.methods.selection import selection_examples
 from fairforget.winogender import (load_occupation_stats, load_winobias_pairs, load_winogender_pairs, read_pairs_tsv,
                                    write_pairs_tsv)
 
@@ -96,3 +101,34 @@ def test_balance_gives_equal_orientations_per_source(shared_data, mode):
         assert min(counts.values()) >= n_male // n_female
     assert balance_pairs(pairs, mode, seed=1) == balanced
     assert balance_pairs(pairs, "none") == pairs
+
+
+def test_stage_10_stereoset_selection_pairs_leave_out_the_choice_sample_and_the_held_out_half(shared_data, tmp_path):
+    """The in-domain pair source, checked against dev.json read here: stereotype vs anti-stereotype candidate of
+    selection-half gender examples, none of the methods' choice sample, no text of a held-out example."""
+    dev = shared_data / "stereoset" / "dev.json"
+    stage10 = load_script("10_preprocess_winogender.py")
+    run_script(stage10.main, stage10.Config(), [
+        "--winogender-dir", str(shared_data / "winogender" / "data"), "--stereoset", str(dev),
+        "--sources", "stereoset_selection", "--choice-sample", "40", "--out-dir", str(tmp_path), "--out-name", "s.tsv"])
+    pairs = read_pairs_tsv(tmp_path / "s.tsv")
+    data = json.loads(dev.read_text())["data"]
+    raw = {e["id"]: e for split in ("intrasentence", "intersentence") for e in data[split]}
+    intra = {e["id"] for e in data["intrasentence"]}
+    examples = load_stereoset(dev)
+    selection = {e.id for e in select_half(examples, "selection", 0) if e.bias_type == "gender"}
+    choice = {e.id for e in selection_examples(dev, "gender", 40, 0, 0)}
+    held_out_texts = set()
+    for e in select_half(examples, "heldout", 0):
+        for sentence in raw[e.id]["sentences"]:
+            held_out_texts.add(" ".join((sentence["sentence"] if e.id in intra
+                                         else raw[e.id]["context"] + " " + sentence["sentence"]).split()))
+    ids = {p.pair_id.removeprefix("stereoset-") for p in pairs}
+    assert ids <= selection - choice and len(choice) == 40 and len(ids) >= len(selection - choice) - 2
+    for pair in pairs:
+        example = raw[pair.pair_id.removeprefix("stereoset-")]
+        by_label = {s["gold_label"]: s["sentence"] for s in example["sentences"]}
+        prefix = "" if example["id"] in intra else example["context"] + " "
+        assert pair.advantaged == prefix + by_label["stereotype"]
+        assert pair.disadvantaged == prefix + by_label["anti-stereotype"]
+        assert not {" ".join(pair.advantaged.split()), " ".join(pair.disadvantaged.split())} & held_out_texts

@@ -3,7 +3,12 @@
 ``group_first_pairs`` builds attribute contrasts read group-first, as StereoSet's candidates are
 ("She is a nurse." / "He is a nurse."), from the 60 WinoGender occupations and their statistics: for each
 occupation, template and (male, female) group term, the side whose gender is the occupation's majority
-(share of women below 50: male) is advantaged. Nothing here reads StereoSet.
+(share of women below 50: male) is advantaged.
+
+``stereoset_pairs`` is the in-domain source (issue 25's ``stereoset_selection``): the stereotype (advantaged)
+and anti-stereotype (disadvantaged) candidate of StereoSet examples of the *selection* half, as the scorer reads
+them, for methods that train on the benchmark's own format as BiasUnlearn's code does. Its caller passes the
+held-out half's candidates and the selection sample the methods choose on, and no pair holding one of them is kept.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 from fairforget.errors import FairforgetError
+from fairforget.evals.stereoset import Example, scoring_requests
 from fairforget.winogender import Pair, Statistic, load_occupation_stats
 
 GROUP_TERMS = (("He", "She"), ("The man", "The woman"), ("My father", "My mother"), ("My brother", "My sister"))
@@ -41,6 +47,22 @@ def group_first_pairs(stats_path: Path | str, stat: Statistic = "bergsma",
                 dis = "female" if adv == "male" else "male"
                 pairs.append(Pair(f"gf-{occupation}-{t_index}-{male.lower().replace(' ', '_')}", occupation,
                                   template, text[adv], text[dis], adv, pct, f"group-first-{stat}"))
+    return pairs
+
+
+def stereoset_pairs(examples: Sequence[Example], excluded: Iterable[str]) -> list[Pair]:
+    """(stereotype, anti-stereotype) candidate of each example as one pair (the context before an intersentence
+    candidate, as the scorer reads it); a pair whose either text recurs in ``excluded`` (whitespace joined) is
+    dropped: a selection-half sentence can recur word for word in the held-out half."""
+    normal = {" ".join(text.split()) for text in excluded}
+    pairs = []
+    for example in examples:
+        text = {label: prefix + continuation for label, prefix, continuation in scoring_requests(example)}
+        if {" ".join(text[label].split()) for label in ("stereotype", "anti-stereotype")} & normal:
+            continue
+        pairs.append(Pair(pair_id=f"stereoset-{example.id}", occupation=example.target, template=example.split,
+                          advantaged=text["stereotype"], disadvantaged=text["anti-stereotype"],
+                          adv_gender="stereotype", pct_female=None, source=f"stereoset-selection-{example.bias_type}"))
     return pairs
 
 
