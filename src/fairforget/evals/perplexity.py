@@ -27,6 +27,7 @@ from fairforget.artifacts import write_csv
 from fairforget.errors import FairforgetError
 from fairforget.evals.interface import Evaluation, Examples, Run
 from fairforget.markdown import ci_text, table
+from fairforget.plots import interval_bars
 from fairforget.scoring import encode, score_encoded
 from fairforget.stats import bootstrap_ci
 
@@ -138,15 +139,21 @@ class PerplexityEvaluation(Evaluation):
         return result, per_text_items(result)
 
     def compare(self, before: Sequence[dict], after: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+        """``{"overall": perplexity_change(...), "n_common": texts}`` (a capability measure: no decisions flip, so
+        no McNemar test)."""
         def as_result(items: Sequence[dict]) -> dict:
             return {"per_text_nll": [it["nll"] for it in items], "per_text_tokens": [it["n_tokens"] for it in items]}
-        return perplexity_change(as_result(before), as_result(after), n_boot, seed)
+        return {"overall": perplexity_change(as_result(before), as_result(after), n_boot, seed), "n_common": len(before)}
 
     def group_sizes(self, metrics: dict) -> dict[str, int]:
         return {"overall": metrics["n_texts"]}
 
     def write_files(self, folder: Path, metrics: dict, label: str) -> None:
+        """metrics.csv and perplexity.png (the level with its 95% interval)."""
         write_csv(folder / "metrics.csv", [{k: v for k, v in metrics.items() if not k.startswith("per_text")}])
+        interval_bars(folder / "perplexity.png", ["neutral held-out"],
+                      {"perplexity": ([metrics["perplexity"]], [metrics["perplexity_ci"]])}, f"Perplexity, {label}",
+                      "perplexity (95% CI)")
 
     def provenance_notes(self, tokenizer: Any, metrics: dict, options: dict) -> dict:
         return {"scoring": "exp(total NLL / total tokens), each text conditioned on BOS/EOS", "source": NEUTRAL_SOURCE}
@@ -156,8 +163,9 @@ class PerplexityEvaluation(Evaluation):
                 f"({metrics['n_tokens']} tokens)")
 
     def comparison_rows(self, comparison: dict, overall_only: bool = False) -> tuple[list[str], list[list]]:
-        return ["perplexity change % [95% CI]"], [[ci_text(comparison["ppl_change_pct"],
-                                                            comparison["ppl_change_pct_ci"], signed=True)]]
+        c = comparison["overall"]
+        return ["group", "texts", "perplexity change % [95% CI]"], [
+            ["overall", comparison["n_common"], ci_text(c["ppl_change_pct"], c["ppl_change_pct_ci"], signed=True)]]
 
     def report_levels(self, runs: Sequence[Run], folder: Path) -> str:
         rows = [[run.label, run.metrics["n_texts"], ci_text(run.metrics["perplexity"], run.metrics["perplexity_ci"])]

@@ -243,7 +243,7 @@ def paired(before: dict, after: dict, items: Items, cfg: SuiteConfig) -> dict:
             "crows_gender": compare("crows", before["crows_items"], after["crows_items"], cfg, of_gender)["overall"],
             "winobias": compare("winobias", before["winobias_items"], after["winobias_items"], cfg)["overall"],
             "bbq": compare("bbq", before["bbq_items"], after["bbq_items"], cfg)["overall"],
-            "perplexity": compare("perplexity", before["perplexity_items"], after["perplexity_items"], cfg)}
+            "perplexity": compare("perplexity", before["perplexity_items"], after["perplexity_items"], cfg)["overall"]}
 
 
 def score_all(models: dict[str, str], items: Items, cfg: SuiteConfig, cache: Path, load: Callable,

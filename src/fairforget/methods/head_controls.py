@@ -60,7 +60,7 @@ def paired_row(before: dict, after: dict, items: Items, cfg: SuiteConfig) -> dic
         s = compare("crows", *items_of("crows"), cfg)["overall"]
         row.update(d_crows=s["delta"], d_crows_ci=s["delta_ci"], p_crows=s["p_value"])
     if "perplexity" in after:
-        s = compare("perplexity", *items_of("perplexity"), cfg)
+        s = compare("perplexity", *items_of("perplexity"), cfg)["overall"]
         row.update(d_ppl_pct=s["ppl_change_pct"], d_ppl_pct_ci=s["ppl_change_pct_ci"])
     return row
 

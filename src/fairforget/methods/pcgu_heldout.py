@@ -89,7 +89,7 @@ def heldout_report(start: Start, after: dict, after_completions: dict | None, cf
     (pb, b_items), (pa, a_items) = before["perplexity"], after["perplexity"]
     report["perplexity"] = {"before": pb["perplexity"], "before_ci": pb["perplexity_ci"], "after": pa["perplexity"],
                             "after_ci": pa["perplexity_ci"], "n_texts": pb["n_texts"], "n_tokens": pb["n_tokens"],
-                            **compare("perplexity", b_items, a_items, suite)}
+                            **compare("perplexity", b_items, a_items, suite)["overall"]}
     if "crows" in before:
         report["crows_gender"] = {"before": before["crows"][0]["overall"], "after": after["crows"][0]["overall"],
                                   "paired": compare("crows", before["crows"][1], after["crows"][1], suite)["overall"]}
