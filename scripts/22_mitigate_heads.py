@@ -6,8 +6,8 @@ BBQ scenarios are split by --split-seed into mitigation and held-out sides (fair
 signal (``stereoset``: contribution to the stereotype-vs-anti log-odds on StereoSet's selection half;
 ``bbq``: correlation with context influence on the mitigation side; fairforget.methods.head_pruning) chooses
 the heads (top k or Benjamini-Hochberg at q, signed or by magnitude), each scaled by 1 - --strength. On the
-same held-out items (BBQ held-out scenarios, StereoSet held-out half, CrowS-Pairs, perplexity texts;
-fairforget.methods.head_controls): before / pruned / random heads (same strengths, --random-draws draws) /
+same held-out items (the held-out suite, fairforget.evals.suite: BBQ held-out scenarios, StereoSet held-out half,
+CrowS-Pairs, perplexity texts; rows and tables in fairforget.methods.head_controls): before / pruned / random heads (same strengths, --random-draws draws) /
 recovered (pruned, then fine-tuned on mitigation items of both conditions; trainable set in
 fairforget.methods.recovery) / recovery only (same data, steps, seed, no pruning), paired against before; chosen
 minus random; a dose-response over --dose-ks; localization of held-out prompts before and after.

@@ -56,14 +56,6 @@ class Material:
     provenance: dict
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def model(self) -> Any:
-        return self.loaded.model
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
-
     def record(self, **extra: Any) -> dict:
         """The provenance block, with ``extra``."""
         return {**self.provenance, **extra}
@@ -141,9 +133,9 @@ def choose_heads(run: Material, cfg: HeadRunConfig) -> Choice:
         if cfg.signal == "stereoset":
             examples = selection_examples(cfg.stereoset_path, cfg.signal_domain, cfg.signal_limit, cfg.half_seed,
                                           cfg.seed)
-            signal = hp.stereoset_signal(run.model, run.tokenizer, examples, cfg.batch_size)
+            signal = hp.stereoset_signal(run.loaded.model, run.loaded.tokenizer, examples, cfg.batch_size)
         else:
-            signal, act, orders = hp.bbq_signal(run.model, run.tokenizer, run.mitigation, cfg.mode,
+            signal, act, orders = hp.bbq_signal(run.loaded.model, run.loaded.tokenizer, run.mitigation, cfg.mode,
                                                 run.chat_tokenizer, cfg.seed, cfg.batch_size, cfg.activity)
             write_jsonl(run.out / "context_influence.jsonl", [
                 {"category": e.category, "example_id": e.example_id, "context_condition": e.context_condition,
@@ -155,7 +147,7 @@ def choose_heads(run: Material, cfg: HeadRunConfig) -> Choice:
     if cfg.protect_top:
         orders, prompts = _prompts(run, cfg.seed)
         with run.timed("protection"):
-            strengths, protected, cost = hp.protect(run.model, run.tokenizer, run.mitigation, prompts, orders,
+            strengths, protected, cost = hp.protect(run.loaded.model, run.loaded.tokenizer, run.mitigation, prompts, orders,
                                                     strengths, cfg)
     p_used = signal.pvalues(cfg.signed)
     write_csv(run.out / "head_signal.csv", [
@@ -180,7 +172,7 @@ def evaluate(run: Material, label: str, model: Any, bbq_only: bool = False) -> d
     """One variant's scores on the held-out suite (BBQ alone with ``bbq_only``); a full evaluation also
     writes its stage-20 run folder ``<out>/<label>/`` with its StereoSet and CrowS-Pairs items."""
     start = time.time()
-    scores = score_items(model, run.tokenizer, run.items.only("bbq") if bbq_only else run.items, run.suite)
+    scores = score_items(model, run.loaded.tokenizer, run.items.only("bbq") if bbq_only else run.items, run.suite)
     seconds = time.time() - start
     run.timings["evaluations"] = run.timings.get("evaluations", 0.0) + seconds
     o = scores["bbq"][0]["overall"]
@@ -204,15 +196,15 @@ def info(cfg: HeadRunConfig, run: Material, choice: Choice, **extra: Any) -> dic
 
 def evaluate_controls(run: Material, cfg: HeadRunConfig, choice: Choice) -> dict[str, dict]:
     """Scores of before, pruned (saved to ``<models_dir>/pruned/<model>``) and each random-heads draw."""
-    scores = {"before": evaluate(run, "before", run.model)}
-    with pruned(run.model, choice.strengths, run.layout):
-        scores["pruned"] = evaluate(run, "pruned", run.model)
-        save_model(run.model, run.tokenizer, cfg.models_dir / "pruned" / run.name,
+    scores = {"before": evaluate(run, "before", run.loaded.model)}
+    with pruned(run.loaded.model, choice.strengths, run.layout):
+        scores["pruned"] = evaluate(run, "pruned", run.loaded.model)
+        save_model(run.loaded.model, run.loaded.tokenizer, cfg.models_dir / "pruned" / run.name,
                    {MITIGATION_INFO: info(cfg, run, choice),
                     CONFIG_FILE: method_config("head_pruning", typed_config(HeadPruningConfig, cfg))})
     for d, strengths in enumerate(hp.random_draws(choice.strengths, cfg.seed, cfg.random_draws)):
-        with pruned(run.model, strengths, run.layout):
-            scores[f"random_{d}"] = evaluate(run, f"random_{d}", run.model)
+        with pruned(run.loaded.model, strengths, run.layout):
+            scores[f"random_{d}"] = evaluate(run, f"random_{d}", run.loaded.model)
     return scores
 
 
@@ -238,12 +230,12 @@ def dose_response(run: Material, cfg: HeadRunConfig, choice: Choice, scores: dic
         elif torch.equal(chosen, choice.strengths) and cfg.dose_random_draws <= cfg.random_draws:
             suite, draws = scores["pruned"], randoms(scores, cfg.random_draws)[: cfg.dose_random_draws]
         else:
-            with pruned(run.model, chosen, run.layout):
-                suite = evaluate(run, f"k={k} chosen", run.model, bbq_only=True)
+            with pruned(run.loaded.model, chosen, run.layout):
+                suite = evaluate(run, f"k={k} chosen", run.loaded.model, bbq_only=True)
             draws = []
             for d, strengths in enumerate(hp.random_draws(chosen, cfg.seed, cfg.dose_random_draws)):
-                with pruned(run.model, strengths, run.layout):
-                    draws.append(evaluate(run, f"k={k} random {d}", run.model, bbq_only=True))
+                with pruned(run.loaded.model, strengths, run.layout):
+                    draws.append(evaluate(run, f"k={k} random {d}", run.loaded.model, bbq_only=True))
         entry = {"k": k, "chosen": _bbq_point(suite), "random": [_bbq_point(r) for r in draws]}
         if draws:
             entry["chosen_minus_random"] = {m: v for m, v in hc.versus_random(
@@ -263,20 +255,20 @@ def recover(run: Material, cfg: HeadRunConfig, choice: Choice, scores: dict[str,
     """Recovery fine-tuning of the pruned model (saved to ``<models_dir>/recovered/<model>``) and of the
     unpruned one (same data, steps, seed), each scored into ``scores``; returns (history, recovered model)."""
     orders, prompts = _prompts(run, cfg.seed)
-    history, final = {}, run.model
+    history, final = {}, run.loaded.model
     for label, strengths in (("recovered", choice.strengths), ("recovery_only", None)):
-        model = copy.deepcopy(run.model)
+        model = copy.deepcopy(run.loaded.model)
         if strengths is not None:
             scale_heads(model, strengths)
         resume = Checkpointer(beside(cfg.models_dir / label / run.name, "resume"), cfg.checkpoint_every,
                               fingerprint=dict(config_to_dict(cfg), variant=label))
         with run.timed(f"train_{label}"):
-            model, steps, lr = hp.recover(model, run.tokenizer, run.mitigation, orders, prompts, cfg.mode, cfg, resume)
+            model, steps, lr = hp.recover(model, run.loaded.tokenizer, run.mitigation, orders, prompts, cfg.mode, cfg, resume)
         history[label] = {"steps": len(steps), "lr": lr, "first_loss": steps[0].loss, "last_loss": steps[-1].loss}
         write_csv(run.out / ("recovery_log.csv" if label == "recovered" else f"{label}_log.csv"),
                   [vars(h) for h in steps])
         if label == "recovered":
-            save_model(model, run.tokenizer, cfg.models_dir / "recovered" / run.name, {
+            save_model(model, run.loaded.tokenizer, cfg.models_dir / "recovered" / run.name, {
                 MITIGATION_INFO: info(cfg, run, choice, recovery=cfg.recovery, recovery_lr=lr,
                                       recovery_examples=len(run.mitigation)),
                 CONFIG_FILE: method_config("head_pruning", typed_config(HeadPruningConfig, cfg))})
@@ -293,7 +285,7 @@ def localize(run: Material, cfg: HeadRunConfig, model: Any, examples: Sequence[A
     """Localization of held-out prompts with ``model`` (the ``label`` variant, whose BBQ items give each
     prompt's answer type)."""
     with run.timed(f"localization_{label}"):
-        run_localization(model, run.tokenizer, examples, folder, f"{run.name} ({label}, held-out scenarios)",
+        run_localization(model, run.loaded.tokenizer, examples, folder, f"{run.name} ({label}, held-out scenarios)",
                          run.chat_tokenizer, cfg.seed, cfg.localize_batch_size,
                          run.record(stage=label, localized_model=f"{label} model of stage 22"), compare_to=compare_to,
                          answer_types={(it["category"], it["example_id"]): it["answer_type"] for it in bbq_items})
