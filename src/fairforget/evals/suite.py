@@ -15,7 +15,7 @@ paired interval under no change).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,7 +91,8 @@ class Items:
 
     def only(self, *names: str) -> "Items":
         """The same items with every evaluation but ``names`` left out."""
-        return Items(**{k: v if k not in SCORED or k in names else [] for k, v in vars(self).items()})
+        field_of = {"perplexity": "neutral"}
+        return replace(self, **{field_of.get(name, name): [] for name in SCORED if name not in names})
 
 
 def _limited(examples: list, limit: int | None, seed: int) -> list:
