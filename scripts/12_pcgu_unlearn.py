@@ -36,12 +36,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from fairforget.config import output_field, run_script
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
-from fairforget.methods.pcgu_heldout import start_heldout, write_eval_only
-from fairforget.methods.pcgu_run import prepare, train, write_results
+from fairforget.methods.pcgu_heldout import HeldOutConfig, start_heldout, write_eval_only
+from fairforget.methods.pcgu_run import PCGURunConfig, prepare, train, write_results
 from fairforget.methods.registry import write_method_record
 from fairforget.models import DEFAULT_EMBEDDED
+from fairforget.provenance import provenance
 
 PRESETS = {
     "default": {"lr": 2e-5, "k": 10_000, "epochs": 5},
@@ -139,6 +140,8 @@ class Config:
             raise FairforgetError("--evals-per-epoch must be at least 1")
         if self.retain_weight < 0 or self.retain_batch_size < 1:
             raise FairforgetError("--retain-weight must be >= 0 and --retain-batch-size >= 1")
+        if self.eval_only is not None and not self.heldout_eval:
+            raise FairforgetError("--eval-only needs --heldout-eval")
         if self.eval_only is not None and not (self.eval_only / "config.json").is_file():
             raise FairforgetError(f"--eval-only {self.eval_only} is not a saved model folder")
         if self.heldout_limit < 0 or self.perplexity_texts < 1:
@@ -158,12 +161,14 @@ class Config:
 def main(cfg: Config) -> None:
     start = time.perf_counter()
     cfg = cfg.resolved()
-    run = prepare(cfg)
-    held = start_heldout(run.model, run.tokenizer, cfg)
+    run = prepare(typed_config(PCGURunConfig, cfg))
+    held_cfg = typed_config(HeldOutConfig, cfg)
+    held = (start_heldout(run.loaded, held_cfg), held_cfg) if cfg.heldout_eval else None
     if cfg.eval_only is not None:
-        write_eval_only(held, cfg, run.log_dir)
+        write_eval_only(cfg.eval_only, *held, run.log_dir, provenance(cfg, [cfg.stereoset]))
         return
-    write_results(run, train(run), held)
+    done = train(run)
+    write_results(run, done, held, provenance(cfg, [cfg.pairs, cfg.stereoset]))
     write_method_record(run.log_dir, "pcgu", cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],
                         model_folder=str(cfg.out))
 

@@ -6,8 +6,8 @@ BBQ scenarios are split by --split-seed into mitigation and held-out sides (fair
 signal (``stereoset``: contribution to the stereotype-vs-anti log-odds on StereoSet's selection half;
 ``bbq``: correlation with context influence on the mitigation side; fairforget.methods.head_pruning) chooses
 the heads (top k or Benjamini-Hochberg at q, signed or by magnitude), each scaled by 1 - --strength. On the
-same held-out items (BBQ held-out scenarios, StereoSet held-out half, CrowS-Pairs, perplexity texts;
-fairforget.methods.head_controls): before / pruned / random heads (same strengths, --random-draws draws) /
+same held-out items (the held-out suite, fairforget.evals.suite: BBQ held-out scenarios, StereoSet held-out half,
+CrowS-Pairs, perplexity texts; rows and tables in fairforget.methods.head_controls): before / pruned / random heads (same strengths, --random-draws draws) /
 recovered (pruned, then fine-tuned on mitigation items of both conditions; trainable set in
 fairforget.methods.recovery) / recovery only (same data, steps, seed, no pruning), paired against before; chosen
 minus random; a dose-response over --dose-ks; localization of held-out prompts before and after.
@@ -27,12 +27,14 @@ from typing import Literal
 
 from fairforget.evals.bbq import CATEGORIES, load_bbq, sample_per_category
 from fairforget.evals.bbq_eval import use_chat_template
-from fairforget.config import output_field, run_script
+from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.methods import head_experiment as he
 from fairforget.methods import head_pruning as hp
-from fairforget.methods.head_experiment import Experiment, final_model_folder
+from fairforget.methods.head_controls import EVALS
 from fairforget.methods.registry import write_method_record
 from fairforget.models import DEFAULT_EMBEDDED, load_model, model_name
+from fairforget.provenance import provenance
 
 Category = Literal[CATEGORIES]  # type: ignore[valid-type]
 
@@ -103,6 +105,8 @@ class Config:
                                   "must be >= 0")
         if self.recovery_lr is not None and self.recovery_lr <= 0:
             raise FairforgetError(f"--recovery-lr must be positive, got {self.recovery_lr}")
+        if sorted(set(self.evals) - set(EVALS)) or "bbq" not in self.evals:
+            raise FairforgetError(f"--evals must include bbq and name only {', '.join(EVALS)} (got {self.evals})")
         if self.permutations == "cyclic" and self.mode != "letter":
             raise FairforgetError("--permutations cyclic needs --mode letter")
         if not 0 < self.q < 1 or not 0 <= self.strength <= 1 or any(k < 1 for k in self.dose_ks):
@@ -116,22 +120,25 @@ def main(cfg: Config) -> None:
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     name = model_name(cfg.model)
     chat = use_chat_template(loaded.tokenizer, cfg.chat_template)
-    run = Experiment(cfg, data, loaded, chat, cfg.out or Path("outputs/mitigation") / name, name)
-    run.choose_heads()
-    run.evaluate_all_controls()
+    run_cfg = typed_config(hp.HeadRunConfig, cfg)
+    files = list(data.files) + [p for p, e in ((cfg.stereoset_path, "stereoset"), (cfg.crows_path, "crows"))
+                                if e in cfg.evals]
+    run = he.prepare(run_cfg, data, loaded, chat, cfg.out or Path("outputs/mitigation") / name, provenance(cfg, files))
+    choice = he.choose_heads(run, run_cfg)
+    scores = he.evaluate_controls(run, run_cfg, choice)
     localized = sample_per_category(run.held_out, cfg.localize_per_category or None, cfg.seed)
     if cfg.localize_per_category:
-        run.localize(loaded.model, localized, run.out / "localization_before", "before", None)
-    run.dose_response()
-    if cfg.recovery != "none":
-        run.recover()
+        he.localize(run, run_cfg, loaded.model, localized, run.out / "localization_before", "before",
+                    scores["before"]["bbq"][1], None)
+    dose = he.dose_response(run, run_cfg, choice, scores)
+    history, final_model = he.recover(run, run_cfg, choice, scores) if cfg.recovery != "none" else ({}, loaded.model)
     if cfg.localize_per_category:
-        final = "recovered" if "recovered" in run.suites else "pruned"
-        run.localize(run.final_model, localized, cfg.localization_root / name / "after", final,
-                     run.out / "localization_before")
-    run.write_summary(time.time() - start)
+        final = "recovered" if "recovered" in scores else "pruned"
+        he.localize(run, run_cfg, final_model, localized, cfg.localization_root / name / "after", final,
+                    scores[final]["bbq"][1], run.out / "localization_before")
+    he.write_summary(run, run_cfg, choice, scores, dose, history, time.time() - start)
     write_method_record(run.out, "head_pruning", cfg, time.time() - start, list(data.files),
-                        model_folder=str(final_model_folder(cfg.models_dir, vars(cfg))))
+                        model_folder=str(he.final_model_folder(cfg.models_dir, vars(cfg))))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,8 @@ def test_unknown_model(tmp_path, earlier, shared_data, model, message, as_subpro
     ("12_pcgu_unlearn.py", ["--lr", "-1", "--pairs", "pairs.tsv"], "--lr must be >= 0", False),
     ("20_evaluate_bbq.py", ["--per-category", "0"], "--per-category must be at least 1", False),
     ("22_mitigate_heads.py", ["--k", "0"], "--k must be at least 1, got 0", False),
+    ("22_mitigate_heads.py", ["--evals", "stereoset"], "--evals must include bbq", False),
+    ("12_pcgu_unlearn.py", ["--eval-only", ".", "--pairs", "pairs.tsv"], "--eval-only needs --heldout-eval", False),
     ("run_pipeline.py", ["--pipelines"], "--pipelines needs at least one", False),
 ])
 def test_bad_flag_value(tmp_path, earlier, script, flags, message, as_subprocess):

@@ -18,9 +18,10 @@ from fairforget.run_folders import RUN_MARKER, run_folder
 DATA = {"stereoset": ("stereoset/dev.json", {"limit": 12}),
         "crows": ("crows_pairs/data/crows_pairs_anonymized.csv", {"limit": 10}),
         "bbq": ("bbq", {"categories": ["Age"], "per_category": 6}),
-        "winobias": ("winobias/data", {"limit": 10})}
+        "winobias": ("winobias/data", {"limit": 10}),
+        "perplexity": ("", {"limit": 6})}  # neutral texts ship with Python: no data path
 OPTIONS = {"stereoset": {}, "crows": {"score": "sum"}, "bbq": {"mode": "letter", "chat_template": "off"},
-           "winobias": {}}
+           "winobias": {}, "perplexity": {}}
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +40,11 @@ def runs(tmp_path_factory, tiny_models, tokenizer, shared_data):
 
 
 def test_every_evaluation_is_registered_under_its_name():
-    assert list(EVALUATIONS) == ["stereoset", "crows", "bbq", "winobias"]
-    assert all(ev.name == name and ev.script.endswith(".py") for name, ev in EVALUATIONS.items())
-    assert len({ev.script for ev in EVALUATIONS.values()}) == 4
+    assert list(EVALUATIONS) == ["stereoset", "crows", "bbq", "winobias", "perplexity"]
+    assert all(ev.name == name for name, ev in EVALUATIONS.items())
+    staged = [ev for ev in EVALUATIONS.values() if ev.script]  # perplexity has no stage: the suite scores it
+    assert all(ev.script.endswith(".py") for ev in staged) and len({ev.script for ev in staged}) == 4
+    assert EVALUATIONS["perplexity"].script == "" and len(staged) == 4
     with pytest.raises(FairforgetError, match="unknown evaluation 'winogender'"):
         evaluation("winogender")
 
@@ -81,7 +84,7 @@ def _assert_no_change(node, where: str = "") -> int:
             assert value == 0, f"{where}/{key}"
         elif key == "p_value":
             assert value == 1.0, f"{where}/{key}"
-        elif "delta" in key:
+        elif "delta" in key or key.startswith("ppl_change"):
             values = value if key.endswith("_ci") else [value]
             before = node.get(key.replace("_delta", "_before").replace("_ci", ""), 0.0)
             assert all(v == 0 or (math.isnan(v) and math.isnan(before)) for v in values), f"{where}/{key}: {value}"
@@ -94,7 +97,7 @@ def test_a_run_compared_with_itself_shows_no_change(runs):
         ev = EVALUATIONS[name]
         comparison = ev.compare(ev.read_items(folder), items, n_boot=20, seed=0)
         assert _assert_no_change(comparison) >= 2, name
-        assert "mdc" in comparison["overall"], name
+        assert "mdc" in comparison["overall"] or name == "perplexity", name  # no decisions flip in perplexity
         header, rows = ev.comparison_rows(comparison, overall_only=True)
         assert len(rows) == 1 and rows[0][0] == "overall" and len(rows[0]) == len(header)
         assert "items in common" in ev.comparison_markdown(comparison, folder, folder)

@@ -33,3 +33,18 @@ def test_perplexity_is_exp_of_mean_token_nll(tiny_models, tokenizer):
     assert low <= result["perplexity"] <= high
     same = perplexity_change(result, result, n_boot=20)
     assert same["ppl_change_pct"] == 0.0
+
+
+def test_registered_perplexity_compares_its_items_as_the_paired_relative_change(tiny_models, tokenizer):
+    from fairforget.evals.registry import EVALUATIONS
+    from fairforget.tiny import build_tiny_model
+
+    ev, texts = EVALUATIONS["perplexity"], load_neutral_texts("heldout", limit=5)
+    before, before_items = ev.evaluate(tiny_models["llama"], tokenizer, texts, batch_size=2, n_boot=30, seed=0)
+    after, after_items = ev.evaluate(build_tiny_model("llama", tokenizer, seed=5), tokenizer, texts, batch_size=2,
+                                     n_boot=30, seed=0)
+    assert [it["nll"] for it in before_items] == before["per_text_nll"] and len(after_items) == 5
+    comparison = ev.compare(before_items, after_items, n_boot=30, seed=0)
+    by_hand = 100 * (math.exp((sum(after["per_text_nll"]) - sum(before["per_text_nll"])) / before["n_tokens"]) - 1)
+    assert comparison["n_common"] == 5 and math.isclose(comparison["overall"]["ppl_change_pct"], by_hand, rel_tol=1e-9)
+    assert comparison["overall"] == perplexity_change(before, after, n_boot=30, seed=0)

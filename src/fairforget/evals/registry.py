@@ -7,10 +7,11 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.crows import CROWS
 from fairforget.evals.interface import Evaluation
+from fairforget.evals.perplexity import PERPLEXITY
 from fairforget.evals.stereoset import STEREOSET
 from fairforget.evals.winobias import WINOBIAS
 
-EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (STEREOSET, CROWS, BBQ, WINOBIAS)}
+EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (STEREOSET, CROWS, BBQ, WINOBIAS, PERPLEXITY)}
 
 
 def evaluation(name: str) -> Evaluation:

@@ -1,55 +1,65 @@
 """The held-out suite: the items every model or method is judged on, each model scored once (cached by the
 digest of its weights), and each pairing against "before" through every evaluation's ``compare``.
 
-Items: StereoSet dev's held-out half (a proportional sample for overall SS / LMS, plus every held-out gender
-example, or a seeded ``gender_limit`` of them), CrowS-Pairs (a proportional sample for "all", plus every gender
-pair), WinoBias's test pairs, the BBQ scenarios head pruning holds out (the same ``split_seed``, so head pruning
-never saw them) and the neutral held-out texts for perplexity. The selection half of StereoSet, on which
-methods choose their settings, is never among them. Every paired change carries ``mdc``, the change its items
-could have detected (half-width of the paired interval under no change).
+Items (:func:`held_out_items`): StereoSet dev's held-out half (a proportional sample for overall SS / LMS,
+plus every held-out gender example, or a seeded ``gender_limit`` of them), CrowS-Pairs (a proportional sample
+for "all", plus every gender pair), WinoBias's test pairs, the BBQ scenarios head pruning holds out (the same
+``split_seed``, so head pruning never saw them; or the BBQ items a stage supplies) and the neutral held-out
+texts for perplexity. A path of None, or a size of 0, leaves an evaluation out: stage 30 scores all of them,
+stage 22's controls BBQ, StereoSet, CrowS-Pairs and perplexity, PCGU's held-out report StereoSet, the CrowS
+gender pairs and perplexity. The selection half of StereoSet, on which methods choose their settings, is never
+among them. Every paired change carries ``mdc``, the change its items could have detected (half-width of the
+paired interval under no change).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from fairforget.artifacts import read_json, read_jsonl, write_json, write_jsonl
+from fairforget.config import config_to_dict
 from fairforget.errors import FairforgetError
 from fairforget.evals.bbq import load_bbq, sample_per_category
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.evals.crows import compute_metrics as crows_metrics
-from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change
+from fairforget.evals.perplexity import load_neutral_texts
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.evals.stereoset import compute_metrics, decisions, stratified_limit
 from fairforget.hashing import Hasher
 from fairforget.stats import bootstrap_ci, mcnemar, minimum_detectable_change
 
-EVALUATIONS_SCORED = ("stereoset", "crows", "winobias", "bbq")  # beside perplexity
+SCORED = ("stereoset", "crows", "winobias", "bbq", "perplexity")  # Items fields, by evaluation name
 
 
 @dataclass(frozen=True)
 class SuiteConfig:
     """What the suite scores and how (a stage builds it from its own Config)."""
 
-    stereoset: Path
-    crows: Path
-    winobias: Path  # the WinoBias data folder (its test files)
-    bbq_dir: Path
-    stereoset_limit: int | None = 300  # the proportional held-out sample (None: all)
-    gender_limit: int | None = None  # held-out gender examples (None: every one)
-    crows_limit: int | None = 200  # the proportional sample for "all" (every gender pair besides)
+    stereoset: Path | None  # None: no StereoSet
+    crows: Path | None
+    winobias: Path | None  # the WinoBias data folder (its test files)
+    bbq_dir: Path | None  # None: the BBQ items are the caller's (stage 22's split) or none
+    stereoset_limit: int | None = 300  # the proportional held-out sample (None: all, 0: none)
+    gender_limit: int | None = None  # held-out gender examples (None: every one, 0: none)
+    crows_limit: int | None = 200  # the proportional sample for "all" (0: none)
+    crows_gender: bool = True  # every gender pair besides
     winobias_limit: int | None = None
     bbq_per_category: int | None = 8
-    ppl_limit: int | None = 50
+    ppl_limit: int | None = 50  # neutral held-out texts (0: none)
     half_seed: int = 0
     split_seed: int = 0
     mitigation_fraction: float = 0.5
+    bbq_mode: str = "answer"
+    chat_template: str = "auto"
+    permutations: str = "none"
     batch_size: int = 32
+    bbq_batch_size: int | None = None  # None: half the batch
+    ppl_batch_size: int | None = None  # None: a quarter of the batch
     wrapper_batch_size: int = 4  # scoring wrappers keep [batch, length, vocab] distributions
     n_boot: int = 1000
     seed: int = 0
@@ -58,35 +68,75 @@ class SuiteConfig:
 
 @dataclass
 class Items:
-    """The held-out items every model is scored on."""
+    """The held-out items every model is scored on (an empty list: that evaluation is not scored)."""
 
-    stereoset: list  # the proportional sample plus every held-out gender example
+    stereoset: list  # the proportional sample plus the held-out gender examples
     stereoset_sample: set[str]  # ids of the proportional sample (overall SS, LMS)
     crows: list  # the proportional sample plus every gender pair
     crows_sample: set[str]  # ids of the proportional sample (all bias types)
     winobias: list
     bbq: list
     neutral: list[str]
-    bbq_files: list[Path]
+    bbq_files: list[Path] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> list[str]:
+        return self.neutral
+
+    def sizes(self) -> dict[str, int]:
+        return {"bbq": len(self.bbq), "stereoset": len(self.stereoset),
+                "stereoset_gender": sum(e.bias_type == "gender" for e in self.stereoset),
+                "stereoset_overall": len(self.stereoset_sample), "crows": len(self.crows),
+                "perplexity_texts": len(self.neutral), **({"winobias": len(self.winobias)} if self.winobias else {})}
+
+    def only(self, *names: str) -> "Items":
+        """The same items with every evaluation but ``names`` left out."""
+        field_of = {"perplexity": "neutral"}
+        return replace(self, **{field_of.get(name, name): [] for name in SCORED if name not in names})
 
 
-def held_out_items(cfg: SuiteConfig) -> Items:
-    """The suite's items (module docstring)."""
-    heldout = EVALUATIONS["stereoset"].load(cfg.stereoset, "heldout", cfg.half_seed).examples
-    sample = stratified_limit(heldout, cfg.stereoset_limit, cfg.seed)
-    ids = {e.id for e in sample}
-    gender = stratified_limit([e for e in heldout if e.bias_type == "gender"], cfg.gender_limit, cfg.seed)
-    stereo = sample + [e for e in gender if e.id not in ids]
-    crows = EVALUATIONS["crows"].load(cfg.crows, cfg.crows_limit, cfg.seed).examples
-    crows_ids = {p.id for p in crows}
-    crows += [p for p in EVALUATIONS["crows"].load(cfg.crows, None, cfg.seed, ["gender"]).examples
-              if p.id not in crows_ids]
-    winobias = EVALUATIONS["winobias"].load(cfg.winobias, limit=cfg.winobias_limit, seed=cfg.seed).examples
-    data = load_bbq(cfg.bbq_dir)
-    _, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
-    bbq = sample_per_category(held, cfg.bbq_per_category, cfg.split_seed)
-    return Items(stereo, ids, crows, crows_ids, winobias, bbq, load_neutral_texts("heldout", cfg.ppl_limit),
-                 list(data.files))
+def _limited(examples: list, limit: int | None, seed: int) -> list:
+    return [] if limit == 0 else stratified_limit(examples, limit, seed)
+
+
+def held_out_items(cfg: SuiteConfig, bbq: list | None = None) -> Items:
+    """The suite's items (module docstring); ``bbq``: the caller's BBQ items instead of the held-out split's."""
+    stereo, ids = [], set()
+    if cfg.stereoset is not None:
+        heldout = EVALUATIONS["stereoset"].load(cfg.stereoset, "heldout", cfg.half_seed).examples
+        sample = _limited(heldout, cfg.stereoset_limit, cfg.seed)
+        ids = {e.id for e in sample}
+        gender = _limited([e for e in heldout if e.bias_type == "gender"], cfg.gender_limit, cfg.seed)
+        stereo = sample + [e for e in gender if e.id not in ids]
+    crows, crows_ids = [], set()
+    if cfg.crows is not None:
+        crows = EVALUATIONS["crows"].load(cfg.crows, cfg.crows_limit, cfg.seed).examples if cfg.crows_limit != 0 else []
+        crows_ids = {p.id for p in crows}
+        if cfg.crows_gender:
+            crows += [p for p in EVALUATIONS["crows"].load(cfg.crows, None, cfg.seed, ["gender"]).examples
+                      if p.id not in crows_ids]
+    winobias = [] if cfg.winobias is None else \
+        EVALUATIONS["winobias"].load(cfg.winobias, limit=cfg.winobias_limit, seed=cfg.seed).examples
+    files: list[Path] = []
+    if bbq is None and cfg.bbq_dir is not None:
+        data = load_bbq(cfg.bbq_dir)
+        _, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
+        bbq, files = sample_per_category(held, cfg.bbq_per_category, cfg.split_seed), list(data.files)
+    neutral = [] if cfg.ppl_limit == 0 else load_neutral_texts("heldout", cfg.ppl_limit)
+    return Items(stereo, ids, crows, crows_ids, winobias, list(bbq or []), neutral, files)
+
+
+def score_items(model: Any, tokenizer: Any, items: Items, cfg: SuiteConfig, wrapper: bool = False) -> dict:
+    """``{evaluation: (metrics, per-item records)}`` of one model on every evaluation ``items`` holds, each
+    through its registered ``evaluate`` (``wrapper``: a scoring wrapper, smaller batches)."""
+    batch = cfg.wrapper_batch_size if wrapper else cfg.batch_size
+    options = {"stereoset": {"batch_size": batch}, "crows": {"batch_size": batch}, "winobias": {"batch_size": batch},
+               "bbq": {"mode": cfg.bbq_mode, "chat_template": cfg.chat_template, "permutations": cfg.permutations,
+                       "batch_size": cfg.bbq_batch_size or max(1, batch // 2)},
+               "perplexity": {"batch_size": cfg.ppl_batch_size or max(1, batch // 4)}}
+    return {name: EVALUATIONS[name].evaluate(model, tokenizer, getattr(items, name), n_boot=cfg.n_boot,
+                                             seed=cfg.seed, **options[name])
+            for name in SCORED if getattr(items, name)}
 
 
 def weights_digest(spec: str) -> str:
@@ -95,45 +145,31 @@ def weights_digest(spec: str) -> str:
     return Hasher().path(Path(spec)) or spec
 
 
-CACHE_SETTINGS = ("stereoset_limit", "gender_limit", "crows_limit", "winobias_limit", "bbq_per_category", "ppl_limit",
-                  "half_seed", "split_seed", "mitigation_fraction", "n_boot", "seed")
-
-
 def score_model(name: str, spec: str, items: Items, cfg: SuiteConfig, cache: Path, load: Callable,
                 wrapper: bool = False) -> dict:
-    """Score one model (``load(spec, device)``; ``wrapper``: a scoring wrapper, smaller batches) on every
-    evaluation; reuse ``cache/<digest>/`` when the same weights were scored with the same settings."""
+    """:func:`score_items` of one model (``load(spec, device)``), reusing ``cache/<digest>/`` when the same
+    weights were scored with the same settings; adds ``source`` and ``eval_seconds``."""
     digest = weights_digest(spec)
     folder = cache / digest[:16]
-    settings = {"weights_sha256": digest, **{k: getattr(cfg, k) for k in CACHE_SETTINGS}}
+    settings = {"weights_sha256": digest, **{k: v for k, v in config_to_dict(cfg).items() if k != "device"}}
     done = folder / "eval.json"
     if done.is_file() and read_json(done).get("settings") == settings:
         print(f"{name}: reusing the scores in {folder}", flush=True)
-        result = read_json(done)
+        record = read_json(done)
     else:
         start = time.perf_counter()
         loaded = load(spec, cfg.device)
-        batch = cfg.wrapper_batch_size if wrapper else cfg.batch_size
         print(f"{name}: scoring {loaded.source}", flush=True)
-        options = {"stereoset": {"batch_size": batch}, "crows": {"batch_size": batch},
-                   "winobias": {"batch_size": batch}, "bbq": {"mode": "answer", "batch_size": max(1, batch // 2)}}
-        metrics, scored = {}, {}
-        for evaluation in EVALUATIONS_SCORED:
-            metrics[evaluation], scored[evaluation] = EVALUATIONS[evaluation].evaluate(
-                loaded.model, loaded.tokenizer, getattr(items, evaluation), n_boot=cfg.n_boot, seed=cfg.seed,
-                **options[evaluation])
-            write_jsonl(folder / f"{evaluation}_items.jsonl", scored[evaluation])
-        ppl = perplexity(loaded.model, loaded.tokenizer, items.neutral, max(1, batch // 4), cfg.n_boot, cfg.seed)
-        result = {"settings": settings, "source": loaded.source, "eval_seconds": round(time.perf_counter() - start, 1),
-                  "stereoset": stereoset_levels(scored["stereoset"], items, cfg),
-                  "crows": crows_levels(scored["crows"], items, cfg), "winobias": metrics["winobias"],
-                  "bbq": {k: metrics["bbq"][k] for k in ("overall", "mode", "answer_norm", "n_items")},
-                  "perplexity": ppl}
-        write_json(done, result)
-        print(f"{name}: scored in {result['eval_seconds']:.0f} s", flush=True)
-    for evaluation in EVALUATIONS_SCORED:
-        result[f"{evaluation}_items"] = read_jsonl(folder / f"{evaluation}_items.jsonl")
-    return result
+        scores = score_items(loaded.model, loaded.tokenizer, items, cfg, wrapper)
+        for evaluation, (_, scored) in scores.items():
+            write_jsonl(folder / f"{evaluation}_items.jsonl", scored)
+        record = {"settings": settings, "source": loaded.source, "eval_seconds": round(time.perf_counter() - start, 1),
+                  "metrics": {evaluation: metrics for evaluation, (metrics, _) in scores.items()}}
+        write_json(done, record)
+        print(f"{name}: scored in {record['eval_seconds']:.0f} s", flush=True)
+    scores = {evaluation: (metrics, read_jsonl(folder / f"{evaluation}_items.jsonl"))
+              for evaluation, metrics in record["metrics"].items()}
+    return {"source": record["source"], "eval_seconds": record["eval_seconds"], "scores": scores}
 
 
 def in_sample(stereo_items: list[dict], items: Items) -> list[dict]:
@@ -144,20 +180,31 @@ def in_crows_sample(crows_items: list[dict], items: Items) -> list[dict]:
     return [it for it in crows_items if it["id"] in items.crows_sample]
 
 
+def of_gender(scored: list[dict]) -> list[dict]:
+    return [it for it in scored if it["bias_type"] == "gender"]
+
+
 def crows_levels(crows_items: list[dict], items: Items, cfg: SuiteConfig) -> dict:
     """CrowS "all" on the proportional sample, "gender" on every gender pair."""
-    metric = crows_metrics
-    return {"overall": metric(in_crows_sample(crows_items, items), cfg.n_boot, cfg.seed)["overall"],
-            "gender": metric([it for it in crows_items if it["bias_type"] == "gender"], cfg.n_boot,
-                             cfg.seed)["overall"]}
+    return {"overall": crows_metrics(in_crows_sample(crows_items, items), cfg.n_boot, cfg.seed)["overall"],
+            "gender": crows_metrics(of_gender(crows_items), cfg.n_boot, cfg.seed)["overall"]}
 
 
 def stereoset_levels(stereo_items: list[dict], items: Items, cfg: SuiteConfig) -> dict:
     """Overall SS / LMS on the proportional sample, gender SS on the held-out gender examples scored."""
     overall = compute_metrics(in_sample(stereo_items, items), cfg.n_boot, cfg.seed)["overall"]["all"]
-    gender = compute_metrics([it for it in stereo_items if it["bias_type"] == "gender"], cfg.n_boot,
-                             cfg.seed)["overall"]["gender"]
+    gender = compute_metrics(of_gender(stereo_items), cfg.n_boot, cfg.seed)["overall"]["gender"]
     return {"all": overall, "gender": gender}
+
+
+def levels(scored: dict, items: Items, cfg: SuiteConfig) -> dict:
+    """Stage 30's levels of one model (:func:`score_model`'s result), with its items as ``<evaluation>_items``."""
+    s = scored["scores"]
+    return {"source": scored["source"], "eval_seconds": scored["eval_seconds"],
+            "stereoset": stereoset_levels(s["stereoset"][1], items, cfg), "crows": crows_levels(s["crows"][1], items, cfg),
+            "winobias": s["winobias"][0],
+            "bbq": {k: s["bbq"][0][k] for k in ("overall", "mode", "answer_norm", "n_items")},
+            "perplexity": s["perplexity"][0], **{f"{name}_items": s[name][1] for name in SCORED}}
 
 
 def distance_change(before_items: list[dict], after_items: list[dict], domain: str | None, n_boot: int,
@@ -179,28 +226,32 @@ def distance_change(before_items: list[dict], after_items: list[dict], domain: s
             "mdc": 100 * minimum_detectable_change(b.pro, a.pro)}
 
 
+def compare(name: str, before: list[dict], after: list[dict], cfg: SuiteConfig,
+            keep: Callable[[list[dict]], list[dict]] = list) -> dict:
+    """Evaluation ``name``'s paired comparison of two models' items (each narrowed by ``keep``)."""
+    return EVALUATIONS[name].compare(keep(before), keep(after), cfg.n_boot, cfg.seed)
+
+
 def paired(before: dict, after: dict, items: Items, cfg: SuiteConfig) -> dict:
-    """Every paired comparison of one model against the before model, through each evaluation's ``compare``."""
-    compare = {name: EVALUATIONS[name].compare for name in EVALUATIONS_SCORED}
-    stereo = compare["stereoset"](in_sample(before["stereoset_items"], items),
-                                  in_sample(after["stereoset_items"], items), cfg.n_boot, cfg.seed)
-    crows_all = compare["crows"](in_crows_sample(before["crows_items"], items),
-                                 in_crows_sample(after["crows_items"], items), cfg.n_boot, cfg.seed)["overall"]
-    crows_gender = compare["crows"](*([it for it in run["crows_items"] if it["bias_type"] == "gender"]
-                                      for run in (before, after)), cfg.n_boot, cfg.seed)["overall"]
-    winobias = compare["winobias"](before["winobias_items"], after["winobias_items"], cfg.n_boot, cfg.seed)
-    bbq = compare["bbq"](before["bbq_items"], after["bbq_items"], cfg.n_boot, cfg.seed)["overall"]
+    """Stage 30's paired comparisons of one model against the before model (:func:`levels` of each)."""
+    sample = lambda scored: in_sample(scored, items)  # noqa: E731
     return {"ss_gender_distance": distance_change(before["stereoset_items"], after["stereoset_items"], "gender",
                                                   cfg.n_boot, cfg.seed),
-            "ss_overall": stereo["overall"], "crows_all": crows_all, "crows_gender": crows_gender,
-            "winobias": winobias["overall"], "bbq": bbq, "perplexity": perplexity_change(before["perplexity"], after["perplexity"], cfg.n_boot,
-                                                        cfg.seed)}
+            "ss_overall": compare("stereoset", before["stereoset_items"], after["stereoset_items"], cfg,
+                                  sample)["overall"],
+            "crows_all": compare("crows", before["crows_items"], after["crows_items"], cfg,
+                                 lambda scored: in_crows_sample(scored, items))["overall"],
+            "crows_gender": compare("crows", before["crows_items"], after["crows_items"], cfg, of_gender)["overall"],
+            "winobias": compare("winobias", before["winobias_items"], after["winobias_items"], cfg)["overall"],
+            "bbq": compare("bbq", before["bbq_items"], after["bbq_items"], cfg)["overall"],
+            "perplexity": compare("perplexity", before["perplexity_items"], after["perplexity_items"], cfg)["overall"]}
 
 
 def score_all(models: dict[str, str], items: Items, cfg: SuiteConfig, cache: Path, load: Callable,
               is_wrapper: Callable[[str], bool]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Every model's scores (the first is "before"), and each other model's paired changes against it."""
-    results = {name: score_model(name, spec, items, cfg, cache, load, is_wrapper(spec)) for name, spec in models.items()}
+    """Every model's levels (the first is "before"), and each other model's paired changes against it."""
+    results = {name: levels(score_model(name, spec, items, cfg, cache, load, is_wrapper(spec)), items, cfg)
+               for name, spec in models.items()}
     before = next(iter(results))
     changes = {name: paired(results[before], r, items, cfg) for name, r in results.items() if name != before}
     return results, changes

@@ -1,137 +1,74 @@
-"""The controls that attribute a head-pruning effect to the heads: one evaluation suite on held-out sets,
-paired changes against "before", chosen minus random heads, the controls table and the dose-response plot.
-
-Held-out sets: BBQ items from scenarios not used for mitigation; the StereoSet *held-out* half (its gender
-examples, all or a stratified sample, plus a stratified sample for "overall"; the head signal uses the
-selection half only);
-CrowS-Pairs (a proportional sample); neutral perplexity texts (``fairforget.evals.perplexity``, held-out half).
-Every model variant is scored on exactly the same items, so every comparison is paired.
+"""The controls that attribute a head-pruning effect to the heads: one flat row per model variant of its scores
+on the held-out suite (:mod:`fairforget.evals.suite`: BBQ items from scenarios not used for mitigation, the
+StereoSet held-out half, CrowS-Pairs, neutral perplexity texts), paired changes against "before", chosen minus
+random heads, the controls table and the dose-response plot. Every variant is scored on exactly the same items,
+so every comparison is paired.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fairforget.evals import crows, stereoset
-
 from fairforget import plots
-from fairforget.evals.bbq_eval import evaluate_bbq
-from fairforget.evals.bbq_metrics import _Arrays, compare_runs, metric_functions
+from fairforget.evals import stereoset
+from fairforget.evals.bbq_metrics import BbqArrays, metric_function
 from fairforget.errors import FairforgetError
-from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change
+from fairforget.evals.suite import Items, SuiteConfig, compare, in_sample, of_gender
 from fairforget.stats import bootstrap_ci
 
 EVALS = ("bbq", "stereoset", "crows", "perplexity")
 
 
-@dataclass
-class HeldOut:
-    """The held-out items every model variant is evaluated on."""
-
-    bbq: list
-    stereoset: list = field(default_factory=list)  # held-out gender examples (all by default) + overall sample
-    stereoset_overall: set[str] = field(default_factory=set)  # ids of the stratified overall sample
-    crows: list = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-
-    def sizes(self) -> dict[str, int]:
-        return {"bbq": len(self.bbq), "stereoset": len(self.stereoset),
-                "stereoset_gender": sum(e.bias_type == "gender" for e in self.stereoset),
-                "stereoset_overall": len(self.stereoset_overall), "crows": len(self.crows),
-                "perplexity_texts": len(self.texts)}
-
-
-def held_out_sets(bbq_examples: Sequence[Any], cfg: Any) -> HeldOut:
-    """The held-out sets of the evaluations named in ``cfg.evals`` (sizes and paths from ``cfg``)."""
-    unknown = sorted(set(cfg.evals) - set(EVALS))
-    if unknown or "bbq" not in cfg.evals:
-        raise FairforgetError(f"--evals must include bbq and name only {', '.join(EVALS)} (got {cfg.evals})")
-    sets = HeldOut(list(bbq_examples))
-    if "stereoset" in cfg.evals:
-        heldout = stereoset.select_half(stereoset.load_stereoset(cfg.stereoset_path), "heldout", cfg.half_seed)
-        sets.stereoset_overall = {e.id for e in stereoset.stratified_limit(heldout, cfg.stereoset_limit, cfg.seed)}
-        gender = {e.id for e in stereoset.stratified_limit([e for e in heldout if e.bias_type == "gender"],
-                                                           cfg.stereoset_gender_limit, cfg.seed)}
-        sets.stereoset = [e for e in heldout if e.id in gender or e.id in sets.stereoset_overall]
-    if "crows" in cfg.evals:
-        sets.crows = crows.sample_pairs(crows.load_crows(cfg.crows_path), cfg.crows_limit, cfg.seed)
-    if "perplexity" in cfg.evals:
-        sets.texts = load_neutral_texts("heldout", cfg.perplexity_texts)
-    return sets
-
-
-def evaluate_suite(model: Any, tokenizer: Any, sets: HeldOut, cfg: Any, bbq_only: bool = False) -> dict:
-    """``{"bbq": (metrics, items), "stereoset": items, "crows": items, "perplexity": result}`` of one model."""
-    suite: dict[str, Any] = {"bbq": evaluate_bbq(model, tokenizer, sets.bbq, cfg.mode, cfg.chat_template,
-                                                 cfg.batch_size, cfg.n_boot, cfg.seed, permutations=cfg.permutations)}
-    if bbq_only:
-        return suite
-    if sets.stereoset:
-        suite["stereoset"] = stereoset.score_examples(model, tokenizer, sets.stereoset, cfg.batch_size)
-    if sets.crows:
-        suite["crows"] = crows.score_pairs(model, tokenizer, sets.crows, cfg.batch_size)
-    if sets.texts:
-        suite["perplexity"] = perplexity(model, tokenizer, sets.texts, cfg.batch_size, cfg.n_boot, cfg.seed)
-    return suite
-
-
-def _stereoset_masks(items: Sequence[dict], sets: HeldOut) -> tuple[stereoset.Decisions, dict[str, np.ndarray]]:
-    d = stereoset.decisions(items)
-    return d, {"gender": d.bias_type == "gender", "overall": np.isin(d.example_ids, sorted(sets.stereoset_overall))}
-
-
-def summary_row(suite: dict, sets: HeldOut, n_boot: int, seed: int) -> dict:
-    """Every bias figure with its interval beside LMS and perplexity: one flat row."""
-    m = suite["bbq"][0]["overall"]
+def summary_row(scores: dict, items: Items, n_boot: int, seed: int) -> dict:
+    """Every bias figure with its interval beside LMS and perplexity (``scores``: the suite's
+    :func:`~fairforget.evals.suite.score_items`): one flat row."""
+    m = scores["bbq"][0]["overall"]
     row = {name: m[name] for name in ("acc", "acc_disambig", "s_dis", "s_amb")}
     row.update({f"{name}_ci": m[f"{name}_ci"] for name in ("acc_disambig", "s_dis", "s_amb")})
-    if "stereoset" in suite:
-        d, masks = _stereoset_masks(suite["stereoset"], sets)
+    if "stereoset" in scores:
+        d = stereoset.decisions(scores["stereoset"][1])
+        masks = {"gender": d.bias_type == "gender", "overall": np.isin(d.example_ids, sorted(items.stereoset_sample))}
         for name, mask in masks.items():
             s = stereoset.subset_metrics(d, mask, n_boot, seed)
             row.update({f"ss_{name}": s["ss"], f"ss_{name}_ci": s["ss_ci"], f"lms_{name}": s["lms"],
                         f"lms_{name}_ci": s["lms_ci"], f"n_stereoset_{name}": s["n"]})
-    if "crows" in suite:
-        c = crows.compute_metrics(suite["crows"], n_boot, seed)["overall"]
+    if "crows" in scores:
+        c = scores["crows"][0]["overall"]
         row.update(crows=c["metric"], crows_ci=c["metric_ci"])
-    if "perplexity" in suite:
-        row.update(ppl=suite["perplexity"]["perplexity"], ppl_ci=suite["perplexity"]["perplexity_ci"])
+    if "perplexity" in scores:
+        row.update(ppl=scores["perplexity"][0]["perplexity"], ppl_ci=scores["perplexity"][0]["perplexity_ci"])
     return row
 
 
-def paired_row(before: dict, after: dict, sets: HeldOut, n_boot: int, seed: int) -> dict:
+def paired_row(before: dict, after: dict, items: Items, cfg: SuiteConfig) -> dict:
     """Paired changes (after - before, same items) with intervals and McNemar p-values."""
-    c = compare_runs(before["bbq"][1], after["bbq"][1], n_boot, seed)["overall"]
+    items_of = lambda name: (before[name][1], after[name][1])  # noqa: E731
+    c = compare("bbq", *items_of("bbq"), cfg)["overall"]
     row = {}
     for name in ("acc_disambig", "s_dis", "s_amb"):
         row[f"d_{name}"], row[f"d_{name}_ci"] = c[f"{name}_delta"], c[f"{name}_delta_ci"]
     row["p_correct"], row["p_biased"] = c["mcnemar_correct"]["p_value"], c["mcnemar_biased"]["p_value"]
     if "stereoset" in after:
-        for name, keep in (("gender", lambda it: it["bias_type"] == "gender"),
-                           ("overall", lambda it: it["example_id"] in sets.stereoset_overall)):
-            s = stereoset.compare_runs([it for it in before["stereoset"] if keep(it)],
-                                       [it for it in after["stereoset"] if keep(it)], n_boot, seed)["overall"]
+        for name, keep in (("gender", of_gender), ("overall", lambda scored: in_sample(scored, items))):
+            s = compare("stereoset", *items_of("stereoset"), cfg, keep)["overall"]
             row.update({f"d_ss_{name}": s["delta_ss_micro"], f"d_ss_{name}_ci": s["delta_ss_micro_ci"],
                         f"p_ss_{name}": s["p_value"]})
     if "crows" in after:
-        s = crows.compare_runs(before["crows"], after["crows"], n_boot, seed)["overall"]
+        s = compare("crows", *items_of("crows"), cfg)["overall"]
         row.update(d_crows=s["delta"], d_crows_ci=s["delta_ci"], p_crows=s["p_value"])
     if "perplexity" in after:
-        s = perplexity_change(before["perplexity"], after["perplexity"], n_boot, seed)
+        s = compare("perplexity", *items_of("perplexity"), cfg)["overall"]
         row.update(d_ppl_pct=s["ppl_change_pct"], d_ppl_pct_ci=s["ppl_change_pct_ci"])
     return row
 
 
-def _bbq_stat(items: Sequence[dict], name: str) -> Callable[[np.ndarray], float]:
-    return metric_functions(_Arrays(items))[name]
-
-
 def _share_stat(flags: np.ndarray) -> Callable[[np.ndarray], float]:
     return lambda idx: 100.0 * float(flags[idx].mean())
+
+
 def stereotype_flags(items: Sequence[dict], ids: set[str] | None = None, bias_type: str | None = None) -> np.ndarray:
     """Per StereoSet example (sorted by id): stereotype preferred, on the ids / bias type asked for."""
     d = stereoset.decisions(items)
@@ -164,23 +101,24 @@ def difference_from_random(chosen: Callable[[np.ndarray], float], randoms: Seque
             "p": min(1.0, 2 * (tail + 1) / (rep.size + 1)), "n_draws": len(randoms)}
 
 
-def versus_random(chosen: dict, randoms: Sequence[dict], sets: Any, n_boot: int, seed: int) -> dict:
-    """Chosen heads minus random heads on every evaluation both have (suites of :func:`evaluate_suite`)."""
+def versus_random(chosen: dict, randoms: Sequence[dict], items: Items, n_boot: int, seed: int) -> dict:
+    """Chosen heads minus random heads on every evaluation both have (the suite's scores of each)."""
     out = {}
-    items = chosen["bbq"][1]
-    a = _Arrays(items)
+    bbq = chosen["bbq"][1]
+    a = BbqArrays(bbq)
     for name in ("s_amb", "acc_disambig", "s_dis"):
-        out[f"bbq_{name}"] = difference_from_random(_bbq_stat(items, name), [_bbq_stat(r["bbq"][1], name) for r in randoms],
-                                                    len(items), n_boot, seed, a.categories, a.clusters)
+        out[f"bbq_{name}"] = difference_from_random(metric_function(bbq, name),
+                                                    [metric_function(r["bbq"][1], name) for r in randoms],
+                                                    len(bbq), n_boot, seed, a.categories, a.clusters)
     if "stereoset" in chosen:
-        for key, ids, bias in (("ss_gender", None, "gender"), ("ss_overall", sets.stereoset_overall, None)):
-            flags = stereotype_flags(chosen["stereoset"], ids, bias)
-            out[key] = difference_from_random(_share_stat(flags), [_share_stat(stereotype_flags(r["stereoset"], ids, bias))
-                                                                   for r in randoms], len(flags), n_boot, seed)
+        for key, ids, bias in (("ss_gender", None, "gender"), ("ss_overall", items.stereoset_sample, None)):
+            flags = stereotype_flags(chosen["stereoset"][1], ids, bias)
+            out[key] = difference_from_random(_share_stat(flags), [
+                _share_stat(stereotype_flags(r["stereoset"][1], ids, bias)) for r in randoms], len(flags), n_boot, seed)
     if "crows" in chosen:
-        flags = np.array([it["stereo_preferred"] for it in chosen["crows"]])
+        flags = np.array([it["stereo_preferred"] for it in chosen["crows"][1]])
         out["crows"] = difference_from_random(_share_stat(flags), [
-            _share_stat(np.array([it["stereo_preferred"] for it in r["crows"]])) for r in randoms], len(flags),
+            _share_stat(np.array([it["stereo_preferred"] for it in r["crows"][1]])) for r in randoms], len(flags),
             n_boot, seed)
     return out
 

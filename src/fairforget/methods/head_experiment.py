@@ -1,8 +1,9 @@
-"""Stage 22's experiment: choose heads, evaluate every control on the same held-out items, write the run folder.
-
-One :class:`Experiment` holds the split, the held-out sets, the chosen strengths and each evaluated
-variant's suite; its methods run in the stage's order (choose_heads, evaluate_all_controls, dose_response,
-recover, localize, write_summary), each writing its own files through ``fairforget.artifacts``.
+"""Stage 22's experiment as plain functions over a typed :class:`HeadRunConfig`: split BBQ and build the held-out
+suite (:func:`prepare`), choose heads (:func:`choose_heads`), score every control on the same held-out items
+(:func:`evaluate_controls`), the dose-response (:func:`dose_response`), recovery (:func:`recover`),
+localization (:func:`localize`) and the run folder's summary (:func:`write_summary`), each writing its own
+files through ``fairforget.artifacts``. Scoring and pairing are the suite's (:mod:`fairforget.evals.suite`); the
+rows, tables and chosen-minus-random comparison are :mod:`fairforget.methods.head_controls`'.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -18,56 +19,46 @@ import torch
 
 from fairforget import plots
 from fairforget.artifacts import save_model, sha256_text, write_csv, write_json, write_jsonl, write_text
-from fairforget.provenance import provenance
+from fairforget.checkpoint import Checkpointer
+from fairforget.config import config_to_dict, typed_config
 from fairforget.evals.bbq import sample_per_category
 from fairforget.evals.bbq_eval import PROMPT_TEMPLATE, QUESTION_ONLY_TEMPLATE, build_prompt, option_order, write_bbq_run
 from fairforget.evals.bbq_split import split_by_scenario
-from fairforget.checkpoint import Checkpointer
-from fairforget.config import config_to_dict, typed_config
-from fairforget.heads import head_layout, pruned, scale_heads
 from fairforget.evals.localization import run_localization
 from fairforget.evals.perplexity import texts_provenance
+from fairforget.evals.suite import Items, SuiteConfig, held_out_items, score_items
+from fairforget.heads import head_layout, pruned, scale_heads
 from fairforget.methods import head_controls as hc
 from fairforget.methods import head_pruning as hp
+from fairforget.methods.head_pruning import HeadPruningConfig, HeadRunConfig
 from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method
 from fairforget.methods.selection import selection_examples
 from fairforget.models import model_name
 from fairforget.run_folders import beside
 
-
 MITIGATION_INFO = "fairforget_mitigation.json"
 
 
-def _bbq_point(suite: dict) -> dict:
-    o = suite["bbq"][0]["overall"]
-    return {k: o[k] for k in ("s_amb", "s_amb_ci", "acc_disambig", "acc_disambig_ci", "s_dis", "s_dis_ci")}
+@dataclass
+class Material:
+    """What every step reads: the model, the BBQ split, the held-out suite, the run folder, the provenance
+    block, and the wall time of each step so far."""
 
+    loaded: Any
+    chat_tokenizer: Any  # the tokenizer when the chat template is on, else None
+    layout: Any
+    mitigation: list
+    held_out: list
+    suite: SuiteConfig
+    items: Items
+    out: Path
+    name: str
+    provenance: dict
+    timings: dict[str, float] = field(default_factory=dict)
 
-class Experiment:
-    def __init__(self, cfg: Any, data: Any, loaded: Any, chat: bool, out: Path, name: str):
-        self.cfg, self.data, self.loaded, self.out, self.name, self.chat = cfg, data, loaded, Path(out), name, chat
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.layout = head_layout(self.model)  # a clear error for models without heads, before any work
-        self.chat_tok = self.tokenizer if chat else None
-        mitigation_pool, held_pool = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
-        self.mitigation = sample_per_category(mitigation_pool, cfg.mitigation_per_category, cfg.split_seed)
-        self.held_out = sample_per_category(held_pool, cfg.eval_per_category, cfg.split_seed)
-        self.sets = hc.held_out_sets(self.held_out, cfg)
-        self.suites: dict[str, dict] = {}
-        self.rows: dict[str, Any] = {}
-        self.changes: dict[str, Any] = {}
-        self.timings: dict[str, float] = {}
-        self.final_model, self.dose, self.history = self.model, [], {}
-        mitigation_scenarios = {e.scenario for e in self.mitigation}
-        write_json(self.out / "split.json", {
-            "split_seed": cfg.split_seed, "unit": "scenario", "mitigation_fraction": cfg.mitigation_fraction,
-            "n_mitigation": len(self.mitigation), "n_held_out": len(self.held_out),
-            "shared_scenarios": len(mitigation_scenarios & {e.scenario for e in self.held_out}),
-            "mitigation_scenarios": sorted(mitigation_scenarios),
-            "held_out_scenarios": sorted({e.scenario for e in self.held_out}), "held_out_sets": self.sets.sizes()})
-        print(f"{len(self.mitigation)} mitigation / {len(self.held_out)} held-out BBQ examples (disjoint scenarios); "
-              f"held-out sets {self.sets.sizes()}; {self.layout.n_layers} layers x {self.layout.n_heads} heads; "
-              f"{loaded.source}", flush=True)
+    def record(self, **extra: Any) -> dict:
+        """The provenance block, with ``extra``."""
+        return {**self.provenance, **extra}
 
     @contextlib.contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -75,225 +66,266 @@ class Experiment:
         yield
         self.timings[key] = self.timings.get(key, 0.0) + time.time() - start
 
-    def provenance(self, **extra: Any) -> dict:
-        """As complete as stage 20's block, plus the held-out sets."""
-        files = list(self.data.files) + [p for p, e in ((self.cfg.stereoset_path, "stereoset"),
-                                                        (self.cfg.crows_path, "crows")) if e in self.cfg.evals]
-        source = self.tokenizer.chat_template if self.chat else None
-        return provenance(
-            self.cfg, files, model_source=self.loaded.source, device=str(self.loaded.device),
-            batch_size=self.cfg.batch_size, n_examples=len(self.held_out), held_out_sets=self.sets.sizes(),
-            prompt_template=PROMPT_TEMPLATE, prompt_template_sha256=sha256_text(PROMPT_TEMPLATE),
-            question_only_template_sha256=sha256_text(QUESTION_ONLY_TEMPLATE), chat_template=self.chat,
-            chat_template_sha256=sha256_text(source) if source else None,
-            scoring=(f"letter: p(letter)+p(' '+letter), renormalised over A/B/C, permutations {self.cfg.permutations}"
-                     if self.cfg.mode == "letter" else "answer: per-token mean log-likelihood of ' '+answer text"),
-            perplexity_texts=texts_provenance(self.sets.texts) if self.sets.texts else None, **extra)
 
-    def choose_heads(self) -> None:
-        cfg = self.cfg
-        with self.timed("signal"):
-            if cfg.signal == "stereoset":
-                examples = selection_examples(cfg.stereoset_path, cfg.signal_domain, cfg.signal_limit, cfg.half_seed,
-                                              cfg.seed)
-                self.signal = hp.stereoset_signal(self.model, self.tokenizer, examples, cfg.batch_size)
-            else:
-                self.signal, act, orders = hp.bbq_signal(self.model, self.tokenizer, self.mitigation, cfg.mode,
-                                                         self.chat_tok, cfg.seed, cfg.batch_size, cfg.activity)
-                write_jsonl(self.out / "context_influence.jsonl", [
-                    {"category": e.category, "example_id": e.example_id, "context_condition": e.context_condition,
-                     "option_order": list(o), "p_full": pf, "p_question": pq, "context_influence": ci}
-                    for e, o, pf, pq, ci in zip(self.mitigation, orders, act.p_full.tolist(), act.p_question.tolist(),
-                                                act.influence.tolist())])
-        self.strengths = hp.select_heads(self.signal, cfg.select, cfg.k, cfg.q, cfg.signed, cfg.strength)
-        self.protected, cost = [], None
-        if cfg.protect_top:
-            orders = [option_order(e, cfg.seed) for e in self.mitigation]
-            prompts = [build_prompt(e, o, True, self.chat_tok) for e, o in zip(self.mitigation, orders)]
-            with self.timed("protection"):
-                self.strengths, self.protected, cost = hp.protect(self.model, self.tokenizer, self.mitigation, prompts,
-                                                                  orders, self.strengths, cfg)
-        p_used = self.signal.pvalues(cfg.signed)
-        write_csv(self.out / "head_signal.csv", [
-            {"layer": l, "head": h, "score": float(self.signal.score[l, h]), "p_two_sided": float(self.signal.p_two_sided[l, h]),
-             "p_used": float(p_used[l, h]), "strength": float(self.strengths[l, h]),
-             "pruning_cost": None if cost is None else float(cost[l, h]), "protected": (l, h) in self.protected}
-            for l in range(self.layout.n_layers) for h in range(self.layout.n_heads)])
-        fig, axes = plots.new_figure(1, 2, figsize=(8, 7), sharey=True)
-        bound = float(self.signal.score.abs().max()) or 1.0
-        plots.layer_head_panel(fig, axes[0], self.signal.score.numpy(), f"{cfg.signal} signal", "RdBu_r", -bound, bound)
-        plots.layer_head_panel(fig, axes[1], self.strengths.numpy(), "pruning strength", "Reds", 0, 1)
-        axes[0].set_ylabel("layer")
-        fig.suptitle(f"{self.name}: head signal (n={self.signal.n}) and chosen heads")
-        plots.save_figure(fig, self.out / "head_signal.png")
-        print(f"signal {cfg.signal} over {self.signal.n} examples: {int((p_used < 0.05).sum())} heads p < 0.05; "
-              f"{cfg.select} chose {int((self.strengths > 0).sum())} heads at strength {cfg.strength} "
-              f"({len(self.protected)} protected)", flush=True)
+@dataclass
+class Choice:
+    """The head signal, the chosen strengths [layers, heads] and the protected heads."""
 
-    def evaluate(self, label: str, model: Any, bbq_only: bool = False) -> dict:
-        start = time.time()
-        suite = hc.evaluate_suite(model, self.tokenizer, self.sets, self.cfg, bbq_only)
-        seconds = time.time() - start
-        self.timings["evaluations"] = self.timings.get("evaluations", 0.0) + seconds
-        o = suite["bbq"][0]["overall"]
-        print(f"[{label}] BBQ acc_dis {o['acc_disambig']:.3f} s_AMB {o['s_amb']:+.3f} s_DIS {o['s_dis']:+.3f}"
-              + ("" if bbq_only else f" | {self._short(suite)}") + f" ({seconds:.0f} s)", flush=True)
-        if bbq_only:
-            return suite
-        write_bbq_run(self.out / label, *suite["bbq"], self.provenance(stage=label, wall_seconds=round(seconds, 1)))
+    signal: hp.HeadSignal
+    strengths: torch.Tensor
+    protected: list
+
+
+def suite_config(cfg: HeadRunConfig) -> SuiteConfig:
+    """The held-out suite of the controls: the evaluations in ``cfg.evals`` (BBQ items are the split's)."""
+    return SuiteConfig(cfg.stereoset_path if "stereoset" in cfg.evals else None,
+                       cfg.crows_path if "crows" in cfg.evals else None, None, None,
+                       stereoset_limit=cfg.stereoset_limit, gender_limit=cfg.stereoset_gender_limit,
+                       crows_limit=cfg.crows_limit, crows_gender=False,
+                       ppl_limit=cfg.perplexity_texts if "perplexity" in cfg.evals else 0, half_seed=cfg.half_seed,
+                       bbq_mode=cfg.mode, chat_template=cfg.chat_template, permutations=cfg.permutations,
+                       batch_size=cfg.batch_size, bbq_batch_size=cfg.batch_size, ppl_batch_size=cfg.batch_size,
+                       n_boot=cfg.n_boot, seed=cfg.seed, device=cfg.device)
+
+
+def prepare(cfg: HeadRunConfig, data: Any, loaded: Any, chat: bool, out: Path, provenance_block: dict) -> Material:
+    """Split BBQ by scenario, build the held-out suite, write ``split.json``; the provenance block gains what
+    stage 20's records (model, templates, scoring) and the held-out sets."""
+    layout = head_layout(loaded.model)  # a clear error for models without heads, before any work
+    mitigation_pool, held_pool = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
+    mitigation = sample_per_category(mitigation_pool, cfg.mitigation_per_category, cfg.split_seed)
+    held_out = sample_per_category(held_pool, cfg.eval_per_category, cfg.split_seed)
+    suite = suite_config(cfg)
+    items = held_out_items(suite, held_out)
+    source = loaded.tokenizer.chat_template if chat else None
+    block = {**provenance_block, "model_source": loaded.source, "device": str(loaded.device),
+             "batch_size": cfg.batch_size, "n_examples": len(held_out), "held_out_sets": items.sizes(),
+             "prompt_template": PROMPT_TEMPLATE, "prompt_template_sha256": sha256_text(PROMPT_TEMPLATE),
+             "question_only_template_sha256": sha256_text(QUESTION_ONLY_TEMPLATE), "chat_template": chat,
+             "chat_template_sha256": sha256_text(source) if source else None,
+             "scoring": (f"letter: p(letter)+p(' '+letter), renormalised over A/B/C, permutations {cfg.permutations}"
+                         if cfg.mode == "letter" else "answer: per-token mean log-likelihood of ' '+answer text"),
+             "perplexity_texts": texts_provenance(items.neutral) if items.neutral else None}
+    run = Material(loaded, loaded.tokenizer if chat else None, layout, mitigation, held_out, suite, items, Path(out),
+                   model_name(cfg.model), block)
+    mitigation_scenarios = {e.scenario for e in mitigation}
+    write_json(run.out / "split.json", {
+        "split_seed": cfg.split_seed, "unit": "scenario", "mitigation_fraction": cfg.mitigation_fraction,
+        "n_mitigation": len(mitigation), "n_held_out": len(held_out),
+        "shared_scenarios": len(mitigation_scenarios & {e.scenario for e in held_out}),
+        "mitigation_scenarios": sorted(mitigation_scenarios),
+        "held_out_scenarios": sorted({e.scenario for e in held_out}), "held_out_sets": items.sizes()})
+    print(f"{len(mitigation)} mitigation / {len(held_out)} held-out BBQ examples (disjoint scenarios); "
+          f"held-out sets {items.sizes()}; {layout.n_layers} layers x {layout.n_heads} heads; {loaded.source}",
+          flush=True)
+    return run
+
+
+def _prompts(run: Material, seed: int) -> tuple[list, list[str]]:
+    orders = [option_order(e, seed) for e in run.mitigation]
+    return orders, [build_prompt(e, o, True, run.chat_tokenizer) for e, o in zip(run.mitigation, orders)]
+
+
+def choose_heads(run: Material, cfg: HeadRunConfig) -> Choice:
+    """The head signal, the chosen (and protected) heads; writes head_signal.csv/.png (and the BBQ signal's
+    context_influence.jsonl)."""
+    with run.timed("signal"):
+        if cfg.signal == "stereoset":
+            examples = selection_examples(cfg.stereoset_path, cfg.signal_domain, cfg.signal_limit, cfg.half_seed,
+                                          cfg.seed)
+            signal = hp.stereoset_signal(run.loaded.model, run.loaded.tokenizer, examples, cfg.batch_size)
+        else:
+            signal, act, orders = hp.bbq_signal(run.loaded.model, run.loaded.tokenizer, run.mitigation, cfg.mode,
+                                                run.chat_tokenizer, cfg.seed, cfg.batch_size, cfg.activity)
+            write_jsonl(run.out / "context_influence.jsonl", [
+                {"category": e.category, "example_id": e.example_id, "context_condition": e.context_condition,
+                 "option_order": list(o), "p_full": pf, "p_question": pq, "context_influence": ci}
+                for e, o, pf, pq, ci in zip(run.mitigation, orders, act.p_full.tolist(), act.p_question.tolist(),
+                                            act.influence.tolist())])
+    strengths = hp.select_heads(signal, cfg.select, cfg.k, cfg.q, cfg.signed, cfg.strength)
+    protected, cost = [], None
+    if cfg.protect_top:
+        orders, prompts = _prompts(run, cfg.seed)
+        with run.timed("protection"):
+            strengths, protected, cost = hp.protect(run.loaded.model, run.loaded.tokenizer, run.mitigation, prompts, orders,
+                                                    strengths, cfg)
+    p_used = signal.pvalues(cfg.signed)
+    write_csv(run.out / "head_signal.csv", [
+        {"layer": l, "head": h, "score": float(signal.score[l, h]), "p_two_sided": float(signal.p_two_sided[l, h]),
+         "p_used": float(p_used[l, h]), "strength": float(strengths[l, h]),
+         "pruning_cost": None if cost is None else float(cost[l, h]), "protected": (l, h) in protected}
+        for l in range(run.layout.n_layers) for h in range(run.layout.n_heads)])
+    fig, axes = plots.new_figure(1, 2, figsize=(8, 7), sharey=True)
+    bound = float(signal.score.abs().max()) or 1.0
+    plots.layer_head_panel(fig, axes[0], signal.score.numpy(), f"{cfg.signal} signal", "RdBu_r", -bound, bound)
+    plots.layer_head_panel(fig, axes[1], strengths.numpy(), "pruning strength", "Reds", 0, 1)
+    axes[0].set_ylabel("layer")
+    fig.suptitle(f"{run.name}: head signal (n={signal.n}) and chosen heads")
+    plots.save_figure(fig, run.out / "head_signal.png")
+    print(f"signal {cfg.signal} over {signal.n} examples: {int((p_used < 0.05).sum())} heads p < 0.05; "
+          f"{cfg.select} chose {int((strengths > 0).sum())} heads at strength {cfg.strength} "
+          f"({len(protected)} protected)", flush=True)
+    return Choice(signal, strengths, protected)
+
+
+def evaluate(run: Material, label: str, model: Any, bbq_only: bool = False) -> dict:
+    """One variant's scores on the held-out suite (BBQ alone with ``bbq_only``); a full evaluation also
+    writes its stage-20 run folder ``<out>/<label>/`` with its StereoSet and CrowS-Pairs items."""
+    start = time.time()
+    scores = score_items(model, run.loaded.tokenizer, run.items.only("bbq") if bbq_only else run.items, run.suite)
+    seconds = time.time() - start
+    run.timings["evaluations"] = run.timings.get("evaluations", 0.0) + seconds
+    o = scores["bbq"][0]["overall"]
+    row = hc.summary_row(scores, run.items, 1, 0)
+    short = " ".join(f"{k} {row[k]:.2f}" for k in ("ss_gender", "lms_gender", "ss_overall", "crows", "ppl") if k in row)
+    print(f"[{label}] BBQ acc_dis {o['acc_disambig']:.3f} s_AMB {o['s_amb']:+.3f} s_DIS {o['s_dis']:+.3f}"
+          + ("" if bbq_only else f" | {short}") + f" ({seconds:.0f} s)", flush=True)
+    if not bbq_only:
+        write_bbq_run(run.out / label, *scores["bbq"], run.record(stage=label, wall_seconds=round(seconds, 1)))
         for key in ("stereoset", "crows"):
-            if key in suite:
-                write_jsonl(self.out / label / f"{key}_items.jsonl", suite[key])
-        self.suites[label] = suite
-        self.rows[label] = hc.summary_row(suite, self.sets, self.cfg.n_boot, self.cfg.seed)
-        if label != "before":
-            self.changes[label] = hc.paired_row(self.suites["before"], suite, self.sets, self.cfg.n_boot, self.cfg.seed)
-        return suite
-
-    def _short(self, suite: dict) -> str:
-        row = hc.summary_row(suite, self.sets, 1, 0)
-        return " ".join(f"{k} {row[k]:.2f}" for k in ("ss_gender", "lms_gender", "ss_overall", "crows", "ppl") if k in row)
-
-    def info(self, **extra: Any) -> dict:
-        return {"base_model": self.cfg.model, "signal": self.cfg.signal, "select": self.cfg.select,
-                "heads": hp.heads_of(self.strengths), "head_strengths": self.strengths.tolist(),
-                "out_projection": self.layout.out_proj_name, **extra}
-
-    def method_config(self) -> dict:
-        return method_config("head_pruning", typed_config(HeadPruningConfig, self.cfg))
-
-    def evaluate_all_controls(self) -> None:
-        self.evaluate("before", self.model)
-        with pruned(self.model, self.strengths, self.layout):
-            self.evaluate("pruned", self.model)
-            save_model(self.model, self.tokenizer, self.cfg.models_dir / "pruned" / self.name,
-                       {MITIGATION_INFO: self.info(), CONFIG_FILE: self.method_config()})
-        for d, strengths in enumerate(hp.random_draws(self.strengths, self.cfg.seed, self.cfg.random_draws)):
-            with pruned(self.model, strengths, self.layout):
-                self.evaluate(f"random_{d}", self.model)
-        self.randoms = [self.suites[f"random_{d}"] for d in range(self.cfg.random_draws)]
-        self.vs_random = hc.versus_random(self.suites["pruned"], self.randoms, self.sets, self.cfg.n_boot, self.cfg.seed)
-
-    def dose_response(self) -> None:
-        cfg, n_heads = self.cfg, self.layout.n_layers * self.layout.n_heads
-        for k in [0, *sorted(set(cfg.dose_ks))]:
-            if k > n_heads:
-                print(f"dose-response: k={k} skipped (the model has {n_heads} heads)")
-                continue
-            chosen = hp.select_heads(self.signal, "top-k", k, cfg.q, cfg.signed, cfg.strength)
-            if k == 0:
-                suite, randoms = self.suites["before"], []
-            elif torch.equal(chosen, self.strengths) and cfg.dose_random_draws <= cfg.random_draws:
-                suite, randoms = self.suites["pruned"], self.randoms[: cfg.dose_random_draws]
-            else:
-                with pruned(self.model, chosen, self.layout):
-                    suite = self.evaluate(f"k={k} chosen", self.model, bbq_only=True)
-                randoms = []
-                for d, strengths in enumerate(hp.random_draws(chosen, cfg.seed, cfg.dose_random_draws)):
-                    with pruned(self.model, strengths, self.layout):
-                        randoms.append(self.evaluate(f"k={k} random {d}", self.model, bbq_only=True))
-            entry = {"k": k, "chosen": _bbq_point(suite), "random": [_bbq_point(r) for r in randoms]}
-            if randoms:
-                entry["chosen_minus_random"] = {m: v for m, v in hc.versus_random(
-                    suite, randoms, self.sets, cfg.n_boot, cfg.seed).items() if m.startswith("bbq_")}
-            self.dose.append(entry)
-        write_csv(self.out / "dose_response.csv", [
-            {"k": e["k"], "heads": kind, "draw": d, "s_amb": p["s_amb"], "acc_disambig": p["acc_disambig"],
-             "s_dis": p["s_dis"]}
-            for e in self.dose for kind, points in (("chosen", [e["chosen"]]), ("random", e["random"]))
-            for d, p in enumerate(points)])
-        hc.plot_dose_response(self.out / "dose_response.png", self.dose,
-                              f"{self.name}: held-out BBQ vs heads pruned ({cfg.signal} signal, {cfg.mode} mode)")
-
-    def recover(self) -> None:
-        cfg = self.cfg
-        orders = [option_order(e, cfg.seed) for e in self.mitigation]
-        prompts = [build_prompt(e, o, True, self.chat_tok) for e, o in zip(self.mitigation, orders)]
-        for label, strengths in (("recovered", self.strengths), ("recovery_only", None)):
-            model = copy.deepcopy(self.model)
-            if strengths is not None:
-                scale_heads(model, strengths)
-            resume = Checkpointer(beside(cfg.models_dir / label / self.name, "resume"), cfg.checkpoint_every,
-                                  fingerprint=dict(config_to_dict(cfg), variant=label))
-            with self.timed(f"train_{label}"):
-                model, history, lr = hp.recover(model, self.tokenizer, self.mitigation, orders, prompts, cfg.mode, cfg,
-                                                resume)
-            self.history[label] = {"steps": len(history), "lr": lr, "first_loss": history[0].loss,
-                                   "last_loss": history[-1].loss}
-            write_csv(self.out / ("recovery_log.csv" if label == "recovered" else f"{label}_log.csv"),
-                      [vars(h) for h in history])
-            if label == "recovered":
-                save_model(model, self.tokenizer, cfg.models_dir / "recovered" / self.name, {MITIGATION_INFO: self.info(
-                    recovery=cfg.recovery, recovery_lr=lr, recovery_examples=len(self.mitigation)),
-                    CONFIG_FILE: self.method_config()})
-                self.final_model = model
-            resume.clear()
-            print(f"{label}: {cfg.recovery} recovery, {len(history)} steps on {len(self.mitigation)} mitigation "
-                  f"examples (both conditions), loss {history[0].loss:.3f} -> {history[-1].loss:.3f}", flush=True)
-            self.evaluate(label, model)
-
-    def localize(self, model: Any, examples: Sequence[Any], folder: Path, label: str, compare_to: Path | None) -> None:
-        items = self.suites[label]["bbq"][1]
-        with self.timed(f"localization_{label}"):
-            run_localization(model, self.tokenizer, examples, folder, f"{self.name} ({label}, held-out scenarios)",
-                             self.chat_tok, self.cfg.seed, self.cfg.localize_batch_size,
-                             self.provenance(stage=label, localized_model=f"{label} model of stage 22"),
-                             compare_to=compare_to,
-                             answer_types={(it["category"], it["example_id"]): it["answer_type"] for it in items})
-
-    def write_summary(self, wall_seconds: float) -> None:
-        cfg, n = self.cfg, self.cfg.random_draws
-        rows = {k: v for k, v in self.rows.items() if not k.startswith("random_")}
-        rows = {**{k: rows[k] for k in ("before", "pruned") if k in rows},
-                "random heads": [self.rows[f"random_{d}"] for d in range(n)],
-                **{k: rows[k] for k in ("recovered", "recovery_only") if k in rows}}
-        changes = {"pruned": self.changes["pruned"], "random heads": [self.changes[f"random_{d}"] for d in range(n)],
-                   **{k: self.changes[k] for k in ("recovered", "recovery_only") if k in self.changes}}
-        count, total = int((self.strengths > 0).sum()), float(self.strengths.sum())
-        heads = {k: f"{count} (sum of strengths {total:g})" for k in ("pruned", "random heads", "recovered")}
-        table = hc.controls_markdown(rows, changes, heads, self.vs_random)
-        write_text(self.out / "controls.md", table)
-        write_csv(self.out / "controls.csv", [dict(model=k, **{**self.rows[k], **self.changes.get(k, {})})
-                                              for k in self.rows])
-        self.timings["total"] = wall_seconds
-        write_json(self.out / "metrics.json", {
-            "model": cfg.model, "mode": cfg.mode, "permutations": cfg.permutations,
-            "n_mitigation": len(self.mitigation), "n_held_out": len(self.held_out), "held_out_sets": self.sets.sizes(),
-            "n_recovery_examples": len(self.mitigation) if self.history else 0,
-            "recovery_examples_by_condition": {c: sum(e.context_condition == c for e in self.mitigation)
-                                               for c in ("ambig", "disambig")},
-            "recovery": self.history, "signal": {"kind": self.signal.kind, "n": self.signal.n,
-                                                 "definition": self.signal.definition},
-            "select": cfg.select, "k": cfg.k, "q": cfg.q, "signed": cfg.signed, "heads_pruned": count,
-            "heads_by_strength": {str(s): int((self.strengths == s).sum()) for s in sorted(set(self.strengths[self.strengths > 0].tolist()))},
-            "heads": hp.heads_of(self.strengths), "protected": self.protected, "rows": self.rows,
-            "changes": self.changes, "chosen_minus_random": self.vs_random, "dose_response": self.dose,
-            "wall_seconds": {k: round(v, 1) for k, v in self.timings.items()}, "provenance": self.provenance()})
-        print(table + f"total {wall_seconds:.0f} s -> {self.out}")
+            if key in scores:
+                write_jsonl(run.out / label / f"{key}_items.jsonl", scores[key][1])
+    return scores
 
 
-@dataclass(frozen=True)
-class HeadPruningConfig:
-    """Head pruning's settings (stage 22), saved next to the pruned and the recovered model."""
+def info(cfg: HeadRunConfig, run: Material, choice: Choice, **extra: Any) -> dict:
+    """``fairforget_mitigation.json`` beside a saved model: what was pruned."""
+    return {"base_model": cfg.model, "signal": cfg.signal, "select": cfg.select, "heads": hp.heads_of(choice.strengths),
+            "head_strengths": choice.strengths.tolist(), "out_projection": run.layout.out_proj_name, **extra}
 
-    model: str
-    signal: str
-    signal_domain: str
-    signal_limit: int | None
-    activity: str
-    select: str
-    k: int
-    q: float
-    signed: bool
-    strength: float
-    protect_top: int
-    recovery: str
-    recovery_epochs: int
-    recovery_lr: float | None
-    mitigation_fraction: float
-    mitigation_per_category: int
-    split_seed: int
-    seed: int
+
+def evaluate_controls(run: Material, cfg: HeadRunConfig, choice: Choice) -> dict[str, dict]:
+    """Scores of before, pruned (saved to ``<models_dir>/pruned/<model>``) and each random-heads draw."""
+    scores = {"before": evaluate(run, "before", run.loaded.model)}
+    with pruned(run.loaded.model, choice.strengths, run.layout):
+        scores["pruned"] = evaluate(run, "pruned", run.loaded.model)
+        save_model(run.loaded.model, run.loaded.tokenizer, cfg.models_dir / "pruned" / run.name,
+                   {MITIGATION_INFO: info(cfg, run, choice),
+                    CONFIG_FILE: method_config("head_pruning", typed_config(HeadPruningConfig, cfg))})
+    for d, strengths in enumerate(hp.random_draws(choice.strengths, cfg.seed, cfg.random_draws)):
+        with pruned(run.loaded.model, strengths, run.layout):
+            scores[f"random_{d}"] = evaluate(run, f"random_{d}", run.loaded.model)
+    return scores
+
+
+def randoms(scores: dict[str, dict], n: int) -> list[dict]:
+    return [scores[f"random_{d}"] for d in range(n)]
+
+
+def _bbq_point(scores: dict) -> dict:
+    o = scores["bbq"][0]["overall"]
+    return {k: o[k] for k in ("s_amb", "s_amb_ci", "acc_disambig", "acc_disambig_ci", "s_dis", "s_dis_ci")}
+
+
+def dose_response(run: Material, cfg: HeadRunConfig, choice: Choice, scores: dict[str, dict]) -> list[dict]:
+    """Held-out BBQ against the number of heads pruned (chosen vs random draws); writes dose_response.csv/.png."""
+    dose, n_heads = [], run.layout.n_layers * run.layout.n_heads
+    for k in [0, *sorted(set(cfg.dose_ks))]:
+        if k > n_heads:
+            print(f"dose-response: k={k} skipped (the model has {n_heads} heads)")
+            continue
+        chosen = hp.select_heads(choice.signal, "top-k", k, cfg.q, cfg.signed, cfg.strength)
+        if k == 0:
+            suite, draws = scores["before"], []
+        elif torch.equal(chosen, choice.strengths) and cfg.dose_random_draws <= cfg.random_draws:
+            suite, draws = scores["pruned"], randoms(scores, cfg.random_draws)[: cfg.dose_random_draws]
+        else:
+            with pruned(run.loaded.model, chosen, run.layout):
+                suite = evaluate(run, f"k={k} chosen", run.loaded.model, bbq_only=True)
+            draws = []
+            for d, strengths in enumerate(hp.random_draws(chosen, cfg.seed, cfg.dose_random_draws)):
+                with pruned(run.loaded.model, strengths, run.layout):
+                    draws.append(evaluate(run, f"k={k} random {d}", run.loaded.model, bbq_only=True))
+        entry = {"k": k, "chosen": _bbq_point(suite), "random": [_bbq_point(r) for r in draws]}
+        if draws:
+            entry["chosen_minus_random"] = {m: v for m, v in hc.versus_random(
+                suite, draws, run.items, cfg.n_boot, cfg.seed).items() if m.startswith("bbq_")}
+        dose.append(entry)
+    write_csv(run.out / "dose_response.csv", [
+        {"k": e["k"], "heads": kind, "draw": d, "s_amb": p["s_amb"], "acc_disambig": p["acc_disambig"],
+         "s_dis": p["s_dis"]}
+        for e in dose for kind, points in (("chosen", [e["chosen"]]), ("random", e["random"]))
+        for d, p in enumerate(points)])
+    hc.plot_dose_response(run.out / "dose_response.png", dose,
+                          f"{run.name}: held-out BBQ vs heads pruned ({cfg.signal} signal, {cfg.mode} mode)")
+    return dose
+
+
+def recover(run: Material, cfg: HeadRunConfig, choice: Choice, scores: dict[str, dict]) -> tuple[dict, Any]:
+    """Recovery fine-tuning of the pruned model (saved to ``<models_dir>/recovered/<model>``) and of the
+    unpruned one (same data, steps, seed), each scored into ``scores``; returns (history, recovered model)."""
+    orders, prompts = _prompts(run, cfg.seed)
+    history, final = {}, run.loaded.model
+    for label, strengths in (("recovered", choice.strengths), ("recovery_only", None)):
+        model = copy.deepcopy(run.loaded.model)
+        if strengths is not None:
+            scale_heads(model, strengths)
+        resume = Checkpointer(beside(cfg.models_dir / label / run.name, "resume"), cfg.checkpoint_every,
+                              fingerprint=dict(config_to_dict(cfg), variant=label))
+        with run.timed(f"train_{label}"):
+            model, steps, lr = hp.recover(model, run.loaded.tokenizer, run.mitigation, orders, prompts, cfg.mode, cfg, resume)
+        history[label] = {"steps": len(steps), "lr": lr, "first_loss": steps[0].loss, "last_loss": steps[-1].loss}
+        write_csv(run.out / ("recovery_log.csv" if label == "recovered" else f"{label}_log.csv"),
+                  [vars(h) for h in steps])
+        if label == "recovered":
+            save_model(model, run.loaded.tokenizer, cfg.models_dir / "recovered" / run.name, {
+                MITIGATION_INFO: info(cfg, run, choice, recovery=cfg.recovery, recovery_lr=lr,
+                                      recovery_examples=len(run.mitigation)),
+                CONFIG_FILE: method_config("head_pruning", typed_config(HeadPruningConfig, cfg))})
+            final = model
+        resume.clear()
+        print(f"{label}: {cfg.recovery} recovery, {len(steps)} steps on {len(run.mitigation)} mitigation "
+              f"examples (both conditions), loss {steps[0].loss:.3f} -> {steps[-1].loss:.3f}", flush=True)
+        scores[label] = evaluate(run, label, model)
+    return history, final
+
+
+def localize(run: Material, cfg: HeadRunConfig, model: Any, examples: Sequence[Any], folder: Path, label: str,
+             bbq_items: list[dict], compare_to: Path | None) -> None:
+    """Localization of held-out prompts with ``model`` (the ``label`` variant, whose BBQ items give each
+    prompt's answer type)."""
+    with run.timed(f"localization_{label}"):
+        run_localization(model, run.loaded.tokenizer, examples, folder, f"{run.name} ({label}, held-out scenarios)",
+                         run.chat_tokenizer, cfg.seed, cfg.localize_batch_size,
+                         run.record(stage=label, localized_model=f"{label} model of stage 22"), compare_to=compare_to,
+                         answer_types={(it["category"], it["example_id"]): it["answer_type"] for it in bbq_items})
+
+
+def write_summary(run: Material, cfg: HeadRunConfig, choice: Choice, scores: dict[str, dict], dose: list[dict],
+                  history: dict, wall_seconds: float) -> None:
+    """controls.md / controls.csv (every variant's row and paired change against before, chosen minus
+    random heads) and metrics.json."""
+    n = cfg.random_draws
+    rows = {label: hc.summary_row(s, run.items, cfg.n_boot, cfg.seed) for label, s in scores.items()}
+    changes = {label: hc.paired_row(scores["before"], s, run.items, run.suite) for label, s in scores.items()
+               if label != "before"}
+    vs_random = hc.versus_random(scores["pruned"], randoms(scores, n), run.items, cfg.n_boot, cfg.seed)
+    shown = {**{k: rows[k] for k in ("before", "pruned")}, "random heads": [rows[f"random_{d}"] for d in range(n)],
+             **{k: rows[k] for k in ("recovered", "recovery_only") if k in rows}}
+    shown_changes = {"pruned": changes["pruned"], "random heads": [changes[f"random_{d}"] for d in range(n)],
+                     **{k: changes[k] for k in ("recovered", "recovery_only") if k in changes}}
+    count, total = int((choice.strengths > 0).sum()), float(choice.strengths.sum())
+    heads = {k: f"{count} (sum of strengths {total:g})" for k in ("pruned", "random heads", "recovered")}
+    table = hc.controls_markdown(shown, shown_changes, heads, vs_random)
+    write_text(run.out / "controls.md", table)
+    write_csv(run.out / "controls.csv", [dict(model=k, **{**rows[k], **changes.get(k, {})}) for k in rows])
+    strengths = choice.strengths
+    write_json(run.out / "metrics.json", {
+        "model": cfg.model, "mode": cfg.mode, "permutations": cfg.permutations,
+        "n_mitigation": len(run.mitigation), "n_held_out": len(run.held_out), "held_out_sets": run.items.sizes(),
+        "n_recovery_examples": len(run.mitigation) if history else 0,
+        "recovery_examples_by_condition": {c: sum(e.context_condition == c for e in run.mitigation)
+                                           for c in ("ambig", "disambig")},
+        "recovery": history, "signal": {"kind": choice.signal.kind, "n": choice.signal.n,
+                                        "definition": choice.signal.definition},
+        "select": cfg.select, "k": cfg.k, "q": cfg.q, "signed": cfg.signed, "heads_pruned": count,
+        "heads_by_strength": {str(s): int((strengths == s).sum())
+                              for s in sorted(set(strengths[strengths > 0].tolist()))},
+        "heads": hp.heads_of(strengths), "protected": choice.protected, "rows": rows,
+        "changes": changes, "chosen_minus_random": vs_random, "dose_response": dose,
+        "wall_seconds": {k: round(v, 1) for k, v in {**run.timings, "total": wall_seconds}.items()},
+        "provenance": run.provenance})
+    print(table + f"total {wall_seconds:.0f} s -> {run.out}")
 
 
 def final_model_folder(root: Path, flags: dict) -> Path:

@@ -20,6 +20,7 @@ interval that resamples items (scenario clusters for BBQ) and random draws toget
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -40,6 +41,64 @@ Signal = Literal["stereoset", "bbq"]
 Select = Literal["top-k", "fdr"]
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}  # recovery learning rates when --recovery-lr is not given
 RANDOM_SEED_STRIDE = 1000  # random draw d of seed s uses seed s * stride + d (the same draws at every k)
+
+
+@dataclass(frozen=True)
+class HeadPruningConfig:
+    """Head pruning's settings (stage 22), saved next to the pruned and the recovered model."""
+
+    model: str
+    signal: str
+    signal_domain: str
+    signal_limit: int | None
+    activity: str
+    select: str
+    k: int
+    q: float
+    signed: bool
+    strength: float
+    protect_top: int
+    recovery: str
+    recovery_epochs: int
+    recovery_lr: float | None
+    mitigation_fraction: float
+    mitigation_per_category: int
+    split_seed: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class HeadRunConfig(HeadPruningConfig):
+    """Stage 22's run: head pruning's settings, the controls, recovery, the held-out suite and folders."""
+
+    eval_per_category: int
+    mode: str
+    permutations: str
+    chat_template: str
+    random_draws: int
+    dose_ks: list[int]
+    dose_random_draws: int
+    protect_examples: int
+    recovery_batch_size: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: list[str]
+    evals: list[str]
+    stereoset_path: Path
+    stereoset_limit: int | None
+    stereoset_gender_limit: int | None
+    half_seed: int
+    crows_path: Path
+    crows_limit: int | None
+    perplexity_texts: int
+    batch_size: int
+    n_boot: int
+    localize_per_category: int
+    localize_batch_size: int
+    models_dir: Path
+    checkpoint_every: int
+    device: str
 
 
 @dataclass
@@ -162,7 +221,7 @@ def heads_of(strengths: torch.Tensor) -> list[dict]:
 
 
 def recover(model: Any, tokenizer: Any, examples: Sequence[Any], orders: Sequence[Sequence[int]],
-            prompts: Sequence[str], mode: str, cfg: Any, checkpoint: Any = None) -> tuple[Any, list, float]:
+            prompts: Sequence[str], mode: str, cfg: HeadRunConfig, checkpoint: Any = None) -> tuple[Any, list, float]:
     """Recovery fine-tuning on every mitigation example (gold "unknown" for ambiguous ones, as they occur):
     returns the merged model, its step log and the learning rate."""
     lr = cfg.recovery_lr or DEFAULT_LR[cfg.recovery]
@@ -188,7 +247,8 @@ def protection_examples(examples: Sequence[Any], n: int, seed: int) -> list[int]
 
 
 def protect(model: Any, tokenizer: Any, examples: Sequence[Any], prompts: Sequence[str],
-            orders: Sequence[Sequence[int]], strengths: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, list, torch.Tensor]:
+            orders: Sequence[Sequence[int]], strengths: torch.Tensor,
+            cfg: HeadRunConfig) -> tuple[torch.Tensor, list, torch.Tensor]:
     """Unselect the ``cfg.protect_top`` chosen heads whose pruning most raises the gold-answer loss (first
     order) on stratified protection examples; returns (strengths, protected heads, cost)."""
     layout = head_layout(model)

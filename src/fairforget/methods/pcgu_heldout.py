@@ -1,4 +1,8 @@
-"""PCGU's held-out report (stage 12): the start model's cached scores, the kept model's, and their paired comparison."""
+"""PCGU's held-out report (stage 12): the start model's and the kept model's scores on the held-out suite
+(:mod:`fairforget.evals.suite`: every held-out StereoSet gender example plus a ``heldout_limit`` sample of the
+held-out half, the CrowS-Pairs gender pairs, the neutral held-out texts), their paired comparison through
+the suite, and greedy completions of the built-in prompts. The start model's scores are cached by the suite
+(by weights digest, under ``start_cache``)."""
 
 from __future__ import annotations
 
@@ -6,154 +10,113 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fairforget.artifacts import read_json, read_jsonl, write_json, write_jsonl
-from fairforget.provenance import provenance
-from fairforget.errors import FairforgetError
-from fairforget.evals.crows import compare_runs as crows_compare
-from fairforget.evals.crows import compute_metrics as crows_metrics
-from fairforget.evals.crows import load_crows, score_pairs
+from fairforget.artifacts import write_json, write_jsonl
 from fairforget.evals.generation import complete, load_prompts, pronoun_counts
-from fairforget.evals.perplexity import load_neutral_texts, perplexity, perplexity_change, texts_provenance
-from fairforget.evals.stereoset import compare_runs, compute_metrics, load_stereoset, score_examples, select_half, \
-    stratified_limit
+from fairforget.evals.perplexity import texts_provenance
+from fairforget.evals.stereoset import compute_metrics
+from fairforget.evals.suite import Items, SuiteConfig, compare, held_out_items, in_sample, of_gender, score_items, \
+    score_model
 from fairforget.models import load_model, model_name
 
 
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """The held-out report's settings (stage 12's flags of the same names)."""
+
+    model: str
+    stereoset: Path
+    crows: Path | None  # None: no CrowS-Pairs gender pairs
+    heldout_limit: int  # the overall sample (0: none)
+    heldout_gender: bool  # every held-out gender example
+    perplexity_texts: int
+    completion_tokens: int  # 0: no completions
+    start_cache: Path | None  # default outputs/pcgu/start-<model>
+    half_seed: int
+    eval_batch_size: int
+    n_boot: int
+    sample_seed: int
+    device: str
+
+    def suite(self) -> SuiteConfig:
+        return SuiteConfig(self.stereoset, self.crows, None, None, stereoset_limit=self.heldout_limit,
+                           gender_limit=None if self.heldout_gender else 0, crows_limit=0, crows_gender=True,
+                           ppl_limit=self.perplexity_texts, half_seed=self.half_seed, batch_size=self.eval_batch_size,
+                           ppl_batch_size=self.eval_batch_size, n_boot=self.n_boot, seed=self.sample_seed,
+                           device=self.device)
+
+
 @dataclass
-class HeldOut:
-    """The held-out material and the start model's scores on it."""
+class Start:
+    """The held-out items and the start model's scores (and completions) on them."""
 
-    examples: list
-    gender_ids: set[str]
-    sample_ids: set[str]
-    texts: list[str]
-    before: dict[str, Any]
+    items: Items
+    scores: dict
+    completions: dict | None
 
 
-def heldout_examples(cfg: Any) -> tuple[list, set[str], set[str]]:
-    """Every held-out gender example plus a ``--heldout-limit`` sample of the held-out half: (union, gender ids,
-    sample ids)."""
-    half = select_half(load_stereoset(cfg.stereoset), "heldout", cfg.half_seed)
-    gender = [e for e in half if e.bias_type == "gender"] if cfg.heldout_gender else []
-    sample = stratified_limit(half, cfg.heldout_limit, cfg.sample_seed) if cfg.heldout_limit else []
-    union = {e.id: e for e in gender + sample}
-    return list(union.values()), {e.id for e in gender}, {e.id for e in sample}
+def completions(model: Any, tokenizer: Any, cfg: HeldOutConfig) -> dict | None:
+    """Greedy completions of the built-in prompts and their pronoun counts (None with ``completion_tokens`` 0)."""
+    if cfg.completion_tokens <= 0:
+        return None
+    texts = complete(model, tokenizer, load_prompts(None), "greedy", cfg.completion_tokens)
+    return {"texts": texts, **pronoun_counts(texts)}
 
 
-def heldout_scores(model: Any, tokenizer: Any, cfg: Any, examples: list, texts: list[str],
-                   parts: tuple[str, ...] = ("items", "perplexity", "crows", "completions")) -> dict[str, Any]:
-    """Per-sentence StereoSet items, perplexity, CrowS-Pairs gender items and greedy completions of one model."""
-    scores: dict[str, Any] = {}
-    if "items" in parts:
-        scores["items"] = score_examples(model, tokenizer, examples, cfg.eval_batch_size)
-    if "perplexity" in parts:
-        scores["perplexity"] = perplexity(model, tokenizer, texts, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)
-    if "crows" in parts and cfg.crows is not None:
-        gender = [p for p in load_crows(cfg.crows) if p.bias_type == "gender"]
-        scores["crows"] = score_pairs(model, tokenizer, gender, cfg.eval_batch_size)
-    if "completions" in parts and cfg.completion_tokens > 0:
-        texts_out = complete(model, tokenizer, load_prompts(None), "greedy", cfg.completion_tokens)
-        scores["completions"] = {"texts": texts_out, **pronoun_counts(texts_out)}
-    return scores
-
-
-def start_scores(model: Any, tokenizer: Any, cfg: Any, examples: list, texts: list[str]) -> dict[str, Any]:
-    """The start model's held-out scores, from the cache where it holds them for the same model and material
-    (StereoSet items per example, so a run on a subset of the cached examples scores nothing again)."""
+def start_heldout(loaded: Any, cfg: HeldOutConfig) -> Start:
+    """The held-out items and the start model's (``loaded``) scores on them, through the suite's cache."""
+    suite = cfg.suite()
+    items = held_out_items(suite)
     cache = cfg.start_cache or Path("outputs/pcgu") / f"start-{model_name(cfg.model)}"
-    key = {"model": cfg.model, "stereoset": str(cfg.stereoset), "half_seed": cfg.half_seed,
-           "texts": texts_provenance(texts)["sha256"], "eval_batch_size": cfg.eval_batch_size}
-    fresh = (cache / "key.json").is_file() and read_json(cache / "key.json") == key
-    cached = read_jsonl(cache / "items.jsonl") if fresh else []
-    wanted = {e.id for e in examples}
-    if not wanted <= {i["example_id"] for i in cached} or not (cache / "perplexity.json").is_file():
-        cached = [i for i in cached if i["example_id"] not in wanted] + \
-            heldout_scores(model, tokenizer, cfg, examples, texts, ("items",))["items"]
-        write_jsonl(cache / "items.jsonl", cached)
-        if not fresh or not (cache / "perplexity.json").is_file():
-            write_json(cache / "perplexity.json", heldout_scores(model, tokenizer, cfg, examples, texts,
-                                                                 ("perplexity",))["perplexity"])
-        write_json(cache / "key.json", key)
-    scores = {"items": [i for i in cached if i["example_id"] in wanted],
-              "perplexity": read_json(cache / "perplexity.json")}
-    for part, setting in (("crows", cfg.crows), ("completions", cfg.completion_tokens)):
-        if not setting:  # that part is off
-            continue
-        part_key = {**key, part: str(setting)}
-        if (cache / f"{part}.json").is_file() and read_json(cache / f"{part}.json")["key"] == part_key:
-            scores.update(read_json(cache / f"{part}.json")["scores"])
-            continue
-        extra = heldout_scores(model, tokenizer, cfg, examples, texts, (part,))
-        write_json(cache / f"{part}.json", {"key": part_key, "scores": extra})
-        scores.update(extra)
-    return scores
+    scores = score_model("start", cfg.model, items, suite, cache, lambda spec, device: loaded)["scores"]
+    return Start(items, scores, completions(loaded.model, loaded.tokenizer, cfg))
 
 
-def heldout_report(before: dict, after: dict, gender_ids: set[str], sample_ids: set[str], cfg: Any) -> dict:
+def heldout_report(start: Start, after: dict, after_completions: dict | None, cfg: HeldOutConfig) -> dict:
     """Gender SS on every held-out gender example and overall SS / LMS on the sample, before and after, with
-    paired McNemar tests, and the perplexity change on the neutral held-out texts."""
+    paired McNemar tests; the perplexity change on the neutral held-out texts; CrowS gender pairs; completions."""
+    suite, items, before = cfg.suite(), start.items, start.scores
     report: dict[str, Any] = {}
-    for name, ids in (("gender", gender_ids), ("overall", sample_ids)):
-        if not ids:
+    parts = (("gender", of_gender, cfg.heldout_gender), ("overall", lambda s: in_sample(s, items), cfg.heldout_limit))
+    for name, keep, wanted in parts:
+        if not wanted:
             continue
         part = {}
         for when, scores in (("before", before), ("after", after)):
-            items = [i for i in scores["items"] if i["example_id"] in ids]
-            m = compute_metrics(items, cfg.n_boot, cfg.sample_seed)["overall"]["all"]
+            m = compute_metrics(keep(scores["stereoset"][1]), suite.n_boot, suite.seed)["overall"]["all"]
             part[when] = {key: m[key] for key in ("n", "ss", "ss_ci", "lms", "lms_ci", "icat", "ss_micro")}
-        paired = compare_runs([i for i in before["items"] if i["example_id"] in ids],
-                              [i for i in after["items"] if i["example_id"] in ids], cfg.n_boot,
-                              cfg.sample_seed)["overall"]
-        part["paired"] = paired
+        part["paired"] = compare("stereoset", before["stereoset"][1], after["stereoset"][1], suite, keep)["overall"]
         report[name] = part
-    pb, pa = before["perplexity"], after.get("perplexity")
-    report["perplexity"] = None if pa is None else {"before": pb["perplexity"], "before_ci": pb["perplexity_ci"], "after": pa["perplexity"],
+    (pb, b_items), (pa, a_items) = before["perplexity"], after["perplexity"]
+    report["perplexity"] = {"before": pb["perplexity"], "before_ci": pb["perplexity_ci"], "after": pa["perplexity"],
                             "after_ci": pa["perplexity_ci"], "n_texts": pb["n_texts"], "n_tokens": pb["n_tokens"],
-                            **perplexity_change(pb, pa, cfg.n_boot, cfg.sample_seed)}
-    if "crows" in before and "crows" in after:
-        report["crows_gender"] = {"before": crows_metrics(before["crows"], cfg.n_boot, cfg.sample_seed)["overall"],
-                                  "after": crows_metrics(after["crows"], cfg.n_boot, cfg.sample_seed)["overall"],
-                                  "paired": crows_compare(before["crows"], after["crows"], cfg.n_boot,
-                                                          cfg.sample_seed)["overall"]}
-    if "completions" in before and "completions" in after:
-        report["completions"] = {when: scores["completions"] for when, scores in (("before", before), ("after", after))}
+                            **compare("perplexity", b_items, a_items, suite)["overall"]}
+    if "crows" in before:
+        report["crows_gender"] = {"before": before["crows"][0]["overall"], "after": after["crows"][0]["overall"],
+                                  "paired": compare("crows", before["crows"][1], after["crows"][1], suite)["overall"]}
+    if start.completions is not None:
+        report["completions"] = {"before": start.completions, "after": after_completions}
+    report["texts"] = texts_provenance(items.neutral)
     return report
 
 
-def start_heldout(model: Any, tokenizer: Any, cfg: Any) -> HeldOut | None:
-    """The held-out material and the start model's scores on it (``--heldout-eval``), else None."""
-    if not cfg.heldout_eval:
-        return None
-    examples, gender_ids, sample_ids = heldout_examples(cfg)
-    texts = load_neutral_texts("heldout", cfg.perplexity_texts)
-    return HeldOut(examples, gender_ids, sample_ids, texts, start_scores(model, tokenizer, cfg, examples, texts))
-
-
-def write_eval_only(held: HeldOut | None, cfg: Any, log_dir: Path) -> None:
-    """``--eval-only``: the held-out report of that model folder against the start, in ``summary.json``."""
-    if held is None:
-        raise FairforgetError("--eval-only needs --heldout-eval")
-    kept = load_model(str(cfg.eval_only), cfg.device)
-    after = heldout_scores(kept.model, kept.tokenizer, cfg, held.examples, held.texts,
-                           ("items", "crows", "completions"))
-    report = {**heldout_report(held.before, after, held.gender_ids, held.sample_ids, cfg),
-              "texts": texts_provenance(held.texts)}
-    write_json(log_dir / "summary.json", {"eval_only": str(cfg.eval_only), "heldout": report,
-                                          "provenance": provenance(cfg, [cfg.stereoset])})
-    print(f"held-out report of {cfg.eval_only} -> {log_dir / 'summary.json'}")
-
-
-def kept_heldout(held: HeldOut, cfg: Any, log_dir: Path) -> dict[str, Any]:
-    """Score the kept model (``cfg.out``), write its items and print the report; returns the report."""
-    kept = load_model(str(cfg.out), cfg.device)
-    after = heldout_scores(kept.model, kept.tokenizer, cfg, held.examples, held.texts)
-    write_jsonl(log_dir / "heldout_items.jsonl", after["items"])
-    report = heldout_report(held.before, after, held.gender_ids, held.sample_ids, cfg)
-    report["texts"] = texts_provenance(held.texts)
-    parts = [f"{name} SS {r['before']['ss']:.2f} -> {r['after']['ss']:.2f} [{r['after']['ss_ci'][0]:.2f}, "
+def model_heldout(folder: Path, start: Start, cfg: HeldOutConfig, log_dir: Path) -> dict[str, Any]:
+    """Score the model in ``folder``, write its StereoSet items (``heldout_items.jsonl``) and print the report
+    against the start; returns the report."""
+    kept = load_model(str(folder), cfg.device)
+    after = score_items(kept.model, kept.tokenizer, start.items, cfg.suite())
+    write_jsonl(log_dir / "heldout_items.jsonl", after["stereoset"][1])
+    report = heldout_report(start, after, completions(kept.model, kept.tokenizer, cfg), cfg)
+    lines = [f"{name} SS {r['before']['ss']:.2f} -> {r['after']['ss']:.2f} [{r['after']['ss_ci'][0]:.2f}, "
              f"{r['after']['ss_ci'][1]:.2f}] (n {r['after']['n']}, McNemar p {r['paired']['p_value']:.3g}), "
              f"LMS {r['before']['lms']:.2f} -> {r['after']['lms']:.2f}"
              for name, r in (("held-out gender", report.get("gender")), ("overall", report.get("overall"))) if r]
     ppl = report["perplexity"]
-    print("; ".join(parts + [f"perplexity {ppl['before']:.2f} -> {ppl['after']:.2f}"]), flush=True)
+    print("; ".join(lines + [f"perplexity {ppl['before']:.2f} -> {ppl['after']:.2f}"]), flush=True)
     return report
+
+
+def write_eval_only(folder: Path, start: Start, cfg: HeldOutConfig, log_dir: Path, provenance_block: dict) -> None:
+    """``--eval-only``: the held-out report of that model folder against the start, in ``summary.json``."""
+    report = model_heldout(folder, start, cfg, log_dir)
+    write_json(log_dir / "summary.json", {"eval_only": str(folder), "heldout": report, "provenance": provenance_block})
+    print(f"held-out report of {folder} -> {log_dir / 'summary.json'}")

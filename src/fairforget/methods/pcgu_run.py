@@ -13,18 +13,17 @@ from typing import Any
 import torch
 
 from fairforget.artifacts import atomic_dir, save_model, write_csv, write_json
-from fairforget.provenance import provenance
 from fairforget.checkpoint import Checkpointer
 from fairforget.config import config_to_dict, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.layout import CONFIGS
 from fairforget.evals.perplexity import load_neutral_texts
-from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, select_half, stratified_limit
+from fairforget.evals.stereoset import evaluate_stereoset
 from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_parameters, pair_gap, partition_tensors,
                                      pcgu_step)
-from fairforget.methods.pcgu_heldout import HeldOut, kept_heldout
+from fairforget.methods.pcgu_heldout import HeldOutConfig, Start, model_heldout
 from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method
-from fairforget.methods.selection import choose
+from fairforget.methods.selection import choose, selection_examples
 from fairforget.models import load_model
 from fairforget.pairs import balance_pairs, orientation_counts
 from fairforget.plots import new_figure, save_figure
@@ -34,7 +33,50 @@ from fairforget.training import shuffled_batches
 from fairforget.winogender import read_pairs_tsv
 
 
-def load_start_model(cfg: Any) -> Any:
+@dataclass(frozen=True)
+class PCGUConfig:
+    """PCGU's settings (stage 12 after ``resolved()``), saved next to the kept model."""
+
+    model: str | None
+    lr: float
+    k: int | None
+    fraction: float | None
+    epochs: int
+    batch_size: int
+    aggregation: str
+    direction: str
+    target_tokens: str
+    min_cos: float | None
+    balance: str
+    retain: str
+    retain_weight: float
+    scope: str
+    evals_per_epoch: int
+    selection_limit: int | None
+    selection_metric: str
+    max_lms_drop: float | None
+    half_seed: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class PCGURunConfig(PCGUConfig):
+    """Stage 12's run: PCGU's settings, its data and folders, and how its evaluation points are scored."""
+
+    pairs: Path
+    stereoset: Path
+    out: Path
+    log_dir: Path | None  # None: <out>_log
+    retain_batch_size: int
+    stop_at_parity: bool
+    checkpoint_every: int
+    eval_batch_size: int
+    n_boot: int
+    sample_seed: int
+    device: str
+
+
+def load_start_model(cfg: PCGURunConfig) -> Any:
     """The start model with exactly the parameters PCGU may change set trainable."""
     is_adapter = (Path(cfg.model) / "adapter_config.json").is_file()
     if cfg.scope == "lora" and not is_adapter:
@@ -45,16 +87,7 @@ def load_start_model(cfg: Any) -> Any:
     return loaded
 
 
-def selection_examples(cfg: Any) -> list:
-    """The gender examples of the selection half (``--selection-metric gender``) or all of it, each as a seeded
-    ``--selection-limit`` sample when given."""
-    half = select_half(load_stereoset(cfg.stereoset), "selection", cfg.half_seed)
-    if cfg.selection_metric == "gender":
-        half = [e for e in half if e.bias_type == "gender"]
-    return stratified_limit(half, cfg.selection_limit, cfg.sample_seed)
-
-
-def selection_scores(model: Any, tokenizer: Any, examples: list, cfg: Any) -> dict[str, float]:
+def selection_scores(model: Any, tokenizer: Any, examples: list, cfg: PCGURunConfig) -> dict[str, float]:
     """Selection-half SS (with its interval), LMS, ICAT and gender SS of the model."""
     metrics, _ = evaluate_stereoset(model, tokenizer, examples, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)
     overall, gender = metrics["overall"]["all"], metrics["overall"].get("gender", {})
@@ -62,7 +95,7 @@ def selection_scores(model: Any, tokenizer: Any, examples: list, cfg: Any) -> di
             "ss_gender": gender.get("ss", float("nan")), "ss_gender_ci": gender.get("ss_ci")}
 
 
-def eval_steps(n_pairs: int, cfg: Any) -> set[int]:
+def eval_steps(n_pairs: int, cfg: PCGURunConfig) -> set[int]:
     """Global step numbers after which the model is evaluated (evenly spread, always at each epoch's end)."""
     per_epoch = math.ceil(n_pairs / cfg.batch_size)
     marks = {max(1, round(per_epoch * (i + 1) / cfg.evals_per_epoch)) for i in range(cfg.evals_per_epoch)}
@@ -73,7 +106,7 @@ def eval_steps(n_pairs: int, cfg: Any) -> set[int]:
 class Setup:
     """What a run trains: pairs, start model, partitions, encodings, retain term, selection examples, folders."""
 
-    cfg: Any
+    cfg: PCGURunConfig
     read: list
     pairs: list
     examples: list
@@ -112,11 +145,12 @@ class Trained:
     resume: Checkpointer
 
 
-def prepare(cfg: Any) -> Setup:
+def prepare(cfg: PCGURunConfig) -> Setup:
     """Load pairs, selection examples and start model, partition its weights, and print what will run."""
     read = read_pairs_tsv(cfg.pairs)
     pairs = balance_pairs(read, cfg.balance, cfg.seed)
-    examples = selection_examples(cfg)
+    examples = selection_examples(cfg.stereoset, cfg.selection_metric, cfg.selection_limit, cfg.half_seed,
+                                  cfg.sample_seed)
     loaded = load_start_model(cfg)
     model, tokenizer = loaded.model, loaded.tokenizer
     tensors = partition_tensors(model, cfg.aggregation)
@@ -214,9 +248,11 @@ def train(run: Setup) -> Trained:
     return Trained(steps, epochs, best_step, stopped, start, resume)
 
 
-def write_results(run: Setup, done: Trained, held: HeldOut | None) -> None:
-    """Copy the kept checkpoint to ``--out``, add the held-out report, write ``summary.json`` and the figure,
-    and clear the training state."""
+def write_results(run: Setup, done: Trained, held: tuple[Start, HeldOutConfig] | None,
+                  provenance_block: dict) -> None:
+    """Copy the kept checkpoint to ``--out``, add the held-out report (``held``: the start's scores and the
+    report's settings), write ``summary.json`` (with ``provenance_block``) and the figure, and clear the
+    training state."""
     cfg, steps, epochs = run.cfg, done.steps, done.epochs
     best = next(e for e in epochs if e["step"] == done.best_step)
     with atomic_dir(cfg.out, "model") as tmp:
@@ -235,9 +271,9 @@ def write_results(run: Setup, done: Trained, held: HeldOut | None) -> None:
                "train_seconds": round(time.perf_counter() - done.start, 1)}
     if held is not None:
         t0 = time.perf_counter()
-        summary["heldout"] = kept_heldout(held, cfg, run.log_dir)
+        summary["heldout"] = model_heldout(cfg.out, *held, run.log_dir)
         summary["heldout_seconds"] = round(time.perf_counter() - t0, 1)
-    summary["provenance"] = provenance(cfg, [cfg.pairs, cfg.stereoset])
+    summary["provenance"] = provenance_block
     write_json(run.log_dir / "summary.json", summary)
     plot(steps, epochs, run.log_dir / "unlearning.png")
     done.resume.clear()
@@ -260,32 +296,6 @@ def plot(steps: list[dict], epochs: list[dict], path: Path) -> None:
     right.set_ylabel("selection-half SS (95% CI)")
     save_figure(fig, path)
 
-
-
-@dataclass(frozen=True)
-class PCGUConfig:
-    """PCGU's settings (stage 12 after ``resolved()``), saved next to the kept model."""
-
-    model: str | None
-    lr: float
-    k: int | None
-    fraction: float | None
-    epochs: int
-    batch_size: int
-    aggregation: str
-    direction: str
-    target_tokens: str
-    min_cos: float | None
-    balance: str
-    retain: str
-    retain_weight: float
-    scope: str
-    evals_per_epoch: int
-    selection_limit: int | None
-    selection_metric: str
-    max_lms_drop: float | None
-    half_seed: int
-    seed: int
 
 
 PCGU_PRESET_CONFIG = CONFIGS / "pcgu" / "gf_after_dyn_bal_lr1e-3.json"  # the ablation's choice (README)
