@@ -27,7 +27,7 @@ from fairforget.hashing import Hasher
 from fairforget.layout import CONFIGS, REPO, SCRIPTS, Layout
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 from fairforget.run_folders import beside, run_problem
-from fairforget.study.plan import method_stages
+from fairforget.study.plan import control_stages, method_stages
 from fairforget.study.stage import ATOMIC_RUN_SCRIPTS, Stage
 
 PIPELINES = ("pcgu", "bbq")
@@ -211,6 +211,9 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
     if chosen.get("plan") == "methods":
         spec = pcgu_model or chosen["pcgu_model"]
         return stages + method_stages(spec, layout, model_inputs(spec, layout), common)
+    if chosen.get("plan") == "controls":
+        spec = pcgu_model or chosen["pcgu_model"]
+        return stages + control_stages(spec, layout, model_inputs(spec, layout), common, flags)
     if "pcgu" in pipelines:
         stages += _pcgu_stages(pcgu_model or chosen["pcgu_model"], flags, layout, common)
     if "bbq" in pipelines:
