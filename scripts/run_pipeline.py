@@ -27,7 +27,7 @@ from typing import Literal
 
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.study.findings import collect_changes, findings_block
+from fairforget.study.findings import collect_changes, collect_shares, findings_block
 from fairforget.study.pipeline import PIPELINES, Layout, build_plan, run_stages
 from fairforget.study.report import build_report
 
@@ -68,7 +68,7 @@ def main(cfg: Config) -> None:
     stages = build_plan(cfg.preset, cfg.pipelines, cfg.data_source.resolve() if cfg.data_source else None,
                         cfg.device, cfg.seed, layout, cfg.pcgu_model, cfg.bbq_model)
     if cfg.findings_only:
-        print(findings_block(collect_changes(stages)), end="")
+        print(findings_block(collect_changes(stages), collect_shares(stages)), end="")
         return
     print(f"preset {cfg.preset}: {len(stages)} stages ({', '.join(dict.fromkeys(cfg.pipelines))})", flush=True)
     results = run_stages(stages, force=cfg.force, nproc=cfg.nproc, log=lambda line: print(line, flush=True))

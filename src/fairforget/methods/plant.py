@@ -189,7 +189,7 @@ def share_removed(bias_start: Callable[[np.ndarray], float], bias_planted: Calla
 
     def share(idx: np.ndarray) -> float:
         shift = bias_planted(idx) - bias_start(idx)
-        return 100.0 * (bias_planted(idx) - bias_method(idx)) / shift if shift else math.nan
+        return 100.0 * (bias_planted(idx) - bias_method(idx)) / shift + 0.0 if shift else math.nan  # no -0.0
 
     every = np.arange(n_items)
     options = dict(n_boot=n_boot, seed=seed, strata=strata, clusters=clusters)
