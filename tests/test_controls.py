@@ -174,3 +174,41 @@ def test_report_and_findings_show_the_shares(compared, tmp_path):
     line = next(line for line in block.splitlines() if "Positive control" in line)
     assert "as_start (stage 30) 100.0 [100.0, 100.0]%" in line and "as_planted (stage 30) 0.0 [0.0, 0.0]%" in line
     assert line in text and f"{shares[0].n} held-out examples" in line
+
+
+def test_controls_preset_end_to_end_on_a_tiny_model(tmp_path, tokenizer, shared_data):
+    """The whole plan after the data and model steps, each stage its own subprocess as run_pipeline runs it, on a
+    tiny start model with a copy of the preset at tiny sizes (the methods' rows of the contract test)."""
+    from test_method_contract import TEST_CASES
+
+    from fairforget.study.pipeline import run_stages
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stereoset", "bbq", "winobias", "crows_pairs", "winogender"):
+        (data / name).symlink_to(shared_data / name)
+    layout = Layout(data=data, outputs=tmp_path / "outputs", models=tmp_path / "models")
+    start = str(save_tiny_model("llama", tokenizer, tmp_path / "start", seed=0))
+    preset = json.loads((CONFIGS / "controls.json").read_text())
+    preset["stages"] = {METHODS[name].script: flags for name, flags in TEST_CASES.items()}
+    preset["stages"]["16_plant_bias.py"] = {"epochs": 1, "batch_size": 16, "lr": 5e-3, "dose_every": 0,
+                                            "dose_limit": 4, "ppl_limit": 3, "eval_batch_size": 8}
+    preset["stages"]["30_compare_methods.py"] = {"stereoset_limit": 8, "gender_limit": 12, "crows_limit": 8,
+                                                 "winobias_limit": 8, "bbq_per_category": 1, "ppl_limit": 3,
+                                                 "n_boot": 20}
+    path = tmp_path / "tiny_controls.json"
+    path.write_text(json.dumps(preset))
+    stages = [s for s in build_plan(str(path), device="cpu", layout=layout, pcgu_model=start)
+              if s.script not in ("00_fetch_data.py", "01_prepare_model.py")]
+    lines: list[str] = []
+    results = run_stages(stages, cwd=tmp_path, log=lines.append, env={"FAIRFORGET_QUIET": "1"})
+    assert [r.status for r in results] == ["ran"] * len(stages), "\n".join(lines[-30:])
+    out = layout.outputs / "controls" / "comparison"
+    rows = _rows(out)
+    assert {method for method, _ in rows} == set(METHODS)
+    planted = json.loads((layout.outputs / "planted" / "controls-gender" / "method.json").read_text())
+    assert planted["steps"] > 0
+    for name in METHODS:  # each method's record is its run on the planted model
+        record = json.loads((layout.outputs / "controls" / name / "method.json").read_text())
+        assert record["provenance"]["config"]["model"] == str(layout.models / "planted" / "controls-gender"), name
+    assert "## Share of the planted shift removed" in (out / "summary.md").read_text()
