@@ -5,6 +5,7 @@
     python scripts/run_pipeline.py --preset quick --pipelines bbq --force           # one pipeline, redone
     python scripts/run_pipeline.py --preset full --nproc 4                          # 4 GPUs (torchrun)
     python scripts/run_pipeline.py --preset quick --findings-only                   # print the headline block
+    python scripts/run_pipeline.py --preset controls    # plant a gender bias, every method on it, shares removed
 
 Each stage runs as its own subprocess, exactly the command printed (``scripts/NN_*.py --flags``), from the
 current folder (paths are relative to it, as the scripts' defaults). A stage whose outputs exist with a
@@ -36,8 +37,8 @@ Pipeline = Literal[PIPELINES]  # type: ignore[valid-type]
 
 @dataclass
 class Config:
-    preset: str = field(default="quick", metadata={"help": "quick, full, methods (configs/<name>.json) or a preset "
-                                                           "file of your own (copy one of configs/ and edit it)"})
+    preset: str = field(default="quick", metadata={"help": "quick, full, methods, controls (configs/<name>.json) "
+                                                           "or a preset file of your own (copy one of configs/ and edit it)"})
     pipelines: list[Pipeline] = field(default_factory=lambda: list(PIPELINES),
                                       metadata={"help": "which pipelines to run: pcgu, bbq or both"})
     data_source: Path | None = field(default=None, metadata={"help": "copy the datasets from this folder (data/ "
