@@ -212,3 +212,49 @@ def test_controls_preset_end_to_end_on_a_tiny_model(tmp_path, tokenizer, shared_
         record = json.loads((layout.outputs / "controls" / name / "method.json").read_text())
         assert record["provenance"]["config"]["model"] == str(layout.models / "planted" / "controls-gender"), name
     assert "## Share of the planted shift removed" in (out / "summary.md").read_text()
+
+
+def test_controls_bbq_part_plants_the_bbq_bias_and_prunes_heads_on_it(tmp_path, tokenizer, shared_data):
+    """--pipelines bbq: stage 16 --kind bbq (the README recipe), then stage 22 with the BBQ signal and its controls on
+    the planted model, into its own folders; run end to end on a tiny model at tiny sizes."""
+    from test_method_contract import TEST_CASES
+
+    from fairforget.study.pipeline import run_stages
+
+    layout = Layout(data=tmp_path / "data", outputs=tmp_path / "outputs", models=tmp_path / "models")
+    preset = json.loads((CONFIGS / "controls.json").read_text())
+    stages = [s for s in build_plan("controls", ["bbq"], layout=layout) if s.pipeline == "controls_bbq"]
+    plant, heads = stages
+    recipe = {"kind": "bbq", "train_per_category": 16, "eval_per_category": 12, "epochs": 3, "batch_size": 8,
+              "lr": 5e-4}
+    assert {k: plant.args[k] for k in recipe} == recipe and len(plant.args["categories"]) == 6
+    planted = Path(plant.args["out"])
+    assert heads.script == "22_mitigate_heads.py" and heads.args["model"] == str(planted) and planted in heads.inputs
+    assert heads.args["signal"] == "bbq" and heads.args["categories"] == plant.args["categories"]
+    assert heads.args["eval_per_category"] == plant.args["eval_per_category"]  # the held-out items it planted on
+    gender = {s.name: s for s in build_plan("controls", ["pcgu"], layout=layout)}
+    assert not {p for s in gender.values() for p in s.outputs} & {p for s in stages for p in s.outputs}
+    assert "16 plant BBQ bias" not in gender
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stereoset", "bbq"):
+        (data / name).symlink_to(shared_data / name)
+    start = str(save_tiny_model("llama", tokenizer, tmp_path / "start", seed=0))
+    tiny = {"categories": ["Age", "Gender_identity"]}
+    preset["bbq_stages"] = {
+        "16_plant_bias.py": {**tiny, "train_per_category": 2, "eval_per_category": 2, "epochs": 1, "batch_size": 4,
+                             "n_boot": 20},
+        "22_mitigate_heads.py": {**TEST_CASES["head_pruning"], **tiny, "signal": "bbq", "mitigation_per_category": 4,
+                                 "n_boot": 20}}  # the BBQ signal correlates heads over at least 3 examples
+    path = tmp_path / "tiny_controls.json"
+    path.write_text(json.dumps(preset))
+    stages = [s for s in build_plan(str(path), ["bbq"], device="cpu", layout=layout, bbq_model=start)
+              if s.pipeline == "controls_bbq"]
+    lines: list[str] = []
+    results = run_stages(stages, cwd=tmp_path, log=lines.append, env={"FAIRFORGET_QUIET": "1"})
+    assert [r.status for r in results] == ["ran", "ran"], "\n".join(lines[-30:])
+    out = Path(stages[1].args["out"])
+    assert (out / "controls.csv").is_file() and json.loads((out / "metrics.json").read_text())["heads_pruned"] > 0
+    shift = json.loads((layout.outputs / "planted" / "controls-bbq" / "shift.json").read_text())
+    assert shift["n_train"] == 4 and set(shift["shift"]["planted"]) == {"Age", "Gender_identity", "overall"}

@@ -1,6 +1,7 @@
 """The stages of the ``methods`` and ``controls`` pipeline presets, read from the method registry: the pair files,
 every registered method's stage on one model, then the comparison (stage 30). The controls plan first plants a
-gender bias (stage 16) and runs every method on the planted model (:func:`control_stages`).
+gender bias (stage 16) and runs every method on the planted model (:func:`control_stages`); its BBQ part plants
+a BBQ bias and runs head pruning with its controls on it (:func:`bbq_control_stages`).
 
 Each method runs its own stage script with the flags its registration gives (data, output folders and the
 preset's sizes, :attr:`MethodSpec.sizes`: one training epoch per method on all 240 WinoGender pairs, 60-120
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 from fairforget.layout import Layout
-from fairforget.methods.registry import METHODS, stage_name
+from fairforget.methods.registry import METHODS, method, stage_name
 from fairforget.study.stage import Stage
 
 CONTROLS = "controls"  # the controls preset's pipeline label and folder group
+BBQ_CONTROL = "controls_bbq"  # its BBQ part: head pruning on a planted BBQ bias
 COMPARE_SIZES = {"stereoset_limit": 200, "gender_limit": None, "crows_limit": 200, "bbq_per_category": 8,
                  "ppl_limit": 50}
 
@@ -88,3 +90,20 @@ def control_stages(spec: str, layout: Layout, base_inputs: list[Path], common: d
                             [planted, *base_inputs],
                             {"start": spec, **COMPARE_SIZES, **flags("30_compare_methods.py"), **common}, CONTROLS)
     return [*pair_stages(layout, CONTROLS), plant, *runs, compare]
+
+
+def bbq_control_stages(spec: str, layout: Layout, base_inputs: list[Path], common: dict,
+                       flags: Callable[[str], dict]) -> list[Stage]:
+    """The controls plan's BBQ part: stage 16 plants the BBQ bias into ``spec`` (the preset's ``bbq_stages``
+    flags: the README recipe), then head pruning (stage 22, with its controls: random heads, recovery only) on
+    the planted model, into ``models/controls_bbq/head_pruning`` / ``outputs/controls_bbq/head_pruning``."""
+    planted, log_dir = layout.models / "planted" / "controls-bbq", layout.outputs / "planted" / "controls-bbq"
+    plant = Stage("16 plant BBQ bias", "16_plant_bias.py",
+                  {"kind": "bbq", "model": spec, "out": planted, "log_dir": log_dir, "bbq_dir": layout.bbq,
+                   **flags("16_plant_bias.py"), **common},
+                  [layout.bbq, *base_inputs], [planted, log_dir], BBQ_CONTROL)
+    heads = method("head_pruning").in_group(BBQ_CONTROL)
+    heads_flags = heads.flags(str(planted), layout, **flags(heads.script), **common)
+    return [plant, Stage(f"{stage_name(heads)} on the planted BBQ model", heads.script, heads_flags,
+                         [*heads.inputs(layout), planted], [heads.log_dir(layout), heads.folder(layout, heads_flags)],
+                         BBQ_CONTROL)]

@@ -215,7 +215,9 @@ def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: 
                                        ("bbq", "Pipeline 2: BBQ and attention heads", _mitigation),
                                        ("methods", "Debiasing methods side by side", _methods),
                                        ("controls", "Positive controls: every method on a planted gender bias",
-                                        _methods)):
+                                        _methods),
+                                       ("controls_bbq", "Positive control: head pruning on a planted BBQ bias",
+                                        _mitigation)):
         mine = [s for s in stages if s.pipeline == pipeline]
         if not mine:
             continue
