@@ -22,6 +22,14 @@ the same weights were scored with the same settings, so an interrupted compariso
 held-out suite's (``fairforget.evals.suite``), through the evaluation interface; the tables are in
 ``fairforget.study.compare``. Writes ``summary.csv``, ``summary.md``,
 ``paired.csv``, ``bias_vs_capability.png`` and ``metrics.json`` (with provenance) to --out.
+
+Positive controls (``--start MODEL``, the controls preset): "before" is a model with a planted bias and --start
+the model it was planted into. The start model is scored on the same items too, and for every method the share
+of the planted shift it removes, 100 * (planted - method) / (planted - start) (0%: nothing, 100%: back to the
+start model, > 100%: overshoot), with a paired bootstrap interval over the same items
+(``fairforget.methods.plant``), on StereoSet gender and overall micro SS, CrowS-Pairs gender and WinoBias,
+beside its capability cost against the planted model (LMS change, perplexity change %): ``shares.csv``, a
+section of ``summary.md`` and ``shares`` in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from fairforget.provenance import provenance
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
-from fairforget.evals.suite import SuiteConfig, held_out_items, score_all
+from fairforget.evals.suite import SuiteConfig, held_out_items, score_all, score_model
 from fairforget.evals.winobias import data_files as winobias_files
-from fairforget.study.compare import markdown, paired_rows, plot, summary_row
+from fairforget.study.compare import (markdown, paired_rows, planted_shares, plot, share_rows, shares_markdown,
+                                     summary_row)
 from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
 from fairforget.models import DEFAULT_EMBEDDED
 
@@ -46,6 +55,9 @@ from fairforget.models import DEFAULT_EMBEDDED
 @dataclass
 class Config:
     before: str = field(default=DEFAULT_EMBEDDED, metadata={"help": "the model every method starts from"})
+    start: str | None = field(default=None, metadata={"help": "positive control: the unplanted model --before was "
+                                                               "planted into; also scored, for the share of the "
+                                                               "planted shift each method removes"})
     methods: list[str] = field(default_factory=lambda: [
         f"{name}={folder}" for name, folder in default_folders(DEFAULT_EMBEDDED).items()],
         metadata={"help": "name=model folder (default: every registered method's folder)"})
@@ -78,8 +90,8 @@ class Config:
             if "=" not in entry:
                 raise FairforgetError(f"--methods and --records take name=path, got {entry!r}")
         names = [m.split("=", 1)[0] for m in self.methods]
-        if "before" in names or len(set(names)) != len(names):
-            raise FairforgetError(f"--methods names must be unique and not 'before': {names}")
+        if "before" in names or "start" in names or len(set(names)) != len(names):
+            raise FairforgetError(f"--methods names must be unique and not 'before' or 'start': {names}")
         for entry in self.methods:
             name, spec = entry.split("=", 1)
             if not Path(spec).exists():
@@ -101,9 +113,18 @@ def main(cfg: Config) -> None:
     records = {name: read_json(record_files[name], f"{name} method record") if Path(record_files.get(name, "")).is_file()
                else {} for name in specs}
     rows = [summary_row(name, results[name], changes.get(name), records[name]) for name in specs]
+    shares, start_levels, control = {}, None, ""
+    if cfg.start is not None:
+        reference = score_model("start", cfg.start, items, suite, cfg.out / "scores", load_output,
+                                output_kind(cfg.start) == "wrapper")
+        shares = planted_shares(reference, results["before"], {n: results[n] for n in changes}, items, cfg.n_boot,
+                                cfg.seed)
+        write_csv(cfg.out / "shares.csv", share_rows(shares, results, changes))
+        control = shares_markdown(shares, results, changes, cfg.start)
+        start_levels = {k: reference[k] for k in ("stereoset", "crows", "winobias", "bbq", "perplexity", "source")}
     seconds = time.perf_counter() - start
     write_csv(cfg.out / "summary.csv", rows)
-    write_text(cfg.out / "summary.md", markdown(rows, items, cfg.before, seconds))
+    write_text(cfg.out / "summary.md", markdown(rows, items, cfg.before, seconds) + control)
     write_csv(cfg.out / "paired.csv", paired_rows(changes))
     plot(changes, cfg.out / "bias_vs_capability.png")
     write_json(cfg.out / "metrics.json", {
@@ -112,9 +133,10 @@ def main(cfg: Config) -> None:
                                            "eval_seconds")}
                    for n, r in results.items()},
         "method_records": {n: {k: v for k, v in r.items() if k != "provenance"} for n, r in records.items()},
+        "start": cfg.start, "start_levels": start_levels, "shares": shares,
         "neutral_texts": texts_provenance(items.neutral), "wall_seconds": round(seconds, 1),
         "provenance": provenance(cfg, [cfg.stereoset, cfg.crows, *winobias_files(cfg.winobias), *items.bbq_files])})
-    print(markdown(rows, items, cfg.before, seconds))
+    print(markdown(rows, items, cfg.before, seconds) + control)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python scripts/run_pipeline.py --preset quick --pipelines bbq --force           # one pipeline, redone
     python scripts/run_pipeline.py --preset full --nproc 4                          # 4 GPUs (torchrun)
     python scripts/run_pipeline.py --preset quick --findings-only                   # print the headline block
+    python scripts/run_pipeline.py --preset controls    # plant a gender bias, every method on it, shares removed
 
 Each stage runs as its own subprocess, exactly the command printed (``scripts/NN_*.py --flags``), from the
 current folder (paths are relative to it, as the scripts' defaults). A stage whose outputs exist with a
@@ -27,7 +28,7 @@ from typing import Literal
 
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
-from fairforget.study.findings import collect_changes, findings_block
+from fairforget.study.findings import collect_changes, collect_shares, findings_block
 from fairforget.study.pipeline import PIPELINES, Layout, build_plan, run_stages
 from fairforget.study.report import build_report
 
@@ -36,8 +37,8 @@ Pipeline = Literal[PIPELINES]  # type: ignore[valid-type]
 
 @dataclass
 class Config:
-    preset: str = field(default="quick", metadata={"help": "quick, full, methods (configs/<name>.json) or a preset "
-                                                           "file of your own (copy one of configs/ and edit it)"})
+    preset: str = field(default="quick", metadata={"help": "quick, full, methods, controls (configs/<name>.json) "
+                                                           "or a preset file of your own (copy one of configs/ and edit it)"})
     pipelines: list[Pipeline] = field(default_factory=lambda: list(PIPELINES),
                                       metadata={"help": "which pipelines to run: pcgu, bbq or both"})
     data_source: Path | None = field(default=None, metadata={"help": "copy the datasets from this folder (data/ "
@@ -68,7 +69,7 @@ def main(cfg: Config) -> None:
     stages = build_plan(cfg.preset, cfg.pipelines, cfg.data_source.resolve() if cfg.data_source else None,
                         cfg.device, cfg.seed, layout, cfg.pcgu_model, cfg.bbq_model)
     if cfg.findings_only:
-        print(findings_block(collect_changes(stages)), end="")
+        print(findings_block(collect_changes(stages), collect_shares(stages)), end="")
         return
     print(f"preset {cfg.preset}: {len(stages)} stages ({', '.join(dict.fromkeys(cfg.pipelines))})", flush=True)
     results = run_stages(stages, force=cfg.force, nproc=cfg.nproc, log=lambda line: print(line, flush=True))

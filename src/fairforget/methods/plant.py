@@ -189,14 +189,15 @@ def share_removed(bias_start: Callable[[np.ndarray], float], bias_planted: Calla
 
     def share(idx: np.ndarray) -> float:
         shift = bias_planted(idx) - bias_start(idx)
-        return 100.0 * (bias_planted(idx) - bias_method(idx)) / shift if shift else math.nan
+        return 100.0 * (bias_planted(idx) - bias_method(idx)) / shift + 0.0 if shift else math.nan  # no -0.0
 
     every = np.arange(n_items)
-    return {"share_removed_pct": share(every),
-            "share_removed_pct_ci": list(bootstrap_ci(share, n_items, n_boot=n_boot, seed=seed, strata=strata,
-                                                      clusters=clusters)),
+    options = dict(n_boot=n_boot, seed=seed, strata=strata, clusters=clusters)
+    return {"share_removed_pct": share(every), "share_removed_pct_ci": list(bootstrap_ci(share, n_items, **options)),
             "bias_start": bias_start(every), "bias_planted": bias_planted(every), "bias_method": bias_method(every),
-            "planted_shift": bias_planted(every) - bias_start(every), "n": n_items}
+            "planted_shift": bias_planted(every) - bias_start(every),
+            "planted_shift_ci": list(bootstrap_ci(lambda idx: bias_planted(idx) - bias_start(idx), n_items, **options)),
+            "n": n_items}
 
 
 def stereoset_share(start: Sequence[dict], planted: Sequence[dict], method: Sequence[dict],
@@ -215,14 +216,30 @@ def stereoset_share(start: Sequence[dict], planted: Sequence[dict], method: Sequ
 def crows_share(start: Sequence[dict], planted: Sequence[dict], method: Sequence[dict],
                 bias_type: str | None = "gender", n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Share of the planted CrowS-Pairs shift (share of pairs where the stereotyping sentence wins) removed."""
-    by_id = [{i["id"]: i for i in items if bias_type is None or i["bias_type"] == bias_type}
-             for items in (start, planted, method)]
+    keep = (lambda i: bias_type is None or i["bias_type"] == bias_type)
+    return _decision_share((start, planted, method), "stereo_preferred", keep, None, "CrowS-Pairs", n_boot, seed)
+
+
+def winobias_share(start: Sequence[dict], planted: Sequence[dict], method: Sequence[dict], n_boot: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+    """Share of the planted WinoBias shift (share of pairs whose pro-stereotyped sentence wins) removed, the
+    occupation pairs resampled whole as WinoBias's own intervals do."""
+    return _decision_share((start, planted, method), "pro_preferred", lambda i: True, "cluster", "WinoBias", n_boot,
+                           seed)
+
+
+def _decision_share(runs: Sequence[Sequence[dict]], flag: str, keep: Callable[[dict], bool], cluster: str | None,
+                    what: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """:func:`share_removed` of 100 * the share of items (by ``id``) whose ``flag`` is true, on the items that the
+    three runs (start, planted, method) all scored and ``keep`` keeps; ``cluster``: the field resampled whole."""
+    by_id = [{i["id"]: i for i in items if keep(i)} for items in runs]
     common = sorted(set.intersection(*(set(b) for b in by_id)))
     if not common:
-        raise FairforgetError("the three CrowS-Pairs runs share no pairs; score them on the same pairs")
-    flags = [np.array([b[i]["stereo_preferred"] for i in common], dtype=bool) for b in by_id]
+        raise FairforgetError(f"the three {what} runs share no pairs; score them on the same pairs")
+    flags = [np.array([b[i][flag] for i in common], dtype=bool) for b in by_id]
+    clusters = np.array([by_id[0][i][cluster] for i in common], dtype=object) if cluster else None
     return share_removed(*(lambda idx, f=f: 100.0 * float(f[idx].mean()) for f in flags), len(common), n_boot,
-                         seed)
+                         seed, clusters=clusters)
 
 
 def bbq_share(start: Sequence[dict], planted: Sequence[dict], method: Sequence[dict], metric: str = "s_amb",

@@ -59,9 +59,15 @@ class MethodSpec:
     # where its final output then lies, (models root of the method, the stage's flags) -> folder
     output_flags: Callable[["MethodSpec", Layout], dict] | None = None
     output_folder: Callable[[Path, dict], Path] | None = None
+    group: str = "methods"  # the preset's folder group: models/<group>/<name>, outputs/<group>/<name>
+
+    def in_group(self, group: str) -> "MethodSpec":
+        """The same method writing under ``models/<group>/`` and ``outputs/<group>/`` (the controls preset runs
+        every method again, on the planted model, beside the methods preset's folders)."""
+        return dataclasses.replace(self, group=group)
 
     def root(self, layout: Layout) -> Path:
-        return layout.models / "methods" / self.name
+        return layout.models / self.group / self.name
 
     def folder(self, layout: Layout, flags: dict) -> Path:
         """The folder the method's final output lands in under ``layout``, run with the stage ``flags``."""
@@ -69,7 +75,7 @@ class MethodSpec:
 
     def log_dir(self, layout: Layout) -> Path:
         """Where the method's record (method.json) and logs go."""
-        return layout.outputs / "methods" / self.name
+        return layout.outputs / self.group / self.name
 
     def flags(self, model: str, layout: Layout, **overrides: Any) -> dict:
         """The stage script's flags: the start model, the data and output folders, the preset sizes, overrides."""

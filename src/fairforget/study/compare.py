@@ -1,12 +1,14 @@
 """Methods side by side (stage 30): the tables and the figure of every method scored by the held-out suite
-(:mod:`fairforget.evals.suite`), each paired against the same "before" model."""
+(:mod:`fairforget.evals.suite`), each paired against the same "before" model; with a start reference (the
+unplanted model of a positive control), the share of the planted shift each method removes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fairforget.evals.suite import Items
+from fairforget.evals.suite import Items, in_sample
 from fairforget.markdown import ci_text, table
+from fairforget.methods import plant
 from fairforget.plots import new_figure, save_figure
 
 
@@ -96,3 +98,80 @@ def plot(changes: dict[str, dict], path: Path) -> None:
     ax.set_title("Bias change vs capability change (paired, held-out)")
     ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
+
+
+# ---- positive controls: the share of a planted shift each method removes (stage 30 --start) ---------------------
+
+SHARE_MEASURES = [("stereoset_gender", "StereoSet gender micro SS"),
+                  ("stereoset_overall", "StereoSet overall micro SS (sample)"),
+                  ("crows_gender", "CrowS-Pairs gender"), ("winobias", "WinoBias pro %")]
+
+
+def planted_shares(start: dict, before: dict, methods: dict[str, dict], items: Items, n_boot: int,
+                   seed: int) -> dict[str, dict[str, dict]]:
+    """Per method and measure of :data:`SHARE_MEASURES`, the share of the planted shift (``before``, the planted
+    model, against ``start``) the method removes, paired over the same items (:mod:`fairforget.methods.plant`)."""
+    def runs(result: dict) -> dict[str, list[dict]]:
+        return {"stereoset_gender": result["stereoset_items"],
+                "stereoset_overall": in_sample(result["stereoset_items"], items),
+                "crows_gender": result["crows_items"], "winobias": result["winobias_items"]}
+
+    share = {"stereoset_gender": lambda *r, **o: plant.stereoset_share(*r, domain="gender", **o),
+             "stereoset_overall": lambda *r, **o: plant.stereoset_share(*r, domain=None, **o),
+             "crows_gender": lambda *r, **o: plant.crows_share(*r, bias_type="gender", **o),
+             "winobias": plant.winobias_share}
+    levels = [runs(start), runs(before)]
+    return {name: {key: share[key](levels[0][key], levels[1][key], runs(result)[key], n_boot=n_boot, seed=seed)
+                   for key, _ in SHARE_MEASURES}
+            for name, result in methods.items()}
+
+
+def _cost(name: str, results: dict[str, dict], changes: dict[str, dict]) -> dict:
+    """A method's capability cost against the planted model: the LMS change (overall sample) and the paired
+    perplexity change in %."""
+    p = changes[name]["perplexity"]
+    return {"d_lms": results[name]["stereoset"]["all"]["lms"] - results["before"]["stereoset"]["all"]["lms"],
+            "d_ppl_pct": p["ppl_change_pct"], "d_ppl_pct_ci": p["ppl_change_pct_ci"]}
+
+
+def share_rows(shares: dict[str, dict[str, dict]], results: dict[str, dict], changes: dict[str, dict]) -> list[dict]:
+    """shares.csv: one row per method and measure, the share with its interval, the three bias levels, the
+    planted shift and the method's capability cost."""
+    rows = []
+    for name, by in shares.items():
+        cost = _cost(name, results, changes)
+        for key, _ in SHARE_MEASURES:
+            s = by[key]
+            rows.append({"method": name, "measure": key, "share_removed_pct": s["share_removed_pct"],
+                         "ci_low": s["share_removed_pct_ci"][0], "ci_high": s["share_removed_pct_ci"][1],
+                         **{k: s[k] for k in ("bias_start", "bias_planted", "bias_method", "planted_shift")},
+                         "planted_shift_ci_low": s["planted_shift_ci"][0],
+                         "planted_shift_ci_high": s["planted_shift_ci"][1], "n": s["n"],
+                         "d_lms": cost["d_lms"], "d_ppl_pct": cost["d_ppl_pct"],
+                         "d_ppl_pct_ci_low": cost["d_ppl_pct_ci"][0], "d_ppl_pct_ci_high": cost["d_ppl_pct_ci"][1]})
+    return rows
+
+
+def shares_markdown(shares: dict[str, dict[str, dict]], results: dict[str, dict], changes: dict[str, dict],
+                    start: str) -> str:
+    """The summary.md section: the planted shift per measure, then method x share removed x capability cost."""
+    if not shares:
+        return ""
+    first = next(iter(shares.values()))
+    shift = table(["measure", "n", "start", "planted", "planted shift [95% CI]"],
+                  [[title, first[key]["n"], f"{first[key]['bias_start']:.2f}", f"{first[key]['bias_planted']:.2f}",
+                    ci_text(first[key]["planted_shift"], first[key]["planted_shift_ci"], signed=True)]
+                   for key, title in SHARE_MEASURES])
+    rows = []
+    for name, by in shares.items():
+        cost = _cost(name, results, changes)
+        rows.append([name, *(ci_text(by[key]["share_removed_pct"], by[key]["share_removed_pct_ci"], 1)
+                             for key, _ in SHARE_MEASURES),
+                     f"{cost['d_lms']:+.2f}", ci_text(cost["d_ppl_pct"], cost["d_ppl_pct_ci"], 1, signed=True)])
+    return (f"\n## Share of the planted shift removed (start: `{start}`; before: the planted model)\n\n"
+            "100 * (planted - method) / (planted - start) on the same items, paired percentile bootstrap 95% interval "
+            "(0%: nothing removed, 100%: back to the start model, above 100%: overshoot; n/a: no planted shift on "
+            "that measure). A measure whose planted shift interval covers 0 carries no control there.\n\n"
+            + shift + "\n"
+            + table(["method", *(f"{title} share removed %" for _, title in SHARE_MEASURES), "Δ LMS vs planted",
+                     "Δ perplexity % vs planted"], rows))

@@ -4,7 +4,7 @@ interval, McNemar p and the decisions it flipped, beside that model's capability
 Everything is read from the files the stages wrote: the pipeline-1 evaluation run folders (paired here from
 their ``items.jsonl`` by each evaluation's ``compare``, as the report's tables are), stage 22's
 ``metrics.json`` (its paired ``changes`` and ``rows``) and stage 30's ``metrics.json`` (``changes``,
-``levels``). :func:`findings_block` is the top of ``outputs/report.md``; ``run_pipeline.py --findings-only``
+``levels``, and for a positive control ``shares``: the share of the planted shift each method removed). :func:`findings_block` is the top of ``outputs/report.md``; ``run_pipeline.py --findings-only``
 prints it for the README.
 """
 
@@ -174,6 +174,52 @@ def collect_changes(stages: Sequence) -> list[Change]:
     return changes
 
 
+@dataclass(frozen=True)
+class Share:
+    """A positive control: the share of a planted shift one method removed (stage 30 with --start)."""
+
+    model: str
+    share: float | None  # percent; None where JSON kept an undefined share (no planted shift) as null
+    ci: Sequence[float | None]
+    planted_shift: float
+    shift_ci: Sequence[float | None]
+    n: int
+
+    @property
+    def removes(self) -> bool:
+        """The interval excludes 0: the method removed part of the planted shift."""
+        return self.ci[0] is not None and self.ci[0] > 0
+
+
+SHARE_MEASURE = "stereoset_gender"  # the control the findings name (the planted gender bias is StereoSet's)
+
+
+def collect_shares(stages: Sequence) -> list[Share]:
+    """Every method's share of the planted StereoSet gender shift removed, from the stage-30 runs of this plan
+    that scored a start model (``shares`` in their ``metrics.json``)."""
+    found = []
+    for stage in stages:
+        out = Path(stage.args.get("out") or stage.outputs[0])
+        if stage.script != "30_compare_methods.py" or not (out / "metrics.json").is_file():
+            continue
+        for method, by in (read_json(out / "metrics.json", "stage 30 metrics").get("shares") or {}).items():
+            s = by[SHARE_MEASURE]
+            found.append(Share(f"{method} (stage 30)", s["share_removed_pct"], s["share_removed_pct_ci"],
+                               s["planted_shift"], s["planted_shift_ci"], s["n"]))
+    return found
+
+
+def shares_line(shares: Sequence[Share]) -> str:
+    """One findings line: the planted StereoSet gender shift and the share of it each method removed."""
+    first = shares[0]
+    removing = [s.model for s in shares if s.removes]
+    shift = ci_text(first.planted_shift, first.shift_ci, signed=True)
+    return (f"Positive control: of the planted StereoSet gender shift ({shift} micro SS points on {first.n} "
+            f"held-out examples), the share each method removed (0%: nothing, 100%: back "
+            "to the start model): " + "; ".join(f"{s.model} {ci_text(s.share, s.ci, 1)}%" for s in shares)
+            + ". Interval above 0: " + (", ".join(removing) if removing else "none") + ".")
+
+
 def _direction(change: Change) -> str:
     moved, ideal = change.distance_change, MEASURES[change.measure][0]
     if moved is None:
@@ -210,9 +256,9 @@ def unchanged(changes: Sequence[Change]) -> list[str]:
             for model, found in by_model.items() if all(c.flips == 0 for c in found)]
 
 
-def findings_block(changes: Sequence[Change]) -> str:
+def findings_block(changes: Sequence[Change], shares: Sequence[Share] = ()) -> str:
     """The "What this run found" markdown of :func:`collect_changes`: the largest change per measure, then the
-    conclusions generated from all of them."""
+    conclusions generated from all of them (and, for a positive control, :func:`shares_line`)."""
     head = "## What this run found\n\n"
     if not changes:
         return head + "No paired comparison has been written yet: no bias change to report.\n"
@@ -241,4 +287,6 @@ def findings_block(changes: Sequence[Change]) -> str:
                  f"{MAX_LMS_DROP:g} points lower, perplexity at most +{MAX_PPL_PCT:g}%): "
                  + ("; ".join(f"{c.model} on {c.measure}" for c in good) if good else "none") + ".")
     lines += unchanged(changes)
+    if shares:
+        lines.append(shares_line(shares))
     return text + "\n" + "\n".join(f"- {line}" for line in lines) + "\n"

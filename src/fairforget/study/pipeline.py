@@ -27,7 +27,7 @@ from fairforget.hashing import Hasher
 from fairforget.layout import CONFIGS, REPO, SCRIPTS, Layout
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 from fairforget.run_folders import beside, run_problem
-from fairforget.study.plan import method_stages
+from fairforget.study.plan import bbq_control_stages, control_stages, method_stages
 from fairforget.study.stage import ATOMIC_RUN_SCRIPTS, Stage
 
 PIPELINES = ("pcgu", "bbq")
@@ -146,12 +146,13 @@ def _run_streaming(command: list[str], cwd: Path | None, env: dict[str, str],
 
 # ---- presets ------------------------------------------------------------------------------------------------
 
-PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages")
+PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages", "bbq_stages")
 
 
 def load_preset(preset: str) -> dict[str, Any]:
     """A preset: ``configs/<name>.json`` or a JSON file of the same shape (copy one to make your own): the two
-    pipelines' models and, per stage script, the flags it gets on top of the pipeline's paths."""
+    pipelines' models and, per stage script, the flags it gets on top of the pipeline's paths (``stages``; the
+    controls plan's BBQ part reads ``bbq_stages``)."""
     path = Path(preset) if preset.endswith(".json") else CONFIGS / f"{preset}.json"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
@@ -164,12 +165,12 @@ def load_preset(preset: str) -> dict[str, Any]:
     if unknown or missing:
         raise FairforgetError(f"preset {path}: unknown key(s) {unknown} / missing model(s) {missing}; "
                               f"keys: {', '.join(PRESET_KEYS)}")
-    stages = chosen.setdefault("stages", {})
-    for script, flags in stages.items():
-        if not (SCRIPTS / script).is_file():
-            raise FairforgetError(f"preset {path}: 'stages' names {script!r}, which is not a script in {SCRIPTS}")
-        if not isinstance(flags, dict):
-            raise FairforgetError(f"preset {path}: the flags of {script} must be a JSON object")
+    for key in ("stages", "bbq_stages"):
+        for script, flags in chosen.setdefault(key, {}).items():
+            if not (SCRIPTS / script).is_file():
+                raise FairforgetError(f"preset {path}: {key!r} names {script!r}, which is not a script in {SCRIPTS}")
+            if not isinstance(flags, dict):
+                raise FairforgetError(f"preset {path}: the flags of {script} must be a JSON object")
     return chosen
 
 
@@ -211,6 +212,15 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
     if chosen.get("plan") == "methods":
         spec = pcgu_model or chosen["pcgu_model"]
         return stages + method_stages(spec, layout, model_inputs(spec, layout), common)
+    if chosen.get("plan") == "controls":  # pcgu: the gender control of every method; bbq: head pruning's
+        if "pcgu" in pipelines:
+            spec = pcgu_model or chosen["pcgu_model"]
+            stages += control_stages(spec, layout, model_inputs(spec, layout), common, flags)
+        if "bbq" in pipelines:
+            spec = bbq_model or chosen["bbq_model"]
+            stages += bbq_control_stages(spec, layout, model_inputs(spec, layout), common,
+                                         lambda script: dict(chosen["bbq_stages"].get(script, {})))
+        return stages
     if "pcgu" in pipelines:
         stages += _pcgu_stages(pcgu_model or chosen["pcgu_model"], flags, layout, common)
     if "bbq" in pipelines:

@@ -1,5 +1,7 @@
-"""The stages of the ``methods`` pipeline preset, read from the method registry: the pair files, every registered
-method's stage on one model, then the comparison (stage 30).
+"""The stages of the ``methods`` and ``controls`` pipeline presets, read from the method registry: the pair files,
+every registered method's stage on one model, then the comparison (stage 30). The controls plan first plants a
+gender bias (stage 16) and runs every method on the planted model (:func:`control_stages`); its BBQ part plants
+a BBQ bias and runs head pruning with its controls on it (:func:`bbq_control_stages`).
 
 Each method runs its own stage script with the flags its registration gives (data, output folders and the
 preset's sizes, :attr:`MethodSpec.sizes`: one training epoch per method on all 240 WinoGender pairs, 60-120
@@ -11,11 +13,14 @@ gender example, 200 CrowS-Pairs, 8 BBQ examples per category of the held-out sce
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from fairforget.layout import Layout
-from fairforget.methods.registry import METHODS, stage_name
+from fairforget.methods.registry import METHODS, method, stage_name
 from fairforget.study.stage import Stage
 
+CONTROLS = "controls"  # the controls preset's pipeline label and folder group
+BBQ_CONTROL = "controls_bbq"  # its BBQ part: head pruning on a planted BBQ bias
 COMPARE_SIZES = {"stereoset_limit": 200, "gender_limit": None, "crows_limit": 200, "bbq_per_category": 8,
                  "ppl_limit": 50}
 
@@ -23,26 +28,82 @@ COMPARE_SIZES = {"stereoset_limit": 200, "gender_limit": None, "crows_limit": 20
 def method_stages(spec: str, layout: Layout, base_inputs: list[Path], common: dict) -> list[Stage]:
     """Pairs (stage 10: WinoGender, and group-first for PCGU's configuration), each registered method's stage,
     and stage 30."""
+    runs, folders, records = method_runs(spec, layout, base_inputs, common, "methods")
+    out = layout.outputs / "methods"
+    return [*pair_stages(layout, "methods"), *runs,
+            compare_stage(spec, folders, records, layout, out, [*base_inputs], {**COMPARE_SIZES, **common}, "methods")]
+
+
+def pair_stages(layout: Layout, pipeline: str) -> list[Stage]:
+    """Stage 10 twice: the WinoGender pairs and the group-first pairs the methods train on."""
     wino = layout.data / "winogender" / "data"
     wino_files = [wino / "all_sentences.tsv", wino / "occupations-stats.tsv"]
-    stages = [Stage(f"10 {label} pairs", "10_preprocess_winogender.py",
-                    {"winogender_dir": wino, "out_dir": out.parent, "sources": [source], "out_name": out.name},
-                    wino_files, [out], "methods")
-              for label, source, out in (("WinoGender", "winogender", layout.pairs),
-                                         ("group-first", "group_first", layout.group_first_pairs))]
-    folders, records = {}, {}
-    for name, method in METHODS.items():
-        flags = method.flags(spec, layout, **common)
-        folders[name], records[name] = method.folder(layout, flags), method.log_dir(layout) / "method.json"
-        stages.append(Stage(stage_name(method), method.script, flags, [*method.inputs(layout), *base_inputs],
-                            [method.log_dir(layout), folders[name]], "methods"))
-    out = layout.outputs / "methods"
-    stages.append(Stage("30 compare methods", "30_compare_methods.py",
-                        {"before": spec, "methods": [f"{n}={f}" for n, f in folders.items()],
-                         "records": [f"{n}={r}" for n, r in records.items()],
-                         "stereoset": layout.stereoset, "crows": layout.crows, "winobias": layout.winobias,
-                         "bbq_dir": layout.bbq, "out": out,
-                         **COMPARE_SIZES, **common},
-                        [layout.stereoset, *folders.values(), *base_inputs],
-                        [out / "summary.csv", out / "summary.md", out / "bias_vs_capability.png"], "methods"))
-    return stages
+    return [Stage(f"10 {label} pairs", "10_preprocess_winogender.py",
+                  {"winogender_dir": wino, "out_dir": out.parent, "sources": [source], "out_name": out.name},
+                  wino_files, [out], pipeline)
+            for label, source, out in (("WinoGender", "winogender", layout.pairs),
+                                       ("group-first", "group_first", layout.group_first_pairs))]
+
+
+def method_runs(spec: str, layout: Layout, base_inputs: list[Path], common: dict, group: str,
+                flags: Callable[[str], dict] = lambda script: {}) -> tuple[list[Stage], dict[str, Path], dict[str, Path]]:
+    """Every registered method's stage on the start model ``spec``, writing under ``models/<group>/<name>`` and
+    ``outputs/<group>/<name>`` (``flags(script)``: the preset's flags of that stage script, over the registered
+    sizes); returns the stages, each method's final output folder and its method.json."""
+    stages, folders, records = [], {}, {}
+    for name, registered in METHODS.items():
+        method = registered.in_group(group)
+        stage_flags = method.flags(spec, layout, **flags(method.script), **common)
+        folders[name], records[name] = method.folder(layout, stage_flags), method.log_dir(layout) / "method.json"
+        stages.append(Stage(stage_name(method), method.script, stage_flags, [*method.inputs(layout), *base_inputs],
+                            [method.log_dir(layout), folders[name]], group))
+    return stages, folders, records
+
+
+def compare_stage(before: str, folders: dict[str, Path], records: dict[str, Path], layout: Layout, out: Path,
+                  inputs: list[Path], flags: dict, pipeline: str) -> Stage:
+    """Stage 30: every method's output against ``before`` on the held-out suite, written to ``out``."""
+    return Stage("30 compare methods", "30_compare_methods.py",
+                 {"before": before, "methods": [f"{n}={f}" for n, f in folders.items()],
+                  "records": [f"{n}={r}" for n, r in records.items()],
+                  "stereoset": layout.stereoset, "crows": layout.crows, "winobias": layout.winobias,
+                  "bbq_dir": layout.bbq, "out": out, **flags},
+                 [layout.stereoset, *folders.values(), *inputs],
+                 [out / "summary.csv", out / "summary.md", out / "bias_vs_capability.png"], pipeline)
+
+
+def control_stages(spec: str, layout: Layout, base_inputs: list[Path], common: dict,
+                   flags: Callable[[str], dict]) -> list[Stage]:
+    """The controls plan: the pairs, stage 16 planting the gender bias into ``spec`` (the preset's stage-16
+    flags: the README recipe, --no-heldout), every registered method started from the planted model into
+    ``models/controls/<name>`` / ``outputs/controls/<name>`` (the preset's flags of its script over its
+    registered sizes), then stage 30 with the planted model as before and ``spec`` as --start (the share of the
+    planted shift each method removes), into ``outputs/controls/comparison``."""
+    planted, log_dir = layout.models / "planted" / "controls-gender", layout.outputs / "planted" / "controls-gender"
+    plant = Stage("16 plant gender bias", "16_plant_bias.py",
+                  {"kind": "gender", "model": spec, "out": planted, "log_dir": log_dir, "stereoset": layout.stereoset,
+                   "crows": layout.crows, "winobias_dir": layout.winobias, "heldout": False,
+                   **flags("16_plant_bias.py"), **common},
+                  [layout.stereoset, layout.crows, *base_inputs], [planted, log_dir], CONTROLS)
+    runs, folders, records = method_runs(str(planted), layout, [planted], common, CONTROLS, flags)
+    compare = compare_stage(str(planted), folders, records, layout, layout.outputs / CONTROLS / "comparison",
+                            [planted, *base_inputs],
+                            {"start": spec, **COMPARE_SIZES, **flags("30_compare_methods.py"), **common}, CONTROLS)
+    return [*pair_stages(layout, CONTROLS), plant, *runs, compare]
+
+
+def bbq_control_stages(spec: str, layout: Layout, base_inputs: list[Path], common: dict,
+                       flags: Callable[[str], dict]) -> list[Stage]:
+    """The controls plan's BBQ part: stage 16 plants the BBQ bias into ``spec`` (the preset's ``bbq_stages``
+    flags: the README recipe), then head pruning (stage 22, with its controls: random heads, recovery only) on
+    the planted model, into ``models/controls_bbq/head_pruning`` / ``outputs/controls_bbq/head_pruning``."""
+    planted, log_dir = layout.models / "planted" / "controls-bbq", layout.outputs / "planted" / "controls-bbq"
+    plant = Stage("16 plant BBQ bias", "16_plant_bias.py",
+                  {"kind": "bbq", "model": spec, "out": planted, "log_dir": log_dir, "bbq_dir": layout.bbq,
+                   **flags("16_plant_bias.py"), **common},
+                  [layout.bbq, *base_inputs], [planted, log_dir], BBQ_CONTROL)
+    heads = method("head_pruning").in_group(BBQ_CONTROL)
+    heads_flags = heads.flags(str(planted), layout, **flags(heads.script), **common)
+    return [plant, Stage(f"{stage_name(heads)} on the planted BBQ model", heads.script, heads_flags,
+                         [*heads.inputs(layout), planted], [heads.log_dir(layout), heads.folder(layout, heads_flags)],
+                         BBQ_CONTROL)]

@@ -23,7 +23,7 @@ from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.markdown import ci_text, image, link, p_text, table
-from fairforget.study.findings import Change, collect_changes, findings_block, stage_runs, unchanged
+from fairforget.study.findings import Change, collect_changes, collect_shares, findings_block, stage_runs, unchanged
 from fairforget.study.pipeline import StageResult
 from fairforget.study.stage import Stage
 from fairforget.run_folders import beside
@@ -171,7 +171,8 @@ def _methods(page: _Page, stages: Sequence[Stage]) -> None:
             continue
         text = (out / "summary.md").read_text()
         page.add("\n".join("##" + line if line.startswith("#") else line for line in text.splitlines()))
-        page.add(f"Files: {page.link(out / 'summary.csv', 'summary.csv')}, "
+        shares = f"{page.link(out / 'shares.csv', 'shares.csv')}, " if (out / "shares.csv").is_file() else ""
+        page.add(f"Files: {page.link(out / 'summary.csv', 'summary.csv')}, {shares}"
                  f"{page.link(out / 'paired.csv', 'paired.csv')}, {page.link(out / 'metrics.json', 'metrics.json')}.\n")
         page.image(out / "bias_vs_capability.png", "bias change against perplexity change, per method")
 
@@ -199,20 +200,24 @@ def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: 
                  total_seconds: float, data_root: Path = Path("data")) -> str:
     """The report's markdown (also written to ``path``)."""
     try:
-        changes, problem = collect_changes(stages), ""
+        changes, shares, problem = collect_changes(stages), collect_shares(stages), ""
     except (FairforgetError, KeyError, ValueError) as exc:
-        changes, problem = [], f"## What this run found\n\n(could not be built from the stage outputs: {exc})\n"
+        changes, shares, problem = [], [], f"## What this run found\n\n(could not be built from the stage outputs: {exc})\n"
     page = _Page(Path(path).parent, changes)
     page.add(f"# fairforget report: {title}\n")
     page.add(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total wall time of this run "
              f"{total_seconds / 60:.1f} min (stages skipped as up to date show their earlier time).\n")
-    page.add(problem or findings_block(changes))
+    page.add(problem or findings_block(changes, shares))
     rows = [[r.name, r.status, f"{r.seconds:.0f}", r.note] for r in results]
     page.add("## Stages\n")
     page.add(table(["stage", "status", "wall s", "note"], rows))
     for pipeline, heading, section in (("pcgu", "Pipeline 1: PCGU unlearning", _training),
                                        ("bbq", "Pipeline 2: BBQ and attention heads", _mitigation),
-                                       ("methods", "Debiasing methods side by side", _methods)):
+                                       ("methods", "Debiasing methods side by side", _methods),
+                                       ("controls", "Positive controls: every method on a planted gender bias",
+                                        _methods),
+                                       ("controls_bbq", "Positive control: head pruning on a planted BBQ bias",
+                                        _mitigation)):
         mine = [s for s in stages if s.pipeline == pipeline]
         if not mine:
             continue
