@@ -83,7 +83,7 @@ class Config:
     n_boot: int = 1000
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    out: Path = output_field(Path("outputs/methods"), "method comparison")
+    out: Path = output_field(Path("outputs/methods/comparison"), "method comparison")
 
     def validate(self) -> None:
         for entry in (*self.methods, *self.records):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -327,7 +328,7 @@ def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys)
     from fairforget.study.report import build_report
 
     monkeypatch.chdir(tmp_path)
-    out = Path("outputs") / "methods"  # where the methods preset's stage 30 writes
+    out = Path("outputs") / "methods" / "comparison"  # where the methods preset's stage 30 writes
     out.mkdir(parents=True)
     (out / "summary.md").write_text("# Debiasing methods side by side (before: `m`)\n\n## Levels\n\n| method | x |\n"
                                     "|---|---|\n| before | 1 |\n")
@@ -348,7 +349,7 @@ def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys)
     stage = Stage("30 compare methods", "30_compare_methods.py", {"before": "m", "out": out}, [], [out], "methods")
     text = build_report([stage], [], tmp_path / "outputs" / "report.md", "test", 1.0, tmp_path / "no-data")
     assert "## Debiasing methods side by side (m)" in text and "### Debiasing methods side by side (before: `m`)" in text
-    assert "#### Levels" in text and "](methods/bias_vs_capability.png)" in text
+    assert "#### Levels" in text and "](methods/comparison/bias_vs_capability.png)" in text
     # largest SS change: tv (-6, p 0.2); the significant one, cda (-3, p 0.001), costs 0.5 LMS and +3% perplexity
     assert "| StereoSet SS, held-out (micro) | tv (vs before, stage 30) | -6.00 [-7.00, -5.00] (towards 50) | 0.2 | " \
            "7 of 100 | 80.00 -> 70.00 [67.00, 73.00] | +3.0 [+1.0, +5.0]% |" in text
@@ -360,3 +361,26 @@ def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys)
     run_pipeline.main(run_pipeline.Config(preset="methods", findings_only=True))
     block = capsys.readouterr().out
     assert block.startswith("## What this run found") and block in text and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("preset", ["quick", "full", "methods", "controls"])
+def test_no_checked_output_folder_of_a_stage_holds_another_kind_of_output(preset):
+    """A stage's output folder (an ``output_field``, refused when it holds files that are not a result of its
+    kind) never lies above another stage's output of another kind: the methods preset's stage 30 once wrote to
+    outputs/methods, above every method's log folder. The data root is meant to hold the others."""
+    plan = build_plan(preset)
+
+    def checked(stage):  # (kind, folder) of each output folder flag the stage is given
+        fields = dataclasses.fields(load_script(stage.script).Config)
+        return [(f.metadata["writes"], Path(stage.args[f.name]).resolve()) for f in fields
+                if "writes" in f.metadata and stage.args.get(f.name) is not None]
+
+    for stage in plan:
+        for kind, folder in checked(stage):
+            if kind == "data":
+                continue
+            for other in plan:
+                if other is stage:
+                    continue
+                kinds = {k for k, f in checked(other) if folder in f.parents}
+                assert kinds <= {kind}, f"{stage.name} --out {folder} ({kind}) holds {other.name}'s {kinds}"

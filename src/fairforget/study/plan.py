@@ -29,7 +29,7 @@ def method_stages(spec: str, layout: Layout, base_inputs: list[Path], common: di
     """Pairs (stage 10: WinoGender, and group-first for PCGU's configuration), each registered method's stage,
     and stage 30."""
     runs, folders, records = method_runs(spec, layout, base_inputs, common, "methods")
-    out = layout.outputs / "methods"
+    out = layout.outputs / "methods" / "comparison"  # beside the methods' own log folders, not above them
     return [*pair_stages(layout, "methods"), *runs,
             compare_stage(spec, folders, records, layout, out, [*base_inputs], {**COMPARE_SIZES, **common}, "methods")]
 
