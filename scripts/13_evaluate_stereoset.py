@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.config import output_field, run_script
+from fairforget.flags import EvaluationFlags
 from fairforget.evals.interface import check_stage_flags, run_stage
 from fairforget.methods.registry import load_output
 from fairforget.evals.stereoset import STEREOSET
@@ -23,21 +24,14 @@ from fairforget.models import DEFAULT_EMBEDDED, model_name
 
 
 @dataclass
-class Config:
+class Config(EvaluationFlags):
     model: str = DEFAULT_EMBEDDED
     data: Path = Path("data/stereoset/dev.json")
     half: Literal["all", "selection", "heldout"] = field(
         default="all", metadata={"help": "seeded half of dev: selection (for checkpoint choice) or heldout"})
     half_seed: int = 0
     limit: int | None = field(default=None, metadata={"help": "stratified sample of about N examples"})
-    seed: int = 0
-    batch_size: int = 32
-    n_boot: int = 1000
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-    dtype: str = "auto"
     out: Path | None = output_field(None, "run", "run folder (default outputs/stereoset/<model>[-half])")
-    compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder for a paired comparison"})
 
     def validate(self) -> None:
         check_stage_flags(self)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.config import output_field, run_script
+from fairforget.flags import EvaluationFlags
 from fairforget.evals.crows import CROWS
 from fairforget.evals.interface import check_stage_flags, run_stage
 from fairforget.methods.registry import load_output
@@ -25,7 +26,7 @@ from fairforget.models import DEFAULT_EMBEDDED, model_name
 
 
 @dataclass
-class Config:
+class Config(EvaluationFlags):
     model: str = DEFAULT_EMBEDDED
     data: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
     score: Literal["sum", "mean"] = field(default="sum", metadata={"help": "sentence log-likelihood: sum or mean"})
@@ -33,14 +34,7 @@ class Config:
                                                                "(none: every pair)"})
     bias_types: list[str] = field(default_factory=list, metadata={"help": "only these bias types, e.g. gender "
                                                                          "(none given: every type)"})
-    seed: int = 0
-    batch_size: int = 32
-    n_boot: int = 1000
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-    dtype: str = "auto"
     out: Path | None = output_field(None, "run", "run folder (default outputs/crows/<model>)")
-    compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder for a paired comparison"})
 
     def validate(self) -> None:
         check_stage_flags(self)

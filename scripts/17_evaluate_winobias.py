@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.config import output_field, run_script
+from fairforget.flags import EvaluationFlags
 from fairforget.evals.interface import check_stage_flags, run_stage
 from fairforget.methods.registry import load_output
 from fairforget.evals.winobias import WINOBIAS
@@ -26,21 +27,14 @@ from fairforget.models import DEFAULT_EMBEDDED, model_name
 
 
 @dataclass
-class Config:
+class Config(EvaluationFlags):
     model: str = DEFAULT_EMBEDDED
     data_dir: Path = field(default=Path("data/winobias/data"), metadata={"help": "folder of the WinoBias test files"})
     pairs: Literal["minimal", "all"] = field(default="minimal", metadata={
         "help": "minimal: only pairs differing in the pronoun alone; all: every line of the test files"})
     limit: int | None = field(default=None, metadata={"help": "seeded sample of about N pairs, per type "
                                                                "(none: every pair)"})
-    seed: int = 0
-    batch_size: int = 32
-    n_boot: int = 1000
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-    dtype: str = "auto"
     out: Path | None = output_field(None, "run", "run folder (default outputs/winobias/<model>)")
-    compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder for a paired comparison"})
 
     def validate(self) -> None:
         check_stage_flags(self)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from fairforget.config import output_field, run_script
+from fairforget.flags import EvaluationFlags
 from fairforget.evals.bbq import CATEGORIES
 from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import check_stage_flags, run_stage
@@ -31,7 +32,7 @@ Category = Literal[CATEGORIES]  # type: ignore[valid-type]
 
 
 @dataclass
-class Config:
+class Config(EvaluationFlags):
     model: str = DEFAULT_EMBEDDED
     data_dir: Path = Path("data/bbq")
     categories: list[Category] = field(default_factory=list, metadata={"help": "BBQ categories (default: all 11)"})
@@ -43,13 +44,7 @@ class Config:
     chat_template: Literal["auto", "on", "off"] = "auto"
     batch_size: int = field(default=16, metadata={"help": "prompts per forward pass"})
     seed: int = field(default=0, metadata={"help": "sampling, option order and bootstrap seed"})
-    n_boot: int = 1000
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-    dtype: str = "auto"
     out: Path | None = output_field(None, "run", "run folder (default outputs/bbq/<model>)")
-    compare_to: Path | None = field(default=None, metadata={"help": "earlier run folder on the same items, for a "
-                                                                      "paired comparison"})
 
     def validate(self) -> None:
         check_stage_flags(self, "per_category")

@@ -16,11 +16,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from fairforget.artifacts import write_csv, write_text
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.flags import LoRAFlags
 from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
 from fairforget.methods.cda import CDAConfig, augment, within_token_budget, load_swaps, token_count
 from fairforget.methods.registry import save_method_config, write_method_record
@@ -29,22 +29,16 @@ from fairforget.winogender import read_pairs_tsv
 
 
 @dataclass
-class Config:
+class Config(LoRAFlags):
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
     swap_lists: list[Path] = field(default_factory=lambda: [Path("data/winobias/generalized_swaps.txt"),
                                                             Path("data/winobias/extra_gendered_words.txt")])
     out: Path = output_field(Path("models/methods/cda"), "adapter")
     log_dir: Path = output_field(Path("outputs/methods/cda"), "method log")
-    epochs: int = 3
-    batch_size: int = 8
     lr: float = 5e-5
-    lora_r: int = 8
-    lora_alpha: int = 16
     lora_dropout: float = 0.05
     limit: int = field(default=0, metadata={"help": "use the first N pairs only (0: all)"})
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         if min(self.batch_size, self.lora_r) < 1 or self.epochs < 0 or not self.lr > 0 or self.limit < 0:

@@ -24,6 +24,7 @@ from typing import Literal
 from fairforget.artifacts import save_model, write_csv, write_json
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.flags import LoRAFlags, SelectionFlags
 from fairforget.evals.perplexity import load_neutral_texts, texts_provenance
 from fairforget.methods.cda import token_count, within_token_budget
 from fairforget.methods.lora import add_lora, finetune, target_modules
@@ -37,29 +38,17 @@ from fairforget.winogender import read_pairs_tsv
 
 
 @dataclass
-class Config:
+class Config(SelectionFlags, LoRAFlags):
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
-    stereoset: Path = Path("data/stereoset/dev.json")
     source: Literal["advantaged", "neutral"] = field(default="advantaged", metadata={
         "help": "fine-tune text: the pairs' advantaged side, or retain-half neutral text at the same token budget "
                 "(the damage reference)"})
     out: Path = output_field(Path("models/methods/task_vector"), "model")
     log_dir: Path = output_field(Path("outputs/methods/task_vector"), "method log")
-    epochs: int = 3
-    batch_size: int = 8
     lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate of the advantaged-side fine-tune"})
-    lora_r: int = 8
-    lora_alpha: int = 16
     lambdas: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    selection_metric: Literal["overall", "gender"] = "gender"
-    selection_limit: int | None = field(default=120, metadata={"help": "selection-half sample size (None: all)"})
-    max_lms_drop: float | None = field(default=2.0, metadata={"help": "LMS points a lambda may lose vs lambda=0"})
-    half_seed: int = 0
     limit: int = field(default=0, metadata={"help": "use the first N pairs only (0: all)"})
-    eval_batch_size: int = 32
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         if min(self.epochs, self.batch_size, self.lora_r) < 1 or not self.lr > 0 or self.limit < 0:

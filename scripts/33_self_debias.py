@@ -19,6 +19,7 @@ from typing import Literal
 
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.flags import RunFlags
 from fairforget.methods.registry import load_output, save_method_config, write_method_record
 from fairforget.methods.selection import selection_examples, selection_score
 from fairforget.methods.self_debias import DEFAULT_DECAY, DEFAULT_EPSILON, PREFIXES, SelfDebiasConfig
@@ -28,7 +29,7 @@ BiasType = Literal[tuple(PREFIXES)]  # type: ignore[valid-type]
 
 
 @dataclass
-class Config:
+class Config(RunFlags):
     model: str = DEFAULT_EMBEDDED
     bias_types: list[BiasType] = field(default_factory=lambda: ["gender"],
                                        metadata={"help": "debiasing prefixes used (one forward pass each)"})
@@ -41,8 +42,6 @@ class Config:
     eval_batch_size: int = 8
     out: Path = output_field(Path("models/methods/self_debias"), "self-debias settings")
     log_dir: Path = output_field(Path("outputs/methods/self_debias"), "method log")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         if not self.bias_types:

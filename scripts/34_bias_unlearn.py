@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from fairforget.artifacts import write_csv
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.flags import LoRAFlags
 from fairforget.methods.lora import add_lora, save_adapter, target_modules
 from fairforget.methods.bias_unlearn import BiasUnlearnConfig, Weights, check_sample, unlearn
 from fairforget.methods.registry import save_method_config, write_method_record
@@ -29,16 +29,13 @@ from fairforget.winogender import read_pairs_tsv
 
 
 @dataclass
-class Config:
+class Config(LoRAFlags):
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
     out: Path = output_field(Path("models/methods/bias_unlearn"), "adapter")
     log_dir: Path = output_field(Path("outputs/methods/bias_unlearn"), "method log")
     epochs: int = 2
-    batch_size: int = 8
     lr: float = 1e-4
-    lora_r: int = 8
-    lora_alpha: int = 16
     w_forget: float = 1.0
     w_retain: float = 1.0
     w_kl: float = field(default=1.0, metadata={"help": "weight of KL(reference || model) on the retain side"})
@@ -48,8 +45,6 @@ class Config:
     check_pairs: int | None = field(default=32, metadata={"help": "pairs (seeded sample) scored by the reversal "
                                                                   "check and the before/after gap (None: all)"})
     limit: int = field(default=0, metadata={"help": "use the first N pairs only (0: all)"})
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         if min(self.batch_size, self.lora_r) < 1 or self.epochs < 0 or not self.lr > 0 or self.limit < 0:

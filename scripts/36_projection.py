@@ -27,6 +27,7 @@ from typing import Literal
 from fairforget.artifacts import save_model, write_csv
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.flags import SelectionFlags
 from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
 from fairforget.methods.projection import (ProjectionConfig, DEFAULT_STRENGTHS, STRENGTH_NAMES, extract, fit, fitting_files, fitting_pairs,
                                            fold, record_in_config, reused_body_outputs, untie_head)
@@ -37,7 +38,7 @@ from fairforget.stats import proportional_sample
 
 
 @dataclass
-class Config:
+class Config(SelectionFlags):
     method: Literal["sentence_debias", "inlp", "leace"] = "sentence_debias"
     model: str = DEFAULT_EMBEDDED
     strengths: list[float] = field(default_factory=list, metadata={
@@ -47,18 +48,10 @@ class Config:
     winogender_dir: Path | None = field(default=Path("data/winogender/data"), metadata={
         "help": "WinoGender folder whose male/female sentences are fitting pairs (none: leave out)"})
     fit_limit: int | None = field(default=None, metadata={"help": "a seeded sample of this many fitting pairs"})
-    stereoset: Path = Path("data/stereoset/dev.json")
     out: Path = output_field(Path("models/methods/projection"), "model")
     log_dir: Path = output_field(Path("outputs/methods/projection"), "method log")
     inlp_l2: float = field(default=1e-3, metadata={"help": "L2 penalty of each INLP logistic probe"})
-    selection_metric: Literal["overall", "gender"] = "gender"
-    selection_limit: int | None = field(default=120, metadata={"help": "selection-half sample size (None: all)"})
-    max_lms_drop: float | None = field(default=2.0, metadata={"help": "LMS points a strength may lose vs 0"})
-    half_seed: int = 0
     batch_size: int = 32
-    eval_batch_size: int = 32
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         values = self.strengths or DEFAULT_STRENGTHS[self.method]
