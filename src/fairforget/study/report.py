@@ -19,7 +19,6 @@ from typing import Sequence
 
 from fairforget.artifacts import git_commit, package_versions, read_json, write_text
 from fairforget.errors import FairforgetError
-from fairforget.evals.bbq_eval import BBQ
 from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.markdown import ci_text, image, link, p_text, table
@@ -114,11 +113,12 @@ def _mitigation(page: _Page, stages: Sequence[Stage]) -> None:
                  f"strength), {len(summary.get('protected', []))} protected; recovery on "
                  f"{summary['n_recovery_examples']} mitigation examples of both conditions (gold \"unknown\" for "
                  f"ambiguous ones).\n")
-        runs = [BBQ.read_run(out / name, name) for name in ("before", "pruned", "recovered")
+        bbq = EVALUATIONS["bbq"]
+        runs = [bbq.read_run(out / name, name) for name in ("before", "pruned", "recovered")
                 if (out / name / "items.jsonl").is_file()]
         if runs:
-            page.add(BBQ.levels_table(runs, group="overall"))
-            page.add(BBQ.paired_table(runs, overall_only=True))
+            page.add(bbq.levels_table(runs, group="overall"))
+            page.add(bbq.paired_table(runs, overall_only=True))
         page.image(out / "stages_s_amb.png", "s_AMB by stage")
         page.image(out / "head_correlation.png", "head correlations and pruning strengths")
         _controls(page, out, summary)
