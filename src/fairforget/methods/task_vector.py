@@ -77,19 +77,14 @@ class TaskVectorConfig(LoRATrainingConfig):
 
 
 SOURCE_METHODS = {"advantaged": "task_vector", "neutral": "damage_reference"}
+TITLES = {"advantaged": "task-vector negation (Ilharco et al. 2023; Dige et al. 2024)",
+          "neutral": "damage reference: negated task vector of a neutral-text fine-tune (targets nothing)"}
 
-
-register_method(MethodSpec(
-    name="task_vector", title="task-vector negation (Ilharco et al. 2023; Dige et al. 2024)",
-    script="32_task_vector.py", config=TaskVectorConfig,
-    knobs=(Knob("lambdas", "theta_0 - lambda tau; lambda chosen on the selection half"),),
-    zero_flags={"lambdas": [0.0]}, sizes={"epochs": 1, "lambdas": [1.0, 2.0, 4.0], "selection_limit": 120},
-    inputs=lambda layout: [layout.pairs, layout.stereoset],
-    data_flags=lambda layout: {"pairs": layout.pairs, "stereoset": layout.stereoset}))
-register_method(MethodSpec(
-    name="damage_reference", title="damage reference: negated task vector of a neutral-text fine-tune (targets nothing)",
-    script="32_task_vector.py", config=TaskVectorConfig,
-    knobs=(Knob("lambdas", "theta_0 - lambda tau_neutral; lambda chosen on the selection half by the same rule"),),
-    zero_flags={"lambdas": [0.0]}, sizes={"epochs": 1, "lambdas": [1.0, 2.0, 4.0], "selection_limit": 120},
-    inputs=lambda layout: [layout.pairs, layout.stereoset],
-    data_flags=lambda layout: {"pairs": layout.pairs, "stereoset": layout.stereoset, "source": "neutral"}))
+for _source, _name in SOURCE_METHODS.items():
+    register_method(MethodSpec(
+        name=_name, title=TITLES[_source], script="32_task_vector.py", config=TaskVectorConfig,
+        knobs=(Knob("lambdas", f"theta_0 - lambda tau ({_source} text); lambda chosen on the selection half"),),
+        zero_flags={"lambdas": [0.0]}, sizes={"epochs": 1, "lambdas": [1.0, 2.0, 4.0], "selection_limit": 120},
+        inputs=lambda layout: [layout.pairs, layout.stereoset],
+        data_flags=lambda layout, source=_source: {"pairs": layout.pairs, "stereoset": layout.stereoset,
+                                                   **({"source": source} if source != "advantaged" else {})}))
