@@ -1,7 +1,8 @@
 """Debiasing methods, one module each, every one registered in :mod:`fairforget.methods.registry`.
 
 * :mod:`.cda`: two-sided counterfactual data augmentation, then the shared LoRA fine-tune.
-* :mod:`.task_vector`: task-vector negation (Ilharco et al. 2023), theta_0 - lambda * (theta_ft - theta_0).
+* :mod:`.task_vector`: task-vector negation (Ilharco et al. 2023), theta_0 - lambda * (theta_ft - theta_0), and
+  the damage reference (the same on neutral text, aimed at nothing).
 * :mod:`.self_debias`: Self-Debias (Schick et al. 2021), an inference-time wrapper every scorer accepts.
 * :mod:`.bias_unlearn`: BiasUnlearn (Liu et al. 2025): NPO forget, cross-entropy retain, KL to the start.
 * :mod:`.pcgu_run` (algorithm in :mod:`.pcgu`): Partitioned Contrastive Gradient Unlearning (Yu et al. 2023).
