@@ -44,7 +44,7 @@ from fairforget.provenance import provenance
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
-from fairforget.evals.suite import SuiteConfig, held_out_items, score_all, score_model
+from fairforget.evals.suite import SuiteConfig, held_out_items, levels, score_all, score_model
 from fairforget.evals.winobias import data_files as winobias_files
 from fairforget.study.compare import (markdown, paired_rows, planted_shares, plot, share_rows, shares_markdown,
                                      summary_row)
@@ -115,8 +115,8 @@ def main(cfg: Config) -> None:
     rows = [summary_row(name, results[name], changes.get(name), records[name]) for name in specs]
     shares, start_levels, control = {}, None, ""
     if cfg.start is not None:
-        reference = score_model("start", cfg.start, items, suite, cfg.out / "scores", load_output,
-                                output_kind(cfg.start) == "wrapper")
+        reference = levels(score_model("start", cfg.start, items, suite, cfg.out / "scores", load_output,
+                                       output_kind(cfg.start) == "wrapper"), items, suite)
         shares = planted_shares(reference, results["before"], {n: results[n] for n in changes}, items, cfg.n_boot,
                                 cfg.seed)
         write_csv(cfg.out / "shares.csv", share_rows(shares, results, changes))
