@@ -342,7 +342,9 @@ def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys)
         "crows_all": {"delta": 0.0, "delta_ci": [-1.0, 1.0], "p_value": 1.0, "n": 40, "true_before_only": 0,
                       "true_after_only": 0, "metric_before": 55.0, "metric_after": 55.0},
         "bbq": {"s_amb_delta": 0.0, "s_amb_delta_ci": [-0.1, 0.1], "mcnemar_biased": {"p_value": 1.0}, "n": 88},
-        "perplexity": {"ppl_change_pct": 3.0, "ppl_change_pct_ci": [1.0, 5.0]}}
+        "perplexity": {"ppl_change_pct": 3.0, "ppl_change_pct_ci": [1.0, 5.0]},
+        "winobias": {"delta": d, "delta_ci": [d - 2, d + 2], "p_value": p, "n": 782, "true_before_only": 9,
+                     "true_after_only": 1, "metric_before": 58.0, "metric_after": 58.0 + d}}
     (out / "metrics.json").write_text(json.dumps({"levels": {"before": level(80.0), "cda": level(79.5),
                                                              "tv": level(70.0)},
                                                   "changes": {"cda": change(-3.0, 0.001), "tv": change(-6.0, 0.2)}}))
@@ -353,8 +355,11 @@ def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys)
     # largest SS change: tv (-6, p 0.2); the significant one, cda (-3, p 0.001), costs 0.5 LMS and +3% perplexity
     assert "| StereoSet SS, held-out (micro) | tv (vs before, stage 30) | -6.00 [-7.00, -5.00] (towards 50) | 0.2 | " \
            "7 of 100 | 80.00 -> 70.00 [67.00, 73.00] | +3.0 [+1.0, +5.0]% |" in text
+    assert "| WinoBias (% pro-stereotypical preferred) | tv (vs before, stage 30) | -6.00 [-8.00, -4.00] (towards 50) " \
+           "| 0.2 | 10 of 782 |" in text
     assert "within the capability bar (LMS at most 2 points lower, perplexity at most +5%): cda (vs before, stage " \
-           "30) on StereoSet SS, held-out (micro); cda (vs before, stage 30) on StereoSet gender |SS - 50|." in text
+           "30) on StereoSet SS, held-out (micro); cda (vs before, stage 30) on StereoSet gender |SS - 50|; cda (vs " \
+           "before, stage 30) on WinoBias (% pro-stereotypical preferred)." in text
     # the README's block: run_pipeline.py --findings-only prints the same block from the preset's outputs, runs nothing
     run_pipeline = load_script("run_pipeline.py")
     capsys.readouterr()

@@ -26,7 +26,9 @@ MAX_LMS_DROP, MAX_PPL_PCT = 2.0, 5.0
 SIGNIFICANT = 0.05
 MEASURES = {  # name -> (the value an unbiased model has, digits shown)
     "StereoSet SS, held-out (micro)": (50.0, 2), "StereoSet gender SS (micro)": (50.0, 2),
-    "StereoSet gender |SS - 50|": (0.0, 2), "CrowS-Pairs (% stereotyping preferred)": (50.0, 2), "BBQ s_AMB": (0.0, 3)}
+    "StereoSet gender |SS - 50|": (0.0, 2), "CrowS-Pairs (% stereotyping preferred)": (50.0, 2),
+    "CrowS-Pairs gender (% stereotyping preferred)": (50.0, 2), "WinoBias (% pro-stereotypical preferred)": (50.0, 2),
+    "BBQ s_AMB": (0.0, 3)}
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,13 @@ def _methods_changes(folder: Path) -> list[Change]:
                   Change("CrowS-Pairs (% stereotyping preferred)", label, q["delta"], q["delta_ci"], q["p_value"],
                          q["n"], q["true_before_only"] + q["true_after_only"], q["metric_before"], q["metric_after"],
                          cost, ppl)]
+        for measure, key in (("CrowS-Pairs gender (% stereotyping preferred)", "crows_gender"),
+                             ("WinoBias (% pro-stereotypical preferred)", "winobias")):
+            if key in c:  # stage 30 runs before these measures were added have neither
+                w = c[key]
+                found.append(Change(measure, label, w["delta"], w["delta_ci"], w["p_value"], w["n"],
+                                    w["true_before_only"] + w["true_after_only"], w["metric_before"],
+                                    w["metric_after"], cost, ppl))
         b = c["bbq"]
         found.append(Change("BBQ s_AMB", label, b["s_amb_delta"], b["s_amb_delta_ci"], b["mcnemar_biased"]["p_value"],
                             b["n"], before=b.get("s_amb_before"), after=b.get("s_amb_after"), lms=cost, ppl_pct=ppl))
