@@ -584,25 +584,31 @@ def test_a_real_file_size_limit_gives_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_adapter_whose_base_is_itself_is_refused(tmp_path, earlier, shared_data, tiny_adapter):
+def _stage_13_on_an_edited_adapter(tmp_path, earlier, shared_data, tiny_adapter, **changes):
+    """A copy of the tiny adapter with ``changes`` in its adapter_config.json, scored by stage 13 into ``earlier``;
+    returns the adapter folder, the snapshot of ``earlier`` before and the finished process."""
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path=str(adapter))))
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, **{
+        k: (str(adapter) if v is _SELF else v) for k, v in changes.items()})))
     before = _snapshot(earlier)
     done = _stage("13_evaluate_stereoset.py", "--model", adapter, "--data", shared_data / "stereoset/dev.json",
                   "--limit", "4", "--out", earlier, cwd=tmp_path)
+    return adapter, before, done
+
+
+_SELF = object()  # stands for the edited adapter's own folder in _stage_13_on_an_edited_adapter
+
+
+def test_an_adapter_whose_base_is_itself_is_refused(tmp_path, earlier, shared_data, tiny_adapter):
+    adapter, before, done = _stage_13_on_an_edited_adapter(tmp_path, earlier, shared_data, tiny_adapter,
+                                                           base_model_name_or_path=_SELF)
     _fails_cleanly(done, f"adapter {adapter} names {str(adapter)!r} as its base model", earlier, before)
 
 
 def test_an_adapter_config_with_a_wrong_type_is_one_line(tmp_path, earlier, shared_data, tiny_adapter):
-    adapter = tmp_path / "adapter"
-    shutil.copytree(tiny_adapter, adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, r="eight")))
-    before = _snapshot(earlier)
-    done = _stage("13_evaluate_stereoset.py", "--model", adapter, "--data", shared_data / "stereoset/dev.json",
-                  "--limit", "4", "--out", earlier, cwd=tmp_path)
+    adapter, before, done = _stage_13_on_an_edited_adapter(tmp_path, earlier, shared_data, tiny_adapter, r="eight")
     _fails_cleanly(done, f"cannot load the peft adapter in {adapter}", earlier, before)
 
 
