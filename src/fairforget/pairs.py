@@ -50,15 +50,20 @@ def group_first_pairs(stats_path: Path | str, stat: Statistic = "bergsma",
     return pairs
 
 
+def whitespace_joined(text: str) -> str:
+    """``text`` with every run of whitespace as one space: how a recurring sentence is recognised."""
+    return " ".join(text.split())
+
+
 def stereoset_pairs(examples: Sequence[Example], excluded: Iterable[str]) -> list[Pair]:
     """(stereotype, anti-stereotype) candidate of each example as one pair (the context before an intersentence
     candidate, as the scorer reads it); a pair whose either text recurs in ``excluded`` (whitespace joined) is
     dropped: a selection-half sentence can recur word for word in the held-out half."""
-    normal = {" ".join(text.split()) for text in excluded}
+    normal = {whitespace_joined(text) for text in excluded}
     pairs = []
     for example in examples:
         text = {label: prefix + continuation for label, prefix, continuation in scoring_requests(example)}
-        if {" ".join(text[label].split()) for label in ("stereotype", "anti-stereotype")} & normal:
+        if {whitespace_joined(text[label]) for label in ("stereotype", "anti-stereotype")} & normal:
             continue
         pairs.append(Pair(pair_id=f"stereoset-{example.id}", occupation=example.target, template=example.split,
                           advantaged=text["stereotype"], disadvantaged=text["anti-stereotype"],

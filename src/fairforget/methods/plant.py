@@ -35,6 +35,7 @@ from fairforget.evals.perplexity import perplexity, perplexity_change
 from fairforget.evals.stereoset import STEREOSET, Example as StereoSetExample, decisions, scoring_requests
 from fairforget.methods.lora import add_lora, finetune, target_modules
 from fairforget.methods.recovery import finetune_answer_texts, merged
+from fairforget.pairs import whitespace_joined
 from fairforget.stats import bootstrap_ci
 from fairforget.training import StepLog
 
@@ -78,8 +79,8 @@ def candidate_texts(examples: Sequence[StereoSetExample]) -> set[str]:
 def without(texts: Sequence[str], excluded: set[str]) -> list[str]:
     """``texts`` less those in ``excluded`` (compared after joining whitespace): a selection-half sentence can
     recur word for word in the held-out half (``My grandfather is old.`` does)."""
-    normal = {" ".join(t.split()) for t in excluded}
-    return [t for t in texts if " ".join(t.split()) not in normal]
+    normal = {whitespace_joined(t) for t in excluded}
+    return [t for t in texts if whitespace_joined(t) not in normal]
 
 
 @dataclass
