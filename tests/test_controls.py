@@ -15,6 +15,7 @@ from conftest import load_script
 from fairforget.config import build_parser, parse_config
 from fairforget.evals.suite import weights_digest
 from fairforget.layout import CONFIGS, Layout
+from fairforget.methods.head_controls import compare_choices
 from fairforget.methods.registry import METHODS, Knob, MethodSpec, register_method
 from fairforget.study.pipeline import Stage, build_plan
 from fairforget.tiny import save_tiny_model
@@ -224,7 +225,7 @@ def test_controls_bbq_part_plants_the_bbq_bias_and_prunes_heads_on_it(tmp_path, 
     layout = Layout(data=tmp_path / "data", outputs=tmp_path / "outputs", models=tmp_path / "models")
     preset = json.loads((CONFIGS / "controls.json").read_text())
     stages = [s for s in build_plan("controls", ["bbq"], layout=layout) if s.pipeline == "controls_bbq"]
-    plant, heads = stages
+    plant, heads, unplanted = stages
     recipe = {"kind": "bbq", "train_per_category": 16, "eval_per_category": 12, "epochs": 3, "batch_size": 8,
               "lr": 5e-4}
     assert {k: plant.args[k] for k in recipe} == recipe and len(plant.args["categories"]) == 6
@@ -234,6 +235,11 @@ def test_controls_bbq_part_plants_the_bbq_bias_and_prunes_heads_on_it(tmp_path, 
     # stage 22 on every category: it splits the scenarios of the categories it loads, and only all of them give
     # the split stage 16 planted on (its mitigation side), so no planted scenario is among stage 22's held-out ones
     assert "categories" not in heads.args
+    # the same stage 22 on the unplanted model, into its own folders: does planting change the chosen heads?
+    assert unplanted.script == heads.script and unplanted.args["model"] == preset["bbq_model"]
+    assert {k: v for k, v in unplanted.args.items() if k not in ("model", "out", "log_dir", "models_dir")} == \
+        {k: v for k, v in heads.args.items() if k not in ("model", "out", "log_dir", "models_dir")}
+    assert not set(unplanted.outputs) & set(heads.outputs)
     gender = {s.name: s for s in build_plan("controls", ["pcgu"], layout=layout)}
     assert not {p for s in gender.values() for p in s.outputs} & {p for s in stages for p in s.outputs}
     assert "16 plant BBQ bias" not in gender
@@ -255,8 +261,18 @@ def test_controls_bbq_part_plants_the_bbq_bias_and_prunes_heads_on_it(tmp_path, 
               if s.pipeline == "controls_bbq"]
     lines: list[str] = []
     results = run_stages(stages, cwd=tmp_path, log=lines.append, env={"FAIRFORGET_QUIET": "1"})
-    assert [r.status for r in results] == ["ran", "ran"], "\n".join(lines[-30:])
+    assert [r.status for r in results] == ["ran", "ran", "ran"], "\n".join(lines[-30:])
     out = Path(stages[1].args["out"])
     assert (out / "controls.csv").is_file() and json.loads((out / "metrics.json").read_text())["heads_pruned"] > 0
+    overlap = compare_choices(out, Path(stages[2].args["out"]))
+    assert overlap["n_heads"] == 2 * 4 and all(overlap["heads"]) and 0 <= overlap["jaccard"] <= 1
+    assert set(overlap["common"]) == set(overlap["heads"][0]) & set(overlap["heads"][1])
+    assert -1 <= overlap["signal_spearman"] <= 1
+    from fairforget.study.report import build_report
+
+    text = build_report(stages, results, tmp_path / "report.md", "test", 1.0, data)
+    section = text[text.index("### Chosen heads: planted against unplanted model"):]
+    assert f"Jaccard overlap of the chosen heads {overlap['jaccard']:.2f}" in section
+    assert text.count("### Head pruning and recovery (22 ") == 2
     shift = json.loads((layout.outputs / "planted" / "controls-bbq" / "shift.json").read_text())
     assert shift["n_train"] == 4 and set(shift["shift"]["planted"]) == {"Age", "Gender_identity", "overall"}

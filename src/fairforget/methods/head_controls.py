@@ -7,6 +7,8 @@ so every comparison is paired.
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -202,3 +204,29 @@ def plot_dose_response(path: Path | str, dose: Sequence[dict], title: str) -> No
         ax.legend(fontsize=8)
     fig.suptitle(title)
     plots.save_figure(fig, path)
+
+
+def compare_choices(first: Path | str, second: Path | str) -> dict[str, Any]:
+    """Whether two stage-22 runs (their output folders: ``metrics.json``, ``head_signal.csv``) chose the same
+    heads: each run's heads, the heads both chose, their Jaccard overlap, and the Spearman rank correlation of
+    the two per-head signals over every head (the planted model's control: does planting move the signal?)."""
+    from scipy.stats import spearmanr
+
+    runs = [Path(first), Path(second)]
+    for folder in runs:
+        for name in ("metrics.json", "head_signal.csv"):
+            if not (folder / name).is_file():
+                raise FairforgetError(f"{folder / name} is missing: run stage 22 into {folder} first")
+    chosen = [{(h["layer"], h["head"]) for h in json.loads((f / "metrics.json").read_text())["heads"]} for f in runs]
+    signals = []
+    for folder in runs:
+        with open(folder / "head_signal.csv", newline="") as f:
+            signals.append({(int(r["layer"]), int(r["head"])): float(r["score"]) for r in csv.DictReader(f)})
+    if signals[0].keys() != signals[1].keys():
+        raise FairforgetError(f"{runs[0]} and {runs[1]} score different heads: not the same model architecture")
+    order = sorted(signals[0])
+    both, either = chosen[0] & chosen[1], chosen[0] | chosen[1]
+    return {"heads": [sorted(c) for c in chosen], "common": sorted(both),
+            "jaccard": len(both) / len(either) if either else float("nan"),
+            "signal_spearman": float(spearmanr([signals[0][h] for h in order], [signals[1][h] for h in order]).statistic),
+            "n_heads": len(order)}

@@ -21,6 +21,7 @@ from fairforget.study.stage import Stage
 
 CONTROLS = "controls"  # the controls preset's pipeline label and folder group
 BBQ_CONTROL = "controls_bbq"  # its BBQ part: head pruning on a planted BBQ bias
+BBQ_CONTROL_START = "controls_bbq_start"  # the same head pruning on the unplanted model
 COMPARE_SIZES = {"stereoset_limit": 200, "gender_limit": None, "crows_limit": 200, "bbq_per_category": 8,
                  "ppl_limit": 50}
 
@@ -96,14 +97,20 @@ def bbq_control_stages(spec: str, layout: Layout, base_inputs: list[Path], commo
                        flags: Callable[[str], dict]) -> list[Stage]:
     """The controls plan's BBQ part: stage 16 plants the BBQ bias into ``spec`` (the preset's ``bbq_stages``
     flags: the README recipe), then head pruning (stage 22, with its controls: random heads, recovery only) on
-    the planted model, into ``models/controls_bbq/head_pruning`` / ``outputs/controls_bbq/head_pruning``."""
+    the planted model, into ``models/controls_bbq/head_pruning`` / ``outputs/controls_bbq/head_pruning``, and
+    the same stage 22 on the unplanted ``spec`` (``.../controls_bbq_start/head_pruning``): whether the planted
+    bias changes which heads are chosen."""
     planted, log_dir = layout.models / "planted" / "controls-bbq", layout.outputs / "planted" / "controls-bbq"
     plant = Stage("16 plant BBQ bias", "16_plant_bias.py",
                   {"kind": "bbq", "model": spec, "out": planted, "log_dir": log_dir, "bbq_dir": layout.bbq,
                    **flags("16_plant_bias.py"), **common},
                   [layout.bbq, *base_inputs], [planted, log_dir], BBQ_CONTROL)
-    heads = method("head_pruning").in_group(BBQ_CONTROL)
-    heads_flags = heads.flags(str(planted), layout, **flags(heads.script), **common)
-    return [plant, Stage(f"{stage_name(heads)} on the planted BBQ model", heads.script, heads_flags,
-                         [*heads.inputs(layout), planted], [heads.log_dir(layout), heads.folder(layout, heads_flags)],
-                         BBQ_CONTROL)]
+    stages = [plant]
+    for model, group, label in ((str(planted), BBQ_CONTROL, "the planted BBQ model"),
+                                (spec, BBQ_CONTROL_START, "the unplanted model")):
+        heads = method("head_pruning").in_group(group)
+        heads_flags = heads.flags(model, layout, **flags(heads.script), **common)
+        inputs = [*heads.inputs(layout), *([planted] if model == str(planted) else base_inputs)]
+        stages.append(Stage(f"{stage_name(heads)} on {label}", heads.script, heads_flags, inputs,
+                            [heads.log_dir(layout), heads.folder(layout, heads_flags)], BBQ_CONTROL))
+    return stages

@@ -22,6 +22,7 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.interface import Evaluation, Run
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.markdown import ci_text, image, link, p_text, table
+from fairforget.methods.head_controls import compare_choices
 from fairforget.study.findings import Change, collect_changes, collect_shares, findings_block, stage_runs, unchanged
 from fairforget.study.pipeline import StageResult
 from fairforget.study.stage import Stage
@@ -103,7 +104,7 @@ def _mitigation(page: _Page, stages: Sequence[Stage]) -> None:
         if stage.script != "22_mitigate_heads.py":
             continue
         out = Path(stage.args["out"])
-        page.add("### Head pruning and recovery (stage 22), held-out scenarios\n")
+        page.add(f"### Head pruning and recovery ({stage.name}), held-out scenarios\n")
         if not (out / "metrics.json").is_file():
             page.add("Not run.\n")
             continue
@@ -122,6 +123,23 @@ def _mitigation(page: _Page, stages: Sequence[Stage]) -> None:
         page.image(out / "stages_s_amb.png", "s_AMB by stage")
         page.image(out / "head_correlation.png", "head correlations and pruning strengths")
         _controls(page, out, summary)
+
+
+def _planted_mitigation(page: _Page, stages: Sequence[Stage]) -> None:
+    """The controls plan's BBQ part: stage 22 on the planted and on the unplanted model, then whether the
+    planted bias moved the head signal and the chosen heads (:func:`head_controls.compare_choices`)."""
+    _mitigation(page, stages)
+    outs = [Path(s.args["out"]) for s in stages if s.script == "22_mitigate_heads.py"]
+    page.add("### Chosen heads: planted against unplanted model\n")
+    if len(outs) != 2 or not all((o / "metrics.json").is_file() for o in outs):
+        page.add("Not run: it needs stage 22 on both models.\n")
+        return
+    c = compare_choices(*outs)
+    page.add(table(["", "planted model", "unplanted model"],
+                   [["heads chosen", len(c["heads"][0]), len(c["heads"][1])],
+                    ["chosen by both", len(c["common"]), len(c["common"])]]))
+    page.add(f"Jaccard overlap of the chosen heads {c['jaccard']:.2f}; Spearman correlation of the two per-head signals "
+             f"over all {c['n_heads']} heads {c['signal_spearman']:+.2f} (1: planting did not move the signal).\n")
 
 
 def _controls(page: _Page, out: Path, summary: dict) -> None:
@@ -217,7 +235,7 @@ def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: 
                                        ("controls", "Positive controls: every method on a planted gender bias",
                                         _methods),
                                        ("controls_bbq", "Positive control: head pruning on a planted BBQ bias",
-                                        _mitigation)):
+                                        _planted_mitigation)):
         mine = [s for s in stages if s.pipeline == pipeline]
         if not mine:
             continue
