@@ -9,7 +9,8 @@ selection half.
    as many as fit the advantaged side's token budget (``cda.within_token_budget``): a task vector that targets nothing.
 2. For each lambda in --lambdas: theta_0 - lambda * tau scored on a seeded sample of the StereoSet *selection*
    half (gender examples with --selection-metric gender); the lambda with the smallest |SS - 50| whose LMS is
-   at most --max-lms-drop below lambda = 0's is kept (``fairforget.methods.selection.choose``).
+   at most --max-lms-drop below lambda = 0's and whose retain-half perplexity is at most --max-ppl-increase
+   percent above it is kept, lambda 0 if none is (``fairforget.methods.selection``).
 3. The kept model is saved to --out (a Hugging Face folder); ``lambdas.csv``, ``train_texts.json`` and
    ``method.json`` (wall time, peak memory, tau norm, tokens trained on, the choice, provenance) go to --log-dir. Report with the held-out half only.
 """
@@ -28,7 +29,8 @@ from fairforget.flags import LoRAFlags, SelectionFlags
 from fairforget.evals.perplexity import load_neutral_texts, texts_provenance
 from fairforget.methods.cda import token_count, within_token_budget
 from fairforget.methods.lora import add_lora, finetune, target_modules
-from fairforget.methods.selection import choose, selection_examples, selection_score
+from fairforget.methods.selection import (budget_text, choose_setting, criterion, selection_examples,
+                                          selection_score, selection_texts)
 from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
 from fairforget.methods.task_vector import (SOURCE_METHODS, TaskVectorConfig, apply_negation, state_copy, task_vector,
                                             tau_norms)
@@ -64,6 +66,7 @@ def main(cfg: Config) -> None:
     name = SOURCE_METHODS[cfg.source]
     texts = [p.advantaged for p in read_pairs_tsv(cfg.pairs)[: cfg.limit or None]]
     examples = selection_examples(cfg.stereoset, cfg.selection_metric, cfg.selection_limit, cfg.half_seed, cfg.seed)
+    budget_texts = selection_texts(cfg.selection_ppl_texts) if cfg.max_ppl_increase is not None else []
     loaded = load_model(cfg.model, cfg.device)
     tokenizer = loaded.tokenizer
     budget = token_count(texts, tokenizer)
@@ -82,9 +85,10 @@ def main(cfg: Config) -> None:
     rows = []
     for lam in progress([0.0, *cfg.lambdas], desc="lambda on the selection half", unit="lambda"):
         apply_negation(model, theta_0, tau, lam)
-        rows.append({"lambda": lam, **selection_score(model, tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed)})
-        print(f"lambda {lam:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
-    best = choose(rows[1:], "lambda", cfg.max_lms_drop, rows[0]["lms"])
+        rows.append({"lambda": lam, **selection_score(model, tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed,
+                                                      texts=budget_texts)})
+        print(f"lambda {lam:g}: selection {budget_text(rows[-1])}", flush=True)
+    best = choose_setting(rows, "lambda", cfg)
     apply_negation(model, theta_0, tau, best["lambda"])
     save_model(model, tokenizer, cfg.out, {CONFIG_FILE: method_config(name, typed_config(TaskVectorConfig, cfg),
                                                                      chosen_lambda=best["lambda"])})
@@ -95,8 +99,7 @@ def main(cfg: Config) -> None:
         model_folder=str(cfg.out), chosen_lambda=best["lambda"], selection=rows, n_train_texts=len(texts),
         train_tokens=token_count(texts, tokenizer), token_budget=budget,
         neutral_texts=texts_provenance(texts) if cfg.source == "neutral" else None,
-        criterion=f"smallest |SS - 50| ({cfg.selection_metric}) on {len(examples)} selection-half StereoSet dev "
-                  f"examples with LMS at most {cfg.max_lms_drop} below lambda=0", **tau_norms(tau))
+        criterion=criterion(cfg, len(examples), "lambda=0"), **tau_norms(tau))
     print(f"{name}: lambda {best['lambda']:g} kept ({record['wall_seconds']:.0f} s, peak "
           f"{record['peak_memory_mib']:.0f} MiB) -> {cfg.out}")
 

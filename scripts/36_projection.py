@@ -10,7 +10,8 @@ StereoSet selection half.
    LEACE alpha (blend with the identity). Defaults: ``projection.DEFAULT_STRENGTHS``.
 3. For strength 0 and each --strengths value, the projection is folded into the (untied) head, W' = W P, and
    scored on a seeded sample of the StereoSet *selection* half; the strength with the smallest |SS - 50| whose
-   LMS is at most --max-lms-drop below strength 0's is kept (``fairforget.methods.selection.choose``).
+   LMS is at most --max-lms-drop below strength 0's and whose retain-half perplexity is at most
+   --max-ppl-increase percent above it is kept, strength 0 if none is (``fairforget.methods.selection``).
 4. The kept model is saved to --out (an ordinary Hugging Face folder; its config records the projection and the
    untying); ``strengths.csv`` and ``method.json`` (wall time, peak memory, fitting data and counts, the choice,
    provenance) go to --log-dir. Report with the held-out half only.
@@ -31,7 +32,8 @@ from fairforget.flags import SelectionFlags
 from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
 from fairforget.methods.projection import (ProjectionConfig, DEFAULT_STRENGTHS, STRENGTH_NAMES, extract, fit, fitting_files, fitting_pairs,
                                            fold, record_in_config, reused_body_outputs, untie_head)
-from fairforget.methods.selection import choose, selection_examples, selection_score
+from fairforget.methods.selection import (budget_text, choose_setting, criterion, selection_examples,
+                                          selection_score, selection_texts)
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
 from fairforget.stats import proportional_sample
@@ -78,6 +80,7 @@ def main(cfg: Config) -> None:
     sources = list(dict.fromkeys(p.source for p in pairs))
     pairs = proportional_sample([[p for p in pairs if p.source == s] for s in sources], cfg.fit_limit, cfg.seed)
     examples = selection_examples(cfg.stereoset, cfg.selection_metric, cfg.selection_limit, cfg.half_seed, cfg.seed)
+    budget_texts = selection_texts(cfg.selection_ppl_texts) if cfg.max_ppl_increase is not None else []
     loaded = load_model(cfg.model, cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     reps = extract(model, tokenizer, pairs, cfg.batch_size)
@@ -89,9 +92,9 @@ def main(cfg: Config) -> None:
         for strength in progress([0.0, *strengths], desc=f"{name} on the selection half", unit=name):
             fold(model, start_weight, projection_at(strength))
             rows.append({"strength": strength, **selection_score(model, tokenizer, examples, cfg.eval_batch_size,
-                                                                 seed=cfg.seed)})
-            print(f"{name} {strength:g}: selection SS {rows[-1]['ss']:.2f} LMS {rows[-1]['lms']:.2f}", flush=True)
-    best = choose(rows[1:], "strength", cfg.max_lms_drop, rows[0]["lms"])
+                                                                 seed=cfg.seed, texts=budget_texts)})
+            print(f"{name} {strength:g}: selection {budget_text(rows[-1])}", flush=True)
+    best = choose_setting(rows, "strength", cfg)
     fold(model, start_weight, projection_at(best["strength"]))
     fitting = {"pairs": dict(Counter(p.source for p in pairs)), "sentences": 2 * len(pairs),
                "token_rows": len(reps.labels), "male_rows": int(reps.labels.sum()),
@@ -104,8 +107,7 @@ def main(cfg: Config) -> None:
         cfg.log_dir, cfg.method, cfg, time.perf_counter() - start, [*fitting_files(cfg.winobias_dir, cfg.winogender_dir), cfg.stereoset],
         model_folder=str(cfg.out), strength_name=name, chosen_strength=best["strength"], selection=rows,
         fitting_data=fitting, untied_lm_head=tied, representation="final hidden state after the last norm",
-        criterion=f"smallest |SS - 50| ({cfg.selection_metric}) on {len(examples)} selection-half StereoSet dev "
-                  f"examples with LMS at most {cfg.max_lms_drop} below {name}=0")
+        criterion=criterion(cfg, len(examples), f"{name}=0"))
     print(f"{cfg.method}: {name} {best['strength']:g} kept ({record['wall_seconds']:.0f} s, peak "
           f"{record['peak_memory_mib']:.0f} MiB) -> {cfg.out}")
 

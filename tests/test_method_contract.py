@@ -106,6 +106,7 @@ def test_damage_reference_trains_on_retain_half_neutral_text_at_the_task_vectors
     record = read_json(tmp_path / "damage_reference" / "log" / "method.json")
     assert record["method"] == "damage_reference" and record["token_budget"] == budget
     assert record["train_tokens"] == used and budget - 120 < used <= budget  # filled to within one text
+    assert all(row["perplexity"] > 0 for row in record["selection"])  # the default perplexity budget is measured
     assert set(neutral) <= set(load_neutral_texts("retain")) and not set(neutral) & set(load_neutral_texts("heldout"))
     assert not any(GENDERED.search(text) for text in neutral)
     saved = read_json(tmp_path / "damage_reference" / "model" / CONFIG_FILE)

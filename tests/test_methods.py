@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from fairforget.choice_scoring import option_letter_logprobs, option_logprobs, s
 from fairforget.methods.bias_unlearn import Weights, kl_to_reference, losses, npo_loss, unlearn
 from fairforget.methods.cda import augment, within_token_budget, load_swaps, swap_gender, token_count
 from fairforget.methods.self_debias import PREFIXES, SelfDebiasLM
-from fairforget.methods.selection import choose
+from fairforget.methods.selection import choose, choose_setting, in_budget
 from fairforget.methods.task_vector import apply_negation, state_copy, task_vector
 from fairforget.methods.lora import add_lora
 from fairforget.scoring import collate, conditioning_token_id, encode, score_continuations, token_logprobs
@@ -199,5 +200,24 @@ def test_bias_unlearn_lowers_the_forget_side(tiny_models, tokenizer):
 def test_selection_prefers_the_closest_to_50_within_the_lms_limit():
     rows = [{"lam": 0.0, "distance_from_50": 8.0, "lms": 90.0}, {"lam": 1.0, "distance_from_50": 2.0, "lms": 89.0},
             {"lam": 2.0, "distance_from_50": 0.5, "lms": 80.0}]
-    assert choose(rows, "lam", max_lms_drop=2.0, reference_lms=90.0)["lam"] == 1.0
-    assert choose(rows, "lam", max_lms_drop=None, reference_lms=90.0)["lam"] == 2.0
+    assert choose(rows, "lam", max_lms_drop=2.0, reference=rows[0])["lam"] == 1.0
+    assert choose(rows, "lam", max_lms_drop=None, reference=rows[0])["lam"] == 2.0
+
+
+def test_selection_bounds_perplexity_and_keeps_the_start_when_nothing_is_in_budget():
+    """The perplexity bound: +5% allowed (lambda 1 at +4% is kept), +6% is not; with no setting in budget
+    choose_setting keeps the start, and without any budget it keeps the closest trained setting."""
+    start = {"lam": 0.0, "distance_from_50": 8.0, "lms": 90.0, "perplexity": 20.0}
+    mild = {"lam": 1.0, "distance_from_50": 3.0, "lms": 90.0, "perplexity": 20.8}
+    damaged = {"lam": 2.0, "distance_from_50": 0.5, "lms": 90.0, "perplexity": 21.2}
+    assert in_budget(mild, start, 2.0, 5.0) and not in_budget(damaged, start, 2.0, 5.0)
+    assert in_budget(damaged, start, 2.0, None) and in_budget({"lms": 89.0}, start, 2.0, 5.0)  # no perplexity
+    assert choose([start, mild, damaged], "lam", 2.0, start, 5.0) is mild
+    assert choose([start, mild, damaged], "lam", 2.0, start, None) is damaged
+
+    def cfg(lms, ppl):
+        return SimpleNamespace(max_lms_drop=lms, max_ppl_increase=ppl)
+
+    assert choose_setting([start, damaged], "lam", cfg(2.0, 5.0)) is start
+    assert choose_setting([start, damaged], "lam", cfg(None, 5.0)) is start
+    assert choose_setting([start, damaged], "lam", cfg(None, None)) is damaged

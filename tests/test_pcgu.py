@@ -247,12 +247,12 @@ def test_lms_budget_keeps_the_start_unless_a_point_is_closer_to_50_within_it():
     start = {"step": 0, "lms": 80.0, "distance_from_50": 14.8}
     damaged = {"step": 6, "lms": 41.3, "distance_from_50": 0.1}  # SS 50 by wrecking the language model
     mild = {"step": 3, "lms": 78.5, "distance_from_50": 9.0}
-    assert choose([damaged], "step", None, 80.0) is damaged  # no budget: trained points only, closest wins
-    assert choose([start, damaged], "step", 2.0, 80.0) is start
-    assert choose([start, mild], "step", 2.0, 80.0) is mild and choose([start, mild], "step", 1.0, 80.0) is start
+    assert choose([damaged], "step", None, {"lms": 80.0}) is damaged  # no budget: trained points only, closest wins
+    assert choose([start, damaged], "step", 2.0, {"lms": 80.0}) is start
+    assert choose([start, mild], "step", 2.0, {"lms": 80.0}) is mild and choose([start, mild], "step", 1.0, {"lms": 80.0}) is start
     farther = {**mild, "distance_from_50": 15.0}  # within budget but farther from 50
-    assert choose([start, farther], "step", 2.0, 80.0) is start
-    assert choose([mild, {**mild, "step": 9}], "step", None, 80.0)["step"] == 3  # a tie keeps the earlier point
+    assert choose([start, farther], "step", 2.0, {"lms": 80.0}) is start
+    assert choose([mild, {**mild, "step": 9}], "step", None, {"lms": 80.0})["step"] == 3  # a tie keeps the earlier point
 
 
 def test_retain_kl_is_zero_at_the_start_and_positive_after_a_change(tiny_models, tokenizer):

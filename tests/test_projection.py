@@ -186,7 +186,8 @@ def test_stage_36_fits_once_scores_each_strength_and_saves_the_choice(tokenizer,
     cfg = stage.Config(method="sentence_debias", model=str(base), strengths=[1.0, 2.0],
                        winobias_dir=shared_data / "winobias" / "data", winogender_dir=shared_data / "winogender" / "data",
                        fit_limit=40, stereoset=shared_data / "stereoset" / "dev.json", selection_limit=8,
-                       max_lms_drop=None, out=tmp_path / "out", log_dir=tmp_path / "log", device="cpu")
+                       max_lms_drop=None, max_ppl_increase=None, out=tmp_path / "out", log_dir=tmp_path / "log",
+                       device="cpu")
     cfg.validate()
     stage.main(cfg)
     record = read_json(tmp_path / "log" / "method.json")

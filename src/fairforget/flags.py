@@ -48,11 +48,16 @@ class LoRAFlags(RunFlags):
 @dataclass
 class SelectionFlags(RunFlags):
     """A method's choice of its strength on the StereoSet selection half (:mod:`fairforget.methods.selection`):
-    the smallest |SS - 50| of --selection-metric whose LMS is at most --max-lms-drop below the start's."""
+    the smallest |SS - 50| of --selection-metric whose LMS is at most --max-lms-drop below the start's and whose
+    perplexity on --selection-ppl-texts retain-half neutral texts is at most --max-ppl-increase percent above it
+    (the start itself when no setting is in that budget)."""
 
     stereoset: Path = Path("data/stereoset/dev.json")
     selection_metric: Literal["overall", "gender"] = "gender"
     selection_limit: int | None = field(default=120, metadata={"help": "selection-half sample size (None: all)"})
     max_lms_drop: float | None = field(default=2.0, metadata={"help": "LMS points a setting may lose vs the start"})
+    max_ppl_increase: float | None = field(default=5.0, metadata={
+        "help": "percent perplexity a setting may add vs the start, on retain-half neutral texts (None: no bound)"})
+    selection_ppl_texts: int = field(default=40, metadata={"help": "retain-half neutral texts for that bound"})
     half_seed: int = 0
     eval_batch_size: int = 32

@@ -234,7 +234,7 @@ def train(run: Setup) -> Trained:
         row = evaluate(run, epoch, step, time.perf_counter() - start)
         epochs.append(row)
         candidates = epochs if cfg.max_lms_drop is not None else epochs[1:]  # the start too, with a budget
-        if choose(candidates, "step", cfg.max_lms_drop, epochs[0]["lms"]) is row:
+        if choose(candidates, "step", cfg.max_lms_drop, epochs[0]) is row:
             save_model(model, run.tokenizer, beside(cfg.out, "best"))
             best_step = step
         if cfg.stop_at_parity and row["share_adv_preferred"] <= 0.5:

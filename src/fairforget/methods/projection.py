@@ -263,6 +263,8 @@ class ProjectionConfig:
     selection_metric: str
     selection_limit: int | None
     max_lms_drop: float | None
+    max_ppl_increase: float | None
+    selection_ppl_texts: int
     half_seed: int
     seed: int
 

@@ -2,7 +2,9 @@
 
 The held-out half (``select_half(..., "heldout")``) is what the comparison reports; it is never used here.
 With ``metric="gender"`` the sample is drawn from the gender examples of the selection half only, so a
-small sample still holds enough gender examples to choose by.
+small sample still holds enough gender examples to choose by. A setting's capability budget is its LMS drop
+on the same examples and its perplexity increase on neutral texts of the *retain* half
+(:func:`selection_texts`), never the held-out half that perplexity is reported on.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from fairforget.evals.perplexity import load_neutral_texts, perplexity
 from fairforget.evals.stereoset import Example, evaluate_stereoset, load_stereoset, select_half, stratified_limit
 
 Metric = Literal["overall", "gender"]
@@ -24,17 +27,58 @@ def selection_examples(path: Path | str, metric: Metric, limit: int | None, half
     return stratified_limit(examples, limit, seed)
 
 
+def selection_texts(limit: int | None) -> list[str]:
+    """The neutral texts a setting's perplexity budget is measured on: the first ``limit`` of the retain half."""
+    return load_neutral_texts("retain", limit)
+
+
 def selection_score(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32,
-                    n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
-    """SS, its interval, LMS and |SS - 50| of ``model`` on the selection examples (all of them pooled)."""
+                    n_boot: int = 200, seed: int = 0, texts: Sequence[str] = ()) -> dict[str, Any]:
+    """SS, its interval, LMS and |SS - 50| of ``model`` on the selection examples (all of them pooled), and its
+    perplexity on ``texts`` when given."""
     metrics, _ = evaluate_stereoset(model, tokenizer, examples, batch_size, n_boot, seed)
     overall = metrics["overall"]["all"]
-    return {"ss": overall["ss"], "ss_ci": overall["ss_ci"], "lms": overall["lms"],
-            "distance_from_50": abs(overall["ss"] - 50.0), "n_examples": len(examples)}
+    row = {"ss": overall["ss"], "ss_ci": overall["ss_ci"], "lms": overall["lms"],
+           "distance_from_50": abs(overall["ss"] - 50.0), "n_examples": len(examples)}
+    if texts:
+        row["perplexity"] = perplexity(model, tokenizer, texts, n_boot=n_boot, seed=seed)["perplexity"]
+    return row
 
 
-def choose(rows: Sequence[dict], key: str, max_lms_drop: float | None, reference_lms: float) -> dict:
-    """The row with the smallest |SS - 50| whose LMS is at most ``max_lms_drop`` below ``reference_lms``
-    (every row when none qualifies, or when ``max_lms_drop`` is None); ties keep the first row (``key`` order)."""
-    allowed = [r for r in rows if max_lms_drop is None or reference_lms - r["lms"] <= max_lms_drop] or list(rows)
+def in_budget(row: dict, reference: dict, max_lms_drop: float | None, max_ppl_increase: float | None) -> bool:
+    """Whether ``row`` loses at most ``max_lms_drop`` LMS points and at most ``max_ppl_increase`` percent
+    perplexity against ``reference`` (None: that bound is off; rows without a perplexity skip its bound)."""
+    lms_ok = max_lms_drop is None or reference["lms"] - row["lms"] <= max_lms_drop
+    ppl_ok = (max_ppl_increase is None or "perplexity" not in row
+              or 100 * (row["perplexity"] / reference["perplexity"] - 1) <= max_ppl_increase)
+    return lms_ok and ppl_ok
+
+
+def choose(rows: Sequence[dict], key: str, max_lms_drop: float | None, reference: dict,
+           max_ppl_increase: float | None = None) -> dict:
+    """The row with the smallest |SS - 50| within the capability budget against ``reference``
+    (:func:`in_budget`; every row when none qualifies); ties keep the first row (``key`` order). A caller that
+    may keep the start passes it among ``rows``, so that a budget nothing meets keeps the start."""
+    allowed = [r for r in rows if in_budget(r, reference, max_lms_drop, max_ppl_increase)] or list(rows)
     return min(allowed, key=lambda r: (r["distance_from_50"], abs(r[key])))
+
+
+def choose_setting(rows: Sequence[dict], key: str, cfg: Any) -> dict:
+    """A stage's choice among its settings (``rows[0]``: the start, strength 0) under its :class:`SelectionFlags`
+    budget; the start is a candidate only when a budget is set (without one, the closest trained setting wins)."""
+    budgeted = cfg.max_lms_drop is not None or cfg.max_ppl_increase is not None
+    return choose(rows if budgeted else rows[1:], key, cfg.max_lms_drop, rows[0], cfg.max_ppl_increase)
+
+
+def budget_text(row: dict) -> str:
+    """A selection row for the progress log: SS, LMS and (when measured) perplexity."""
+    ppl = f" perplexity {row['perplexity']:.2f}" if "perplexity" in row else ""
+    return f"SS {row['ss']:.2f} LMS {row['lms']:.2f}{ppl}"
+
+
+def criterion(cfg: Any, n_examples: int, start: str) -> str:
+    """The selection rule in words, for a method's record (``cfg``: a stage's :class:`SelectionFlags`)."""
+    ppl = (f" and perplexity at most {cfg.max_ppl_increase}% above it on {cfg.selection_ppl_texts} retain-half "
+           f"neutral texts" if cfg.max_ppl_increase is not None else "")
+    return (f"smallest |SS - 50| ({cfg.selection_metric}) on {n_examples} selection-half StereoSet dev examples with "
+            f"LMS at most {cfg.max_lms_drop} below {start}'s{ppl} ({start} itself when no setting is in budget)")

@@ -71,6 +71,8 @@ class TaskVectorConfig(LoRATrainingConfig):
     selection_metric: str
     selection_limit: int | None
     max_lms_drop: float | None
+    max_ppl_increase: float | None
+    selection_ppl_texts: int
     half_seed: int
     limit: int
     seed: int
