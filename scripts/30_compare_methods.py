@@ -23,6 +23,12 @@ held-out suite's (``fairforget.evals.suite``), through the evaluation interface;
 ``fairforget.study.compare``. Writes ``summary.csv``, ``summary.md``,
 ``paired.csv``, ``bias_vs_capability.png`` and ``metrics.json`` (with provenance) to --out.
 
+Frontiers (``--frontiers name=folder``, the folder a method's stage saved every setting to with
+``--settings-dir``): each setting is scored on the same items as ``name@<setting>`` and paired against "before";
+``frontier.csv``, ``frontier_<measure>.png`` (one line per method, the damage reference dashed) and a section of
+``summary.md`` with each point's distance from the damage curve (``fairforget.study.frontier``). The tables above
+it hold the settings the stages chose on the selection half.
+
 Positive controls (``--start MODEL``, the controls preset): "before" is a model with a planted bias and --start
 the model it was planted into. The start model is scored on the same items too, and for every method the share
 of the planted shift it removes, 100 * (planted - method) / (planted - start) (0%: nothing, 100%: back to the
@@ -46,6 +52,7 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.evals.suite import SuiteConfig, held_out_items, levels, score_all, score_model
 from fairforget.evals.winobias import data_files as winobias_files
+from fairforget.study.frontier import SEPARATOR, frontier_markdown, frontier_rows, plot_frontiers, setting_folders
 from fairforget.study.compare import (markdown, paired_rows, planted_shares, plot, share_rows, shares_markdown,
                                      summary_row)
 from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
@@ -63,6 +70,8 @@ class Config:
         metadata={"help": "name=model folder (default: every registered method's folder)"})
     records: list[str] = field(default_factory=lambda: [f"{m}=outputs/methods/{m}/method.json" for m in METHODS],
                                metadata={"help": "name=method.json with wall_seconds and peak_memory_mib"})
+    frontiers: list[str] = field(default_factory=list, metadata={
+        "help": "name=folder of a method's saved settings (its stage's --settings-dir): each scored as name@setting"})
     stereoset: Path = Path("data/stereoset/dev.json")
     crows: Path = Path("data/crows_pairs/data/crows_pairs_anonymized.csv")
     winobias: Path = Path("data/winobias/data")
@@ -86,16 +95,19 @@ class Config:
     out: Path = output_field(Path("outputs/methods/comparison"), "method comparison")
 
     def validate(self) -> None:
-        for entry in (*self.methods, *self.records):
+        for entry in (*self.methods, *self.records, *self.frontiers):
             if "=" not in entry:
-                raise FairforgetError(f"--methods and --records take name=path, got {entry!r}")
+                raise FairforgetError(f"--methods, --records and --frontiers take name=path, got {entry!r}")
         names = [m.split("=", 1)[0] for m in self.methods]
-        if "before" in names or "start" in names or len(set(names)) != len(names):
-            raise FairforgetError(f"--methods names must be unique and not 'before' or 'start': {names}")
+        if "before" in names or "start" in names or len(set(names)) != len(names) or any(SEPARATOR in n for n in names):
+            raise FairforgetError(f"--methods names must be unique, without {SEPARATOR!r}, and not 'before' or "
+                                  f"'start': {names}")
         for entry in self.methods:
             name, spec = entry.split("=", 1)
             if not Path(spec).exists():
                 raise FairforgetError(f"--methods {name}: {spec} not found (run its stage first)")
+        for entry in self.frontiers:
+            setting_folders(*entry.split("=", 1))  # each names a folder of saved settings
         if self.batch_size < 1 or self.wrapper_batch_size < 1 or self.n_boot < 1:
             raise FairforgetError("--batch-size, --wrapper-batch-size and --n-boot must be at least 1")
 
@@ -104,39 +116,47 @@ def main(cfg: Config) -> None:
     start = time.perf_counter()
     suite = typed_config(SuiteConfig, cfg)
     items = held_out_items(suite)
-    specs = {"before": cfg.before, **dict(m.split("=", 1) for m in cfg.methods)}
+    chosen_specs = {"before": cfg.before, **dict(m.split("=", 1) for m in cfg.methods)}
+    settings = {n: str(f) for entry in cfg.frontiers for n, f in setting_folders(*entry.split("=", 1)).items()}
+    specs = {**chosen_specs, **settings}
     record_files = dict(r.split("=", 1) for r in cfg.records)
-    print(f"comparing {len(specs) - 1} methods on {len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, {len(items.winobias)} WinoBias, "
+    print(f"comparing {len(chosen_specs) - 1} methods and {len(settings)} frontier settings on {len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, {len(items.winobias)} WinoBias, "
           f"{len(items.bbq)} BBQ items and {len(items.neutral)} neutral texts", flush=True)
     results, changes = score_all(specs, items, suite, cfg.out / "scores", load_output,
                                  lambda spec: output_kind(spec) == "wrapper")
     records = {name: read_json(record_files[name], f"{name} method record") if Path(record_files.get(name, "")).is_file()
                else {} for name in specs}
-    rows = [summary_row(name, results[name], changes.get(name), records[name]) for name in specs]
+    rows = [summary_row(name, results[name], changes.get(name), records[name]) for name in chosen_specs]
+    chosen = {n: changes[n] for n in chosen_specs if n in changes}
+    frontier = frontier_rows(changes, results)
     shares, start_levels, control = {}, None, ""
     if cfg.start is not None:
         reference = levels(score_model("start", cfg.start, items, suite, cfg.out / "scores", load_output,
                                        output_kind(cfg.start) == "wrapper"), items, suite)
-        shares = planted_shares(reference, results["before"], {n: results[n] for n in changes}, items, cfg.n_boot,
+        shares = planted_shares(reference, results["before"], {n: results[n] for n in chosen}, items, cfg.n_boot,
                                 cfg.seed)
-        write_csv(cfg.out / "shares.csv", share_rows(shares, results, changes))
-        control = shares_markdown(shares, results, changes, cfg.start)
+        write_csv(cfg.out / "shares.csv", share_rows(shares, results, chosen))
+        control = shares_markdown(shares, results, chosen, cfg.start)
         start_levels = {k: reference[k] for k in ("stereoset", "crows", "winobias", "bbq", "perplexity", "source")}
     seconds = time.perf_counter() - start
     write_csv(cfg.out / "summary.csv", rows)
-    write_text(cfg.out / "summary.md", markdown(rows, items, cfg.before, seconds) + control)
+    curves = frontier_markdown(frontier, {n: records[n].get("chosen_setting") for n in chosen_specs})
+    if frontier:
+        write_csv(cfg.out / "frontier.csv", frontier)
+        plot_frontiers(frontier, cfg.out)
+    write_text(cfg.out / "summary.md", markdown(rows, items, cfg.before, seconds) + control + curves)
     write_csv(cfg.out / "paired.csv", paired_rows(changes))
-    plot(changes, cfg.out / "bias_vs_capability.png")
+    plot(chosen, cfg.out / "bias_vs_capability.png")
     write_json(cfg.out / "metrics.json", {
         "models": specs, "changes": changes,
         "levels": {n: {k: r[k] for k in ("stereoset", "crows", "winobias", "bbq", "perplexity", "source",
                                            "eval_seconds")}
                    for n, r in results.items()},
         "method_records": {n: {k: v for k, v in r.items() if k != "provenance"} for n, r in records.items()},
-        "start": cfg.start, "start_levels": start_levels, "shares": shares,
+        "start": cfg.start, "start_levels": start_levels, "shares": shares, "frontier": frontier,
         "neutral_texts": texts_provenance(items.neutral), "wall_seconds": round(seconds, 1),
         "provenance": provenance(cfg, [cfg.stereoset, cfg.crows, *winobias_files(cfg.winobias), *items.bbq_files])})
-    print(markdown(rows, items, cfg.before, seconds) + control)
+    print(markdown(rows, items, cfg.before, seconds) + control + curves)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from fairforget.flags import LoRAFlags, SelectionFlags
 from fairforget.evals.perplexity import load_neutral_texts, texts_provenance
 from fairforget.methods.cda import token_count, within_token_budget
 from fairforget.methods.lora import add_lora, finetune, target_modules
-from fairforget.methods.selection import (budget_text, choose_setting, criterion, selection_examples,
-                                          selection_score, selection_texts)
+from fairforget.methods.selection import (budget_text, choose_setting, criterion, save_setting, selection_examples,
+                                          selection_score, selection_texts, setting_name)
 from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
 from fairforget.methods.task_vector import (SOURCE_METHODS, TaskVectorConfig, apply_negation, state_copy, task_vector,
                                             tau_norms)
@@ -87,6 +87,8 @@ def main(cfg: Config) -> None:
         apply_negation(model, theta_0, tau, lam)
         rows.append({"lambda": lam, **selection_score(model, tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed,
                                                       texts=budget_texts)})
+        save_setting(cfg, model, tokenizer, setting_name("lambda", lam),
+                     {CONFIG_FILE: method_config(name, typed_config(TaskVectorConfig, cfg), chosen_lambda=lam)})
         print(f"lambda {lam:g}: selection {budget_text(rows[-1])}", flush=True)
     best = choose_setting(rows, "lambda", cfg)
     apply_negation(model, theta_0, tau, best["lambda"])
@@ -96,7 +98,8 @@ def main(cfg: Config) -> None:
     write_json(cfg.log_dir / "train_texts.json", texts)
     record = write_method_record(
         cfg.log_dir, name, cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],
-        model_folder=str(cfg.out), chosen_lambda=best["lambda"], selection=rows, n_train_texts=len(texts),
+        model_folder=str(cfg.out), chosen_lambda=best["lambda"], chosen_setting=setting_name("lambda", best["lambda"]),
+        selection=rows, n_train_texts=len(texts),
         train_tokens=token_count(texts, tokenizer), token_budget=budget,
         neutral_texts=texts_provenance(texts) if cfg.source == "neutral" else None,
         criterion=criterion(cfg, len(examples), "lambda=0"), **tau_norms(tau))

@@ -32,8 +32,8 @@ from fairforget.flags import SelectionFlags
 from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
 from fairforget.methods.projection import (ProjectionConfig, DEFAULT_STRENGTHS, STRENGTH_NAMES, extract, fit, fitting_files, fitting_pairs,
                                            fold, record_in_config, reused_body_outputs, untie_head)
-from fairforget.methods.selection import (budget_text, choose_setting, criterion, selection_examples,
-                                          selection_score, selection_texts)
+from fairforget.methods.selection import (budget_text, choose_setting, criterion, save_setting, selection_examples,
+                                          selection_score, selection_texts, setting_name)
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
 from fairforget.stats import proportional_sample
@@ -93,6 +93,10 @@ def main(cfg: Config) -> None:
             fold(model, start_weight, projection_at(strength))
             rows.append({"strength": strength, **selection_score(model, tokenizer, examples, cfg.eval_batch_size,
                                                                  seed=cfg.seed, texts=budget_texts)})
+            if cfg.settings_dir is not None:
+                record_in_config(model, cfg.method, strength, tied, strength_name=name)
+                save_setting(cfg, model, tokenizer, setting_name(name, strength), {CONFIG_FILE: method_config(
+                    cfg.method, typed_config(ProjectionConfig, cfg), chosen_strength=strength)})
             print(f"{name} {strength:g}: selection {budget_text(rows[-1])}", flush=True)
     best = choose_setting(rows, "strength", cfg)
     fold(model, start_weight, projection_at(best["strength"]))
@@ -105,7 +109,8 @@ def main(cfg: Config) -> None:
     write_csv(cfg.log_dir / "strengths.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
     record = write_method_record(
         cfg.log_dir, cfg.method, cfg, time.perf_counter() - start, [*fitting_files(cfg.winobias_dir, cfg.winogender_dir), cfg.stereoset],
-        model_folder=str(cfg.out), strength_name=name, chosen_strength=best["strength"], selection=rows,
+        model_folder=str(cfg.out), strength_name=name, chosen_strength=best["strength"],
+        chosen_setting=setting_name(name, best["strength"]), selection=rows,
         fitting_data=fitting, untied_lm_head=tied, representation="final hidden state after the last norm",
         criterion=criterion(cfg, len(examples), f"{name}=0"))
     print(f"{cfg.method}: {name} {best['strength']:g} kept ({record['wall_seconds']:.0f} s, peak "

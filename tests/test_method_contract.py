@@ -178,3 +178,52 @@ def test_evaluation_stages_load_every_output_kind(script, flags, study, tmp_path
         stage.main(parse_config(stage.Config(), ["--model", str(model), *data, *flags, "--n-boot", "10",
                                                  "--device", "cpu", "--out", str(out), "--batch-size", "4"]))
         assert (out / "metrics.json").is_file() and (out / "items.jsonl").stat().st_size > 0
+
+
+def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_their_frontier(study, tmp_path):
+    """--settings-dir saves every strength's model (strength 0: the start model exactly; the chosen one: the
+    stage's output exactly); stage 30 --frontiers scores each as name@setting and writes frontier.csv, one figure
+    per measure and the summary section, the chosen setting marked, the damage reference as the curve to beat."""
+    from fairforget.evals.suite import weights_digest
+
+    layout, start, examples, start_scores = study
+    frontiers, records = [], []
+    for name, knob in (("task_vector", "lambdas"), ("damage_reference", "lambdas"), ("leace", "strengths")):
+        method = METHODS[name]
+        settings = tmp_path / name / "settings"
+        _run(method, layout, start, **TEST_CASES[name], **{knob: [0.5, 1.0]}, settings_dir=settings,
+             out=tmp_path / name / "model", log_dir=tmp_path / name / "log")
+        record = read_json(tmp_path / name / "log" / "method.json")
+        saved = sorted(p.name for p in settings.iterdir())
+        strength = "lambda" if knob == "lambdas" else "alpha"
+        assert saved == [f"{strength}_0", f"{strength}_0.5", f"{strength}_1"], name
+        assert _scores(str(settings / f"{strength}_0"), examples) == start_scores, name
+        assert weights_digest(str(settings / record["chosen_setting"])) == weights_digest(str(tmp_path / name / "model"))
+        frontiers.append(f"{name}={settings}")
+        records.append(f"{name}={tmp_path / name / 'log' / 'method.json'}")
+    stage30 = load_script("30_compare_methods.py")
+    out = tmp_path / "compare"
+    stage30.main(parse_config(stage30.Config(), [
+        "--before", start, "--methods", *(f"{n}={tmp_path / n / 'model'}" for n in ("task_vector", "leace")),
+        "--records", *records, "--frontiers", *frontiers,
+        "--stereoset", str(layout.stereoset), "--crows", str(layout.crows), "--winobias", str(layout.winobias),
+        "--winobias-limit", "8", "--bbq-dir", str(layout.bbq), "--stereoset-limit", "8", "--gender-limit", "6",
+        "--crows-limit", "8", "--bbq-per-category", "1", "--ppl-limit", "3", "--n-boot", "20", "--device", "cpu",
+        "--out", str(out)]))
+    import csv
+
+    with open(out / "frontier.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["setting"]) for r in rows][:3] == [("task_vector", "lambda_0"), ("task_vector", "lambda_0.5"),
+                                                               ("task_vector", "lambda_1")]
+    assert len(rows) == 9 and all(float(r["d_gender"]) == 0 and float(r["d_ppl_pct"]) == 0
+                                  for r in rows if r["setting"].endswith("_0"))  # strength 0 is the start model
+    metrics = read_json(out / "metrics.json")
+    chosen = read_json(tmp_path / "task_vector" / "log" / "method.json")["chosen_setting"]
+    assert metrics["changes"][f"task_vector@{chosen}"] == metrics["changes"]["task_vector"]  # same weights, same items
+    assert [r.split(",")[0] for r in (out / "summary.csv").read_text().splitlines()[1:]] == ["before", "task_vector",
+                                                                                          "leace"]
+    for stem in ("gender", "winobias", "crows_gender"):
+        assert (out / f"frontier_{stem}.png").stat().st_size > 0
+    summary = (out / "summary.md").read_text()
+    assert "## Frontiers" in summary and f"| task_vector | {chosen} * |" in summary

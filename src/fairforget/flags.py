@@ -59,5 +59,7 @@ class SelectionFlags(RunFlags):
     max_ppl_increase: float | None = field(default=5.0, metadata={
         "help": "percent perplexity a setting may add vs the start, on retain-half neutral texts (None: no bound)"})
     selection_ppl_texts: int = field(default=40, metadata={"help": "retain-half neutral texts for that bound"})
+    settings_dir: Path | None = field(default=None, metadata={
+        "help": "also save every setting's model to <dir>/<knob>_<value>: a frontier for stage 30 --frontiers"})
     half_seed: int = 0
     eval_batch_size: int = 32

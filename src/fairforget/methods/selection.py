@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from fairforget.artifacts import save_model
 from fairforget.evals.perplexity import load_neutral_texts, perplexity
 from fairforget.evals.stereoset import Example, evaluate_stereoset, load_stereoset, select_half, stratified_limit
 
@@ -68,6 +69,17 @@ def choose_setting(rows: Sequence[dict], key: str, cfg: Any) -> dict:
     budget; the start is a candidate only when a budget is set (without one, the closest trained setting wins)."""
     budgeted = cfg.max_lms_drop is not None or cfg.max_ppl_increase is not None
     return choose(rows if budgeted else rows[1:], key, cfg.max_lms_drop, rows[0], cfg.max_ppl_increase)
+
+
+def setting_name(knob: str, value: float) -> str:
+    """A setting's folder name under --settings-dir (``lambda_0.5``), also recorded as the chosen setting."""
+    return f"{knob}_{value:g}"
+
+
+def save_setting(cfg: Any, model: Any, tokenizer: Any, setting: str, info: dict) -> None:
+    """With --settings-dir (:class:`SelectionFlags`), one setting's model as ``<settings_dir>/<setting>``."""
+    if cfg.settings_dir is not None:
+        save_model(model, tokenizer, Path(cfg.settings_dir) / setting, info)
 
 
 def budget_text(row: dict) -> str:

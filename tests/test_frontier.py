@@ -1,0 +1,43 @@
+"""The frontier tables (fairforget.study.frontier), checked by hand on small fixtures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fairforget.errors import FairforgetError
+from fairforget.study.frontier import damage_distance, frontier_markdown, setting_folders, setting_value
+
+
+def _row(method: str, setting: str, ppl: float, gender: float, half: float) -> dict:
+    row = {"method": method, "setting": setting, "value": setting_value(setting), "d_ppl_pct": ppl,
+           "d_ppl_pct_ci_low": ppl - 1, "d_ppl_pct_ci_high": ppl + 1, "d_lms": -0.5}
+    for stem in ("gender", "winobias", "crows_gender"):
+        row.update({f"d_{stem}": gender, f"d_{stem}_ci_low": gender - half, f"d_{stem}_ci_high": gender + half,
+                    f"mdc_{stem}": 3.0})
+    return row
+
+
+def test_distance_from_the_damage_curve_is_interpolated_at_equal_perplexity_cost():
+    rows = [_row("damage_reference", "lambda_0", 0.0, 0.0, 3.0), _row("damage_reference", "lambda_1", 10.0, -2.0, 4.0),
+            _row("task_vector", "lambda_1", 5.0, -3.0, 1.0), _row("task_vector", "lambda_2", 20.0, -6.0, 1.0)]
+    inside, outside = damage_distance(rows, "gender")
+    # the damage curve at +5%: halfway between 0 and -2 is -1, half-width halfway between 3 and 4 is 3.5
+    assert inside["distance"] == pytest.approx(-2.0)
+    assert inside["distance_ci"] == pytest.approx([-2.0 - math.hypot(1.0, 3.5), -2.0 + math.hypot(1.0, 3.5)])
+    assert math.isnan(outside["distance"])  # +20% is beyond the damage curve's range
+    assert damage_distance(rows[2:], "gender") == []  # no damage curve, no distance
+    text = frontier_markdown(rows, {"task_vector": "lambda_1"})
+    assert "| task_vector | lambda_1 * |" in text and "| task_vector | lambda_2 |" in text
+    assert "| -2.00 [" in text and text.count("| n/a |") == 3  # two damage rows and the out-of-range point
+
+
+def test_setting_folders_are_ordered_by_value_and_an_empty_folder_is_refused(tmp_path):
+    for name in ("lambda_1", "lambda_0.5", "lambda_10", "lambda_0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()  # no model config: not a setting
+    assert list(setting_folders("tv", tmp_path)) == ["tv@lambda_0", "tv@lambda_0.5", "tv@lambda_1", "tv@lambda_10"]
+    with pytest.raises(FairforgetError, match="holds no saved settings"):
+        setting_folders("tv", tmp_path / "notes")
