@@ -29,6 +29,10 @@ Frontiers (``--frontiers name=folder``, the folder a method's stage saved every 
 ``summary.md`` with each point's distance from the damage curve (``fairforget.study.frontier``). The tables above
 it hold the settings the stages chose on the selection half.
 
+Seeds: a method run again with another seed, named ``<method>:seed<N>`` in --methods, is grouped with
+``<method>``: ``seeds.csv`` and a section of ``summary.md`` with the seed mean and spread of each paired change
+beside every run's interval (``fairforget.study.seeds``).
+
 Positive controls (``--start MODEL``, the controls preset): "before" is a model with a planted bias and --start
 the model it was planted into. The start model is scored on the same items too, and for every method the share
 of the planted shift it removes, 100 * (planted - method) / (planted - start) (0%: nothing, 100%: back to the
@@ -52,9 +56,10 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.evals.suite import SuiteConfig, held_out_items, levels, score_all, score_model
 from fairforget.evals.winobias import data_files as winobias_files
-from fairforget.study.frontier import SEPARATOR, frontier_markdown, frontier_rows, plot_frontiers, setting_folders
 from fairforget.study.compare import (markdown, paired_rows, planted_shares, plot, share_rows, shares_markdown,
                                      summary_row)
+from fairforget.study.frontier import SEPARATOR, frontier_markdown, frontier_rows, plot_frontiers, setting_folders
+from fairforget.study.seeds import seed_groups, seed_rows, seeds_markdown
 from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
 from fairforget.models import DEFAULT_EMBEDDED
 
@@ -140,7 +145,10 @@ def main(cfg: Config) -> None:
         start_levels = {k: reference[k] for k in ("stereoset", "crows", "winobias", "bbq", "perplexity", "source")}
     seconds = time.perf_counter() - start
     write_csv(cfg.out / "summary.csv", rows)
-    curves = frontier_markdown(frontier, {n: records[n].get("chosen_setting") for n in chosen_specs})
+    replicates = seed_rows(chosen, seed_groups(chosen))
+    if replicates:
+        write_csv(cfg.out / "seeds.csv", replicates)
+    curves = seeds_markdown(replicates) + frontier_markdown(frontier, {n: records[n].get("chosen_setting") for n in chosen_specs})
     if frontier:
         write_csv(cfg.out / "frontier.csv", frontier)
         plot_frontiers(frontier, cfg.out)
@@ -153,7 +161,7 @@ def main(cfg: Config) -> None:
                                            "eval_seconds")}
                    for n, r in results.items()},
         "method_records": {n: {k: v for k, v in r.items() if k != "provenance"} for n, r in records.items()},
-        "start": cfg.start, "start_levels": start_levels, "shares": shares, "frontier": frontier,
+        "start": cfg.start, "start_levels": start_levels, "shares": shares, "frontier": frontier, "seeds": replicates,
         "neutral_texts": texts_provenance(items.neutral), "wall_seconds": round(seconds, 1),
         "provenance": provenance(cfg, [cfg.stereoset, cfg.crows, *winobias_files(cfg.winobias), *items.bbq_files])})
     print(markdown(rows, items, cfg.before, seconds) + control + curves)

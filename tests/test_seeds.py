@@ -1,0 +1,31 @@
+"""Seed replicates in stage 30 (fairforget.study.seeds), checked by hand."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from fairforget.study.seeds import MEASURES, seed_groups, seed_rows, seed_run, seeds_markdown
+
+
+def _change(gender: float) -> dict:
+    entry = {"delta": gender, "delta_ci": [gender - 2, gender + 2]}
+    return {"ss_gender_distance": entry, "winobias": entry, "crows_gender": entry,
+            "perplexity": {"ppl_change_pct": 2 * gender, "ppl_change_pct_ci": [2 * gender - 1, 2 * gender + 1]}}
+
+
+def test_seed_mean_and_spread_by_hand():
+    changes = {"cda": _change(-1.0), seed_run("cda", 1): _change(-3.0), seed_run("cda", 2): _change(-2.0),
+               "leace": _change(0.5), seed_run("ghost", 1): _change(9.0)}
+    groups = seed_groups(changes)
+    assert groups == {"cda": ["cda", "cda:seed1", "cda:seed2"]}  # one-run methods and orphans have no group
+    rows = {r["measure"]: r for r in seed_rows(changes, groups)}
+    assert set(rows) == {key for key, *_ in MEASURES}
+    gender = rows["ss_gender_distance"]
+    assert gender["n_seeds"] == 3 and gender["mean"] == pytest.approx(-2.0)
+    assert gender["sd"] == pytest.approx(statistics.stdev([-1.0, -3.0, -2.0])) == pytest.approx(1.0)
+    assert (gender["min"], gender["max"]) == (-3.0, -1.0) and gender["runs"].startswith("-1.00 [-3.00, +1.00]; ")
+    assert rows["perplexity"]["mean"] == pytest.approx(-4.0) and rows["perplexity"]["sd"] == pytest.approx(2.0)
+    text = seeds_markdown(seed_rows(changes, groups))
+    assert "| cda | 3 | -2.00 ± 1.00 |" in text and seeds_markdown([]) == ""
