@@ -87,7 +87,7 @@ def main(cfg: Config) -> None:
         apply_negation(model, theta_0, tau, lam)
         rows.append({"lambda": lam, **selection_score(model, tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed,
                                                       texts=budget_texts)})
-        save_setting(cfg, model, tokenizer, setting_name("lambda", lam),
+        save_setting(cfg, model, tokenizer, lam, setting_name("lambda", lam),
                      {CONFIG_FILE: method_config(name, typed_config(TaskVectorConfig, cfg), chosen_lambda=lam)})
         print(f"lambda {lam:g}: selection {budget_text(rows[-1])}", flush=True)
     best = choose_setting(rows, "lambda", cfg)

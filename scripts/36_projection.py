@@ -93,9 +93,9 @@ def main(cfg: Config) -> None:
             fold(model, start_weight, projection_at(strength))
             rows.append({"strength": strength, **selection_score(model, tokenizer, examples, cfg.eval_batch_size,
                                                                  seed=cfg.seed, texts=budget_texts)})
-            if cfg.settings_dir is not None:
+            if cfg.settings_dir is not None and strength != 0:
                 record_in_config(model, cfg.method, strength, tied, strength_name=name)
-                save_setting(cfg, model, tokenizer, setting_name(name, strength), {CONFIG_FILE: method_config(
+                save_setting(cfg, model, tokenizer, strength, setting_name(name, strength), {CONFIG_FILE: method_config(
                     cfg.method, typed_config(ProjectionConfig, cfg), chosen_strength=strength)})
             print(f"{name} {strength:g}: selection {budget_text(rows[-1])}", flush=True)
     best = choose_setting(rows, "strength", cfg)

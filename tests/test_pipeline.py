@@ -17,6 +17,7 @@ from fairforget.study import stage as stage_module
 from fairforget.errors import FairforgetError
 from fairforget import hashing
 from fairforget.hashing import Hasher
+from fairforget.layout import CONFIGS, Layout
 from fairforget.study.pipeline import Stage, build_plan, run_stages, why_not_done
 
 FAKE_STAGE = '''
@@ -70,14 +71,14 @@ def test_quick_preset_runs_the_pcgu_configuration_the_ablation_chose():
     assert pairs.args["sources"] == ["group_first"] and pairs.args["out_name"] == Path(chosen["pairs"]).name
 
 
-@pytest.mark.parametrize("preset", ["quick", "full"])
+@pytest.mark.parametrize("preset", ["quick", "full", "frontier", "frontier-full"])
 def test_every_planned_command_parses_with_its_stage_config(preset):
     from fairforget.config import build_parser
 
     for stage in build_plan(preset):
         module = load_script(stage.script)
         parsed = vars(build_parser(module.Config()).parse_args(stage.argv()))
-        assert set(parsed) - {"config"} == {k for k, v in stage.args.items() if v is not None}, stage.name
+        assert set(parsed) - {"config"} == {k for k, v in stage.args.items() if v is not None} - {"config"}, stage.name
 
 
 def test_full_plan_uses_the_predecessors_models_and_every_example():
@@ -368,7 +369,7 @@ def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys)
     assert block.startswith("## What this run found") and block in text and not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("preset", ["quick", "full", "methods", "controls"])
+@pytest.mark.parametrize("preset", ["quick", "full", "methods", "controls", "frontier"])
 def test_no_checked_output_folder_of_a_stage_holds_another_kind_of_output(preset):
     """A stage's output folder (an ``output_field``, refused when it holds files that are not a result of its
     kind) never lies above another stage's output of another kind: the methods preset's stage 30 once wrote to
@@ -389,3 +390,32 @@ def test_no_checked_output_folder_of_a_stage_holds_another_kind_of_output(preset
                     continue
                 kinds = {k for k, f in checked(other) if folder in f.parents}
                 assert kinds <= {kind}, f"{stage.name} --out {folder} ({kind}) holds {other.name}'s {kinds}"
+
+
+def test_frontier_plan_saves_settings_runs_the_seeded_methods_per_seed_and_compares_them_all(tmp_path):
+    """The frontier preset: every method once (the ones that can save every setting do, into their own folder),
+    each seeded method again per other seed into its own folders, and stage 30 given every chosen model, every
+    replicate (name:seed<N>) and every frontier folder; no two stages write the same output."""
+    from fairforget.methods.registry import METHODS
+
+    layout = Layout(data=tmp_path / "data", outputs=tmp_path / "outputs", models=tmp_path / "models")
+    chosen = json.loads((CONFIGS / "frontier.json").read_text())
+    plan = build_plan("frontier", layout=layout)
+    names = [s.name for s in plan]
+    assert len(names) == len(set(names))
+    seeded = [s for s in plan if " seed " in s.name]
+    assert len(seeded) == len(chosen["seeded"]) * (len(chosen["seeds"]) - 1)
+    assert {s.args["seed"] for s in seeded} == set(chosen["seeds"][1:])
+    compare = next(s for s in plan if s.script == "30_compare_methods.py")
+    methods = dict(m.split("=", 1) for m in compare.args["methods"])
+    assert set(methods) == set(METHODS) | {f"{n}:seed{k}" for n in chosen["seeded"] for k in chosen["seeds"][1:]}
+    frontiers = dict(f.split("=", 1) for f in compare.args["frontiers"])
+    assert set(frontiers) == {n for n, m in METHODS.items() if m.saves_settings} == {
+        "task_vector", "damage_reference", "sentence_debias", "inlp", "leace"}
+    for name, folder in frontiers.items():
+        stage = next(s for s in plan if s.name == f"{METHODS[name].script[:2]} {name}")
+        assert stage.args["settings_dir"] == Path(folder) and Path(folder) in stage.outputs
+        assert Path(folder) in compare.inputs
+    outputs = [o for s in plan for o in s.outputs]
+    assert len(outputs) == len(set(outputs))
+    assert compare.args["out"] == layout.outputs / "frontier" / "comparison"

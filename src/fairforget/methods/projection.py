@@ -273,7 +273,7 @@ def _register(name: str, title: str) -> None:
     register_method(MethodSpec(
         name=name, title=title, script="36_projection.py", config=ProjectionConfig,
         knobs=(Knob("strengths", f"{STRENGTH_NAMES[name]}, chosen on the selection half"),),
-        zero_flags={"strengths": [0.0]}, sizes={"fit_limit": 150, "selection_limit": 120},
+        zero_flags={"strengths": [0.0]}, sizes={"fit_limit": 150, "selection_limit": 120}, saves_settings=True,
         inputs=lambda layout: [*fitting_files(layout.winobias, layout.data / "winogender" / "data"),
                                layout.stereoset],
         data_flags=lambda layout: {"method": name, "winobias_dir": layout.winobias,

@@ -60,6 +60,7 @@ class MethodSpec:
     output_flags: Callable[["MethodSpec", Layout], dict] | None = None
     output_folder: Callable[[Path, dict], Path] | None = None
     group: str = "methods"  # the preset's folder group: models/<group>/<name>, outputs/<group>/<name>
+    saves_settings: bool = False  # its stage takes --settings-dir: every setting's model, a frontier for stage 30
 
     def in_group(self, group: str) -> "MethodSpec":
         """The same method writing under ``models/<group>/`` and ``outputs/<group>/`` (the controls preset runs
@@ -72,6 +73,10 @@ class MethodSpec:
     def folder(self, layout: Layout, flags: dict) -> Path:
         """The folder the method's final output lands in under ``layout``, run with the stage ``flags``."""
         return self.output_folder(self.root(layout), flags) if self.output_folder else self.root(layout)
+
+    def settings_dir(self, layout: Layout) -> Path:
+        """Where its stage saves every setting's model (``--settings-dir``) when a plan asks for a frontier."""
+        return layout.models / self.group / f"{self.name}_settings"
 
     def log_dir(self, layout: Layout) -> Path:
         """Where the method's record (method.json) and logs go."""

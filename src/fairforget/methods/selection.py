@@ -76,9 +76,10 @@ def setting_name(knob: str, value: float) -> str:
     return f"{knob}_{value:g}"
 
 
-def save_setting(cfg: Any, model: Any, tokenizer: Any, setting: str, info: dict) -> None:
-    """With --settings-dir (:class:`SelectionFlags`), one setting's model as ``<settings_dir>/<setting>``."""
-    if cfg.settings_dir is not None:
+def save_setting(cfg: Any, model: Any, tokenizer: Any, value: float, setting: str, info: dict) -> None:
+    """With --settings-dir (:class:`SelectionFlags`), one setting's model as ``<settings_dir>/<setting>``; strength
+    0 is the start model (the method contract's zero setting) and is not saved again."""
+    if cfg.settings_dir is not None and value != 0:
         save_model(model, tokenizer, Path(cfg.settings_dir) / setting, info)
 
 

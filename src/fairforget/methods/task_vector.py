@@ -86,7 +86,8 @@ for _source, _name in SOURCE_METHODS.items():
     register_method(MethodSpec(
         name=_name, title=TITLES[_source], script="32_task_vector.py", config=TaskVectorConfig,
         knobs=(Knob("lambdas", f"theta_0 - lambda tau ({_source} text); lambda chosen on the selection half"),),
-        zero_flags={"lambdas": [0.0]}, sizes={"epochs": 1, "lambdas": [1.0, 2.0, 4.0], "selection_limit": 120},
+        zero_flags={"lambdas": [0.0]}, saves_settings=True,
+        sizes={"epochs": 1, "lambdas": [0.25, 0.5, 1.0, 2.0, 4.0], "selection_limit": 120},
         inputs=lambda layout: [layout.pairs, layout.stereoset],
         data_flags=lambda layout, source=_source: {"pairs": layout.pairs, "stereoset": layout.stereoset,
                                                    **({"source": source} if source != "advantaged" else {})}))

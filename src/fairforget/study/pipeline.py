@@ -25,9 +25,10 @@ from fairforget.datasets import data_problem, dataset_files
 from fairforget.errors import FairforgetError
 from fairforget.hashing import Hasher
 from fairforget.layout import CONFIGS, REPO, SCRIPTS, Layout
+from fairforget.methods.registry import METHODS
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
 from fairforget.run_folders import beside, run_problem
-from fairforget.study.plan import bbq_control_stages, control_stages, method_stages
+from fairforget.study.plan import bbq_control_stages, control_stages, frontier_stages, method_stages
 from fairforget.study.stage import ATOMIC_RUN_SCRIPTS, Stage
 
 PIPELINES = ("pcgu", "bbq")
@@ -146,7 +147,7 @@ def _run_streaming(command: list[str], cwd: Path | None, env: dict[str, str],
 
 # ---- presets ------------------------------------------------------------------------------------------------
 
-PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages", "bbq_stages")
+PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages", "bbq_stages", "seeds", "seeded")
 
 
 def load_preset(preset: str) -> dict[str, Any]:
@@ -165,6 +166,13 @@ def load_preset(preset: str) -> dict[str, Any]:
     if unknown or missing:
         raise FairforgetError(f"preset {path}: unknown key(s) {unknown} / missing model(s) {missing}; "
                               f"keys: {', '.join(PRESET_KEYS)}")
+    seeds, seeded = chosen.get("seeds", [0]), chosen.get("seeded", [])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(v, int) for v in seeds)
+            and len(set(seeds)) == len(seeds)):
+        raise FairforgetError(f"preset {path}: 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+    if not isinstance(seeded, list) or [n for n in seeded if n not in METHODS]:
+        raise FairforgetError(f"preset {path}: 'seeded' must list registered methods ({', '.join(METHODS)}), "
+                              f"got {seeded!r}")
     for key in ("stages", "bbq_stages"):
         for script, flags in chosen.setdefault(key, {}).items():
             if not (SCRIPTS / script).is_file():
@@ -212,6 +220,10 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
     if chosen.get("plan") == "methods":
         spec = pcgu_model or chosen["pcgu_model"]
         return stages + method_stages(spec, layout, model_inputs(spec, layout), common)
+    if chosen.get("plan") == "frontier":
+        spec = pcgu_model or chosen["pcgu_model"]
+        return stages + frontier_stages(spec, layout, model_inputs(spec, layout), common, flags,
+                                        chosen.get("seeds", [seed]), chosen.get("seeded", []))
     if chosen.get("plan") == "controls":  # pcgu: the gender control of every method; bbq: head pruning's
         if "pcgu" in pipelines:
             spec = pcgu_model or chosen["pcgu_model"]

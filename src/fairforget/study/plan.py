@@ -13,14 +13,16 @@ gender example, 200 CrowS-Pairs, 8 BBQ examples per category of the held-out sce
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from fairforget.layout import Layout
 from fairforget.methods.registry import METHODS, method, stage_name
+from fairforget.study.seeds import seed_run
 from fairforget.study.stage import Stage
 
 CONTROLS = "controls"  # the controls preset's pipeline label and folder group
 BBQ_CONTROL = "controls_bbq"  # its BBQ part: head pruning on a planted BBQ bias
+FRONTIER = "frontier"  # the frontier preset's pipeline label and folder group
 BBQ_CONTROL_START = "controls_bbq_start"  # the same head pruning on the unplanted model
 COMPARE_SIZES = {"stereoset_limit": 200, "gender_limit": None, "crows_limit": 200, "bbq_per_category": 8,
                  "ppl_limit": 50}
@@ -47,18 +49,48 @@ def pair_stages(layout: Layout, pipeline: str) -> list[Stage]:
 
 
 def method_runs(spec: str, layout: Layout, base_inputs: list[Path], common: dict, group: str,
-                flags: Callable[[str], dict] = lambda script: {}) -> tuple[list[Stage], dict[str, Path], dict[str, Path]]:
-    """Every registered method's stage on the start model ``spec``, writing under ``models/<group>/<name>`` and
-    ``outputs/<group>/<name>`` (``flags(script)``: the preset's flags of that stage script, over the registered
-    sizes); returns the stages, each method's final output folder and its method.json."""
+                flags: Callable[[str], dict] = lambda script: {}, names: Sequence[str] | None = None,
+                settings: bool = False, suffix: str = "") -> tuple[list[Stage], dict[str, Path], dict[str, Path]]:
+    """Every registered method's stage (or those of ``names``) on the start model ``spec``, writing under
+    ``models/<group>/<name>`` and ``outputs/<group>/<name>`` (``flags(script)``: the preset's flags of that stage
+    script, over the registered sizes; with ``settings``, a method that can also saves every setting's model,
+    its frontier; ``suffix`` ends each stage's name); returns the stages, each method's final output folder and its
+    method.json."""
     stages, folders, records = [], {}, {}
     for name, registered in METHODS.items():
+        if names is not None and name not in names:
+            continue
         method = registered.in_group(group)
-        stage_flags = method.flags(spec, layout, **flags(method.script), **common)
+        frontier = {"settings_dir": method.settings_dir(layout)} if settings and method.saves_settings else {}
+        stage_flags = method.flags(spec, layout, **flags(method.script), **frontier, **common)
         folders[name], records[name] = method.folder(layout, stage_flags), method.log_dir(layout) / "method.json"
-        stages.append(Stage(stage_name(method), method.script, stage_flags, [*method.inputs(layout), *base_inputs],
-                            [method.log_dir(layout), folders[name]], group))
+        stages.append(Stage(stage_name(method) + suffix, method.script, stage_flags, [*method.inputs(layout), *base_inputs],
+                            [method.log_dir(layout), folders[name], *frontier.values()], group))
     return stages, folders, records
+
+
+def frontier_stages(spec: str, layout: Layout, base_inputs: list[Path], common: dict, flags: Callable[[str], dict],
+                    seeds: Sequence[int], seeded: Sequence[str]) -> list[Stage]:
+    """The frontier plan: the pairs, every registered method's stage on ``spec`` with its first seed (saving every
+    setting of the methods that can: ``models/frontier/<name>_settings``), the methods of ``seeded`` again with each
+    other seed (``models/frontier_seed<N>/<name>``, named ``<name>:seed<N>`` in the comparison), then stage 30 with
+    every chosen model, every replicate and every frontier, into ``outputs/frontier/comparison``."""
+    first, *others = seeds
+    runs, folders, records = method_runs(spec, layout, base_inputs, {**common, "seed": first}, FRONTIER, flags,
+                                         settings=True)
+    frontiers = {n: METHODS[n].in_group(FRONTIER).settings_dir(layout) for n in METHODS if METHODS[n].saves_settings}
+    for seed in others:
+        more, seed_folders, seed_records = method_runs(spec, layout, base_inputs, {**common, "seed": seed},
+                                                       f"{FRONTIER}_seed{seed}", flags, names=seeded,
+                                                       suffix=f" seed {seed}")
+        runs += more
+        folders.update({seed_run(n, seed): f for n, f in seed_folders.items()})
+        records.update({seed_run(n, seed): r for n, r in seed_records.items()})
+    compare = compare_stage(spec, folders, records, layout, layout.outputs / FRONTIER / "comparison",
+                            [*base_inputs, *frontiers.values()],
+                            {**COMPARE_SIZES, **flags("30_compare_methods.py"), **common, "seed": first,
+                             "frontiers": [f"{n}={f}" for n, f in frontiers.items()]}, FRONTIER)
+    return [*pair_stages(layout, FRONTIER), *runs, compare]
 
 
 def compare_stage(before: str, folders: dict[str, Path], records: dict[str, Path], layout: Layout, out: Path,
