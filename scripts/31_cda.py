@@ -8,28 +8,34 @@ fine-tunes on. Each sentence is kept and joined by its gender-swapped counterfac
 ``fairforget.methods.cda``); pairs are kept, in a seeded order, while they fit the token budget of the plain
 fine-tune on the source sentences, so CDA reads no more tokens than that fine-tune, over the same epochs.
 Fine-tuning is ``fairforget.methods.lora.finetune`` (stage 11's loop). Writes the adapter to --out and
-``method.json`` (wall time, peak memory, token counts, provenance) and ``train_texts.txt`` to --log-dir.
+``method.json`` (wall time, peak memory, token counts, provenance) and ``train_texts.txt`` to --log-dir. With
+--settings-dir each epoch's adapter is saved too (``<dir>/epochs_<e>``, the state after e epochs of this run):
+CDA's frontier along training, at no extra training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fairforget.artifacts import write_csv, write_text
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
-from fairforget.flags import LoRAFlags
+from fairforget.flags import LoRAFlags, SettingsFlags
 from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
 from fairforget.methods.cda import CDAConfig, augment, within_token_budget, load_swaps, token_count
 from fairforget.methods.registry import save_method_config, write_method_record
+from fairforget.methods.selection import save_setting, setting_name
 from fairforget.models import DEFAULT_EMBEDDED, load_model
+from fairforget.training import StepLog
 from fairforget.winogender import read_pairs_tsv
 
 
 @dataclass
-class Config(LoRAFlags):
+class Config(SettingsFlags, LoRAFlags):
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
     swap_lists: list[Path] = field(default_factory=lambda: [Path("data/winobias/generalized_swaps.txt"),
@@ -58,16 +64,26 @@ def main(cfg: Config) -> None:
     texts = within_token_budget(augment(source, swaps), loaded.tokenizer, budget, cfg.seed)
     model = add_lora(loaded.model, target_modules(loaded.model), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                      cfg.seed)
+    typed = typed_config(CDAConfig, cfg)
+    steps_per_epoch = -(-len(texts) // cfg.batch_size)
+
+    def save(trained: Any, tokenizer: Any, folder: Path, epochs: int) -> None:
+        save_adapter(trained, tokenizer, folder, cfg.model)
+        save_method_config(folder, "cda", dataclasses.replace(typed, epochs=epochs))
+
+    def after_epoch(log: StepLog) -> None:  # with --settings-dir each epoch's adapter: a frontier along training
+        if log.step % steps_per_epoch == 0:
+            save_setting(cfg, model, loaded.tokenizer, log.epoch, setting_name("epochs", log.epoch), log.epoch, save)
+
     history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
-                       desc="CDA fine-tune")
-    save_adapter(model, loaded.tokenizer, cfg.out, cfg.model)
-    save_method_config(cfg.out, "cda", typed_config(CDAConfig, cfg))
+                       on_step=after_epoch, desc="CDA fine-tune")
+    save(model, loaded.tokenizer, cfg.out, cfg.epochs)
     write_text(cfg.log_dir / "train_texts.txt", "\n".join(texts) + "\n")
     write_csv(cfg.log_dir / "loss.csv", [vars(h) for h in history])
     changed = sum(a != b for a, b in zip(texts[::2], texts[1::2]))
     record = write_method_record(
         cfg.log_dir, "cda", cfg, time.perf_counter() - start, [cfg.pairs, *cfg.swap_lists],
-        model_folder=str(cfg.out), n_source_sentences=len(source), token_budget=budget,
+        model_folder=str(cfg.out), chosen_setting=setting_name("epochs", cfg.epochs), n_source_sentences=len(source), token_budget=budget,
         tokens_trained_per_epoch=token_count(texts, loaded.tokenizer), n_train_texts=len(texts),
         n_pairs_changed_by_swap=changed, steps=len(history), final_loss=history[-1].loss if history else None)
     print(f"CDA: {len(texts)} texts ({record['tokens_trained_per_epoch']} tokens/epoch, budget {budget}), "

@@ -188,19 +188,22 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
 
     layout, start, _, _ = study
     frontiers, records = [], []
-    for name, knob in (("task_vector", "lambdas"), ("damage_reference", "lambdas"), ("leace", "strengths")):
+    settings_of = {"cda": ({"epochs": 2}, ["epochs_1", "epochs_2"]),  # each epoch's adapter, along training
+                   "task_vector": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
+                   "damage_reference": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
+                   "leace": ({"strengths": [0.5, 1.0]}, ["alpha_0.5", "alpha_1"])}
+    for name, (knob, expected) in settings_of.items():
         method = METHODS[name]
         settings = tmp_path / name / "settings"
-        _run(method, layout, start, **TEST_CASES[name], **{knob: [0.5, 1.0]}, settings_dir=settings,
-             max_lms_drop="none", max_ppl_increase="none",  # no budget: a nonzero setting is chosen
+        budget = {} if name == "cda" else {"max_lms_drop": "none", "max_ppl_increase": "none"}  # a nonzero choice
+        _run(method, layout, start, **TEST_CASES[name], **knob, **budget, settings_dir=settings,
              out=tmp_path / name / "model", log_dir=tmp_path / name / "log")
         record = read_json(tmp_path / name / "log" / "method.json")
-        saved = sorted(p.name for p in settings.iterdir())
-        strength = "lambda" if knob == "lambdas" else "alpha"
-        assert saved == [f"{strength}_0.5", f"{strength}_1"], name  # strength 0 is the start model: not saved again
+        assert sorted(p.name for p in settings.iterdir()) == expected, name  # strength 0: the start, not saved
         assert weights_digest(str(settings / record["chosen_setting"])) == weights_digest(str(tmp_path / name / "model"))
         frontiers.append(f"{name}={settings}")
         records.append(f"{name}={tmp_path / name / 'log' / 'method.json'}")
+    assert read_json(tmp_path / "cda" / "settings" / "epochs_1" / CONFIG_FILE)["config"]["epochs"] == 1
     stage30 = load_script("30_compare_methods.py")
     out = tmp_path / "compare"
     stage30.main(parse_config(stage30.Config(), [
@@ -214,8 +217,9 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
 
     with open(out / "frontier.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["method"], r["setting"]) for r in rows][:2] == [("task_vector", "lambda_0.5"), ("task_vector", "lambda_1")]
-    assert len(rows) == 6
+    assert [(r["method"], r["setting"]) for r in rows][:4] == [("cda", "epochs_1"), ("cda", "epochs_2"),
+                                                               ("task_vector", "lambda_0.5"), ("task_vector", "lambda_1")]
+    assert len(rows) == 8
     metrics = read_json(out / "metrics.json")
     chosen = read_json(tmp_path / "task_vector" / "log" / "method.json")["chosen_setting"]
     assert metrics["changes"][f"task_vector@{chosen}"] == metrics["changes"]["task_vector"]  # same weights, same items

@@ -411,7 +411,7 @@ def test_frontier_plan_saves_settings_runs_the_seeded_methods_per_seed_and_compa
     assert set(methods) == set(METHODS) | {f"{n}:seed{k}" for n in chosen["seeded"] for k in chosen["seeds"][1:]}
     frontiers = dict(f.split("=", 1) for f in compare.args["frontiers"])
     assert set(frontiers) == {n for n, m in METHODS.items() if m.saves_settings} == {
-        "task_vector", "damage_reference", "sentence_debias", "inlp", "leace"}
+        "cda", "task_vector", "damage_reference", "sentence_debias", "inlp", "leace"}
     for name, folder in frontiers.items():
         stage = next(s for s in plan if s.name == f"{METHODS[name].script[:2]} {name}")
         assert stage.args["settings_dir"] == Path(folder) and Path(folder) in stage.outputs

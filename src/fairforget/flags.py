@@ -46,7 +46,15 @@ class LoRAFlags(RunFlags):
 
 
 @dataclass
-class SelectionFlags(RunFlags):
+class SettingsFlags(RunFlags):
+    """A stage that can save every setting of its strength knob (:func:`fairforget.methods.selection.save_setting`)."""
+
+    settings_dir: Path | None = field(default=None, metadata={
+        "help": "also save every setting's model to <dir>/<knob>_<value>: a frontier for stage 30 --frontiers"})
+
+
+@dataclass
+class SelectionFlags(SettingsFlags):
     """A method's choice of its strength on the StereoSet selection half (:mod:`fairforget.methods.selection`):
     the smallest |SS - 50| of --selection-metric whose LMS is at most --max-lms-drop below the start's and whose
     perplexity on --selection-ppl-texts retain-half neutral texts is at most --max-ppl-increase percent above it
@@ -59,7 +67,5 @@ class SelectionFlags(RunFlags):
     max_ppl_increase: float | None = field(default=5.0, metadata={
         "help": "percent perplexity a setting may add vs the start, on retain-half neutral texts (None: no bound)"})
     selection_ppl_texts: int = field(default=40, metadata={"help": "retain-half neutral texts for that bound"})
-    settings_dir: Path | None = field(default=None, metadata={
-        "help": "also save every setting's model to <dir>/<knob>_<value>: a frontier for stage 30 --frontiers"})
     half_seed: int = 0
     eval_batch_size: int = 32

@@ -113,6 +113,6 @@ class CDAConfig(LoRATrainingConfig):
 register_method(MethodSpec(
     name="cda", title="CDA (Zmigrod et al. 2019; two-sided, WinoBias word lists)", script="31_cda.py",
     config=CDAConfig, knobs=(Knob("epochs", "training epochs at the plain fine-tune's token budget"),),
-    zero_flags={"epochs": 0}, sizes={"epochs": 1},
+    zero_flags={"epochs": 0}, sizes={"epochs": 1}, saves_settings=True,
     inputs=lambda layout: [layout.pairs, *layout.swap_lists],
     data_flags=lambda layout: {"pairs": layout.pairs, "swap_lists": layout.swap_lists}))

@@ -10,7 +10,7 @@ on the same examples and its perplexity increase on neutral texts of the *retain
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from fairforget.artifacts import save_model
 from fairforget.evals.perplexity import load_neutral_texts, perplexity
@@ -76,11 +76,13 @@ def setting_name(knob: str, value: float) -> str:
     return f"{knob}_{value:g}"
 
 
-def save_setting(cfg: Any, model: Any, tokenizer: Any, value: float, setting: str, info: dict) -> None:
-    """With --settings-dir (:class:`SelectionFlags`), one setting's model as ``<settings_dir>/<setting>``; strength
-    0 is the start model (the method contract's zero setting) and is not saved again."""
+def save_setting(cfg: Any, model: Any, tokenizer: Any, value: float, setting: str, info: Any,
+                 save: Callable[[Any, Any, Path, Any], Any] = save_model) -> None:
+    """With --settings-dir (:class:`~fairforget.flags.SettingsFlags`), one setting's output as
+    ``<settings_dir>/<setting>`` (``save``: how the stage saves its output, a model folder by default); strength 0
+    is the start model (the method contract's zero setting) and is not saved again."""
     if cfg.settings_dir is not None and value != 0:
-        save_model(model, tokenizer, Path(cfg.settings_dir) / setting, info)
+        save(model, tokenizer, Path(cfg.settings_dir) / setting, info)
 
 
 def budget_text(row: dict) -> str:

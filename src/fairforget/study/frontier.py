@@ -22,6 +22,7 @@ from fairforget.markdown import ci_text, table
 from fairforget.plots import new_figure, save_figure
 
 DAMAGE = "damage_reference"
+MODEL_CONFIGS = ("config.json", "adapter_config.json")  # what makes a subfolder a saved setting
 SEPARATOR = "@"  # stage 30's name of a setting: <method>@<folder name>, e.g. task_vector@lambda_0.5
 # (key of stage 30's paired changes, file stem, axis label)
 MEASURES = [("ss_gender_distance", "gender", "change in StereoSet gender |SS - 50| (points)"),
@@ -30,10 +31,11 @@ MEASURES = [("ss_gender_distance", "gender", "change in StereoSet gender |SS - 5
 
 
 def setting_folders(name: str, folder: Path | str) -> dict[str, Path]:
-    """``<name>@<sub>`` for every saved setting (a subfolder holding a model config) of ``folder``, in the
-    order of the settings' values (``<knob>_<value>``)."""
+    """``<name>@<sub>`` for every saved setting (a subfolder holding a model or adapter config) of ``folder``, in
+    the order of the settings' values (``<knob>_<value>``)."""
     folder = Path(folder)
-    subs = [p for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file()] if folder.is_dir() else []
+    subs = [p for p in folder.iterdir()
+            if p.is_dir() and any((p / n).is_file() for n in MODEL_CONFIGS)] if folder.is_dir() else []
     if not subs:
         raise FairforgetError(f"--frontiers {name}: {folder} holds no saved settings (run the method's stage with "
                               f"--settings-dir {folder})")
