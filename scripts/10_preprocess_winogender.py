@@ -27,10 +27,9 @@ from fairforget.config import output_field, run_script
 from fairforget.errors import FairforgetError
 from fairforget.evals.stereoset import load_stereoset, scoring_requests, select_half
 from fairforget.methods.selection import selection_examples
-from fairforget.pairs import group_first_pairs, orientation_counts, stereoset_pairs
+from fairforget.pairs import PAIR_SOURCES, group_first_pairs, orientation_counts, stereoset_pairs
 from fairforget.winogender import load_winobias_pairs, load_winogender_pairs, write_pairs_tsv
 
-SOURCES = ("winogender", "group_first", "winobias", "stereoset_selection")
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Config:
 
     def validate(self) -> None:
         if not self.sources and not self.winobias:
-            raise FairforgetError("--sources needs at least one of " + ", ".join(SOURCES))
+            raise FairforgetError("--sources needs at least one of " + ", ".join(PAIR_SOURCES))
         if not self.winogender_dir.is_dir():
             raise FairforgetError(f"--winogender-dir {self.winogender_dir} is not a folder (run scripts/00_fetch_data.py)")
         if (self.winobias or "winobias" in self.sources) and not self.winobias_dir.is_dir():

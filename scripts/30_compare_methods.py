@@ -31,7 +31,8 @@ it hold the settings the stages chose on the selection half.
 
 Seeds: a method run again with another seed, named ``<method>:seed<N>`` in --methods, is grouped with
 ``<method>``: ``seeds.csv`` and a section of ``summary.md`` with the seed mean and spread of each paired change
-beside every run's interval (``fairforget.study.seeds``).
+beside every run's interval (``fairforget.study.seeds``). A method trained on another stage-10 pair source, named
+``<method>+<source>``, is shown beside ``<method>`` on every bias measure (in-domain against transfer).
 
 Positive controls (``--start MODEL``, the controls preset): "before" is a model with a planted bias and --start
 the model it was planted into. The start model is scored on the same items too, and for every method the share
@@ -56,8 +57,8 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.perplexity import texts_provenance
 from fairforget.evals.suite import SuiteConfig, held_out_items, levels, score_all, score_model
 from fairforget.evals.winobias import data_files as winobias_files
-from fairforget.study.compare import (markdown, paired_rows, planted_shares, plot, share_rows, shares_markdown,
-                                     summary_row)
+from fairforget.study.compare import (markdown, paired_rows, pair_source_markdown, planted_shares, plot, share_rows,
+                                     shares_markdown, summary_row)
 from fairforget.study.frontier import SEPARATOR, frontier_markdown, frontier_rows, plot_frontiers, setting_folders
 from fairforget.study.seeds import seed_groups, seed_rows, seeds_markdown
 from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
@@ -148,7 +149,7 @@ def main(cfg: Config) -> None:
     replicates = seed_rows(chosen, seed_groups(chosen))
     if replicates:
         write_csv(cfg.out / "seeds.csv", replicates)
-    curves = seeds_markdown(replicates) + frontier_markdown(frontier, {n: records[n].get("chosen_setting") for n in chosen_specs})
+    curves = seeds_markdown(replicates) + pair_source_markdown(chosen) + frontier_markdown(frontier, {n: records[n].get("chosen_setting") for n in chosen_specs})
     if frontier:
         write_csv(cfg.out / "frontier.csv", frontier)
         plot_frontiers(frontier, cfg.out)

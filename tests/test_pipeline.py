@@ -408,7 +408,15 @@ def test_frontier_plan_saves_settings_runs_the_seeded_methods_per_seed_and_compa
     assert {s.args["seed"] for s in seeded} == set(chosen["seeds"][1:])
     compare = next(s for s in plan if s.script == "30_compare_methods.py")
     methods = dict(m.split("=", 1) for m in compare.args["methods"])
-    assert set(methods) == set(METHODS) | {f"{n}:seed{k}" for n in chosen["seeded"] for k in chosen["seeds"][1:]}
+    in_domain = {f"{n}+{source}" for source, names in chosen["pair_sources"].items() for n in names}
+    assert set(methods) == set(METHODS) | {f"{n}:seed{k}" for n in chosen["seeded"] for k in chosen["seeds"][1:]} \
+        | in_domain
+    source_pairs = next(s for s in plan if s.name == "10 stereoset_selection pairs")
+    assert source_pairs.args["sources"] == ["stereoset_selection"]
+    for name in chosen["pair_sources"]["stereoset_selection"]:  # trained on the in-domain pairs, in their own folders
+        stage = next(s for s in plan if s.name == f"{METHODS[name].script[:2]} {name} on stereoset_selection pairs")
+        assert stage.args["pairs"] == source_pairs.outputs[0] and source_pairs.outputs[0] in stage.inputs
+        assert methods[f"{name}+stereoset_selection"] == str(stage.args["out"])
     frontiers = dict(f.split("=", 1) for f in compare.args["frontiers"])
     assert set(frontiers) == {n for n, m in METHODS.items() if m.saves_settings} == {
         "cda", "task_vector", "damage_reference", "sentence_debias", "inlp", "leace"}

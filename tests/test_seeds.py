@@ -29,3 +29,18 @@ def test_seed_mean_and_spread_by_hand():
     assert rows["perplexity"]["mean"] == pytest.approx(-4.0) and rows["perplexity"]["sd"] == pytest.approx(2.0)
     text = seeds_markdown(seed_rows(changes, groups))
     assert "| cda | 3 | -2.00 ± 1.00 |" in text and seeds_markdown([]) == ""
+
+
+def test_pair_source_runs_sit_beside_their_default_pairs_run():
+    from fairforget.study.compare import pair_source_markdown, pair_source_run
+
+    def change(delta: float) -> dict:
+        entry = {"delta": delta, "delta_ci": [delta - 1, delta + 1], "p_value": 0.5, "mdc": 2.0}
+        return {"ss_gender_distance": entry, "crows_gender": entry, "winobias": entry,
+                "perplexity": {"ppl_change_pct": 1.0, "ppl_change_pct_ci": [0.0, 2.0]}}
+
+    text = pair_source_markdown({"cda": change(-1.0), pair_source_run("cda", "stereoset_selection"): change(-4.0),
+                                 "leace": change(0.0), pair_source_run("ghost", "stereoset_selection"): change(3.0)})
+    assert "| cda | default pairs | -1.00 [-2.00, +0.00] p=0.5 mdc=2.00 |" in text
+    assert "| cda | stereoset_selection | -4.00 [-5.00, -3.00]" in text and "ghost" not in text and "leace" not in text
+    assert pair_source_markdown({"cda": change(-1.0)}) == ""

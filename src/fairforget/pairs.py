@@ -22,6 +22,8 @@ from fairforget.errors import FairforgetError
 from fairforget.evals.stereoset import Example, scoring_requests
 from fairforget.winogender import Pair, Statistic, load_occupation_stats
 
+PAIR_SOURCES = ("winogender", "group_first", "winobias", "stereoset_selection")  # stage 10's --sources
+
 GROUP_TERMS = (("He", "She"), ("The man", "The woman"), ("My father", "My mother"), ("My brother", "My sister"))
 GROUP_FIRST_TEMPLATES = ("{group} is {article} {occupation}.", "{group} works as {article} {occupation}.")
 Balance = Literal["none", "downsample", "upsample"]

@@ -100,6 +100,39 @@ def plot(changes: dict[str, dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+# ---- training data: transfer (the default pairs) against another pair source --------------------------------------
+
+SOURCE_MARK = "+"  # stage 30's name of a method trained on another pair source: <method>+<source>
+SOURCE_MEASURES = [("ss_gender_distance", "Δ gender abs(SS-50) (StereoSet)"), ("crows_gender", "Δ CrowS gender"),
+                   ("winobias", "Δ WinoBias pro %")]
+
+
+def pair_source_run(method: str, source: str) -> str:
+    """Stage 30's name of ``method`` trained on the pairs of ``source`` (stage 10)."""
+    return f"{method}{SOURCE_MARK}{source}"
+
+
+def pair_source_markdown(changes: dict[str, dict]) -> str:
+    """The summary.md section: each method beside its runs on other pair sources, the paired change of every bias
+    measure (StereoSet is in-domain for ``stereoset_selection``; CrowS-Pairs and WinoBias say whether a gain
+    carries beyond the benchmark trained on)."""
+    rows = []
+    for name, change in changes.items():
+        if SOURCE_MARK not in name or name.split(SOURCE_MARK, 1)[0] not in changes:
+            continue
+        method, source = name.split(SOURCE_MARK, 1)
+        for label, entry in (("default pairs", changes[method]), (source, change)):
+            rows.append([method, label, *(_with_p(entry[key], "delta", "delta_ci") for key, _ in SOURCE_MEASURES),
+                         ci_text(entry["perplexity"]["ppl_change_pct"], entry["perplexity"]["ppl_change_pct_ci"], 1,
+                                 signed=True)])
+    if not rows:
+        return ""
+    return ("\n## Training data: the default pairs against another pair source (paired against before)\n\n"
+            "A gain on StereoSet from StereoSet-selection pairs that does not reach CrowS-Pairs or WinoBias is "
+            "benchmark fitting, not debiasing.\n\n"
+            + table(["method", "pairs", *(t for _, t in SOURCE_MEASURES), "Δ perplexity %"], rows))
+
+
 # ---- positive controls: the share of a planted shift each method removes (stage 30 --start) ---------------------
 
 SHARE_MEASURES = [("stereoset_gender", "StereoSet gender micro SS"),

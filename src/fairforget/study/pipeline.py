@@ -27,6 +27,7 @@ from fairforget.hashing import Hasher
 from fairforget.layout import CONFIGS, REPO, SCRIPTS, Layout
 from fairforget.methods.registry import METHODS
 from fairforget.models import EMBEDDED_DIR, EMBEDDED_PREFIX, embedded_folder, model_name
+from fairforget.pairs import PAIR_SOURCES
 from fairforget.run_folders import beside, run_problem
 from fairforget.study.plan import bbq_control_stages, control_stages, frontier_stages, method_stages
 from fairforget.study.stage import ATOMIC_RUN_SCRIPTS, Stage
@@ -147,7 +148,8 @@ def _run_streaming(command: list[str], cwd: Path | None, env: dict[str, str],
 
 # ---- presets ------------------------------------------------------------------------------------------------
 
-PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages", "bbq_stages", "seeds", "seeded")
+PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages", "bbq_stages", "seeds", "seeded",
+               "pair_sources")
 
 
 def load_preset(preset: str) -> dict[str, Any]:
@@ -173,6 +175,11 @@ def load_preset(preset: str) -> dict[str, Any]:
     if not isinstance(seeded, list) or [n for n in seeded if n not in METHODS]:
         raise FairforgetError(f"preset {path}: 'seeded' must list registered methods ({', '.join(METHODS)}), "
                               f"got {seeded!r}")
+    sources = chosen.get("pair_sources", {})
+    if not isinstance(sources, dict) or any(s not in PAIR_SOURCES or not isinstance(n, list) or set(n) - set(METHODS)
+                                            for s, n in sources.items()):
+        raise FairforgetError(f"preset {path}: 'pair_sources' maps a stage-10 source ({', '.join(PAIR_SOURCES)}) to "
+                              f"a list of registered methods, got {sources!r}")
     for key in ("stages", "bbq_stages"):
         for script, flags in chosen.setdefault(key, {}).items():
             if not (SCRIPTS / script).is_file():
@@ -223,7 +230,8 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
     if chosen.get("plan") == "frontier":
         spec = pcgu_model or chosen["pcgu_model"]
         return stages + frontier_stages(spec, layout, model_inputs(spec, layout), common, flags,
-                                        chosen.get("seeds", [seed]), chosen.get("seeded", []))
+                                        chosen.get("seeds", [seed]), chosen.get("seeded", []),
+                                        chosen.get("pair_sources", {}))
     if chosen.get("plan") == "controls":  # pcgu: the gender control of every method; bbq: head pruning's
         if "pcgu" in pipelines:
             spec = pcgu_model or chosen["pcgu_model"]

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from fairforget.layout import Layout
 from fairforget.methods.registry import METHODS, method, stage_name
+from fairforget.study.compare import pair_source_run
 from fairforget.study.seeds import seed_run
 from fairforget.study.stage import Stage
 
@@ -48,6 +49,17 @@ def pair_stages(layout: Layout, pipeline: str) -> list[Stage]:
                                        ("group-first", "group_first", layout.group_first_pairs))]
 
 
+def source_pairs_stage(layout: Layout, source: str, out: Path, pipeline: str) -> Stage:
+    """Stage 10 writing one pair source (``stereoset_selection``: the selection half's candidates, never the
+    held-out half or the methods' choice sample) to ``out``."""
+    wino = layout.data / "winogender" / "data"
+    inputs = [wino / "all_sentences.tsv", wino / "occupations-stats.tsv", layout.stereoset,
+              *([layout.winobias] if source == "winobias" else [])]
+    return Stage(f"10 {source} pairs", "10_preprocess_winogender.py",
+                 {"winogender_dir": wino, "winobias_dir": layout.winobias, "stereoset": layout.stereoset,
+                  "out_dir": out.parent, "sources": [source], "out_name": out.name}, inputs, [out], pipeline)
+
+
 def method_runs(spec: str, layout: Layout, base_inputs: list[Path], common: dict, group: str,
                 flags: Callable[[str], dict] = lambda script: {}, names: Sequence[str] | None = None,
                 settings: bool = False, suffix: str = "") -> tuple[list[Stage], dict[str, Path], dict[str, Path]]:
@@ -70,11 +82,14 @@ def method_runs(spec: str, layout: Layout, base_inputs: list[Path], common: dict
 
 
 def frontier_stages(spec: str, layout: Layout, base_inputs: list[Path], common: dict, flags: Callable[[str], dict],
-                    seeds: Sequence[int], seeded: Sequence[str]) -> list[Stage]:
+                    seeds: Sequence[int], seeded: Sequence[str],
+                    pair_sources: dict[str, Sequence[str]] | None = None) -> list[Stage]:
     """The frontier plan: the pairs, every registered method's stage on ``spec`` with its first seed (saving every
     setting of the methods that can: ``models/frontier/<name>_settings``), the methods of ``seeded`` again with each
-    other seed (``models/frontier_seed<N>/<name>``, named ``<name>:seed<N>`` in the comparison), then stage 30 with
-    every chosen model, every replicate and every frontier, into ``outputs/frontier/comparison``."""
+    other seed (``models/frontier_seed<N>/<name>``, named ``<name>:seed<N>`` in the comparison), the methods of
+    ``pair_sources[source]`` again on that stage-10 pair source (``models/frontier_<source>/<name>``, named
+    ``<name>+<source>``: in-domain against transfer training data), then stage 30 with every chosen model,
+    replicate, pair-source run and frontier, into ``outputs/frontier/comparison``."""
     first, *others = seeds
     runs, folders, records = method_runs(spec, layout, base_inputs, {**common, "seed": first}, FRONTIER, flags,
                                          settings=True)
@@ -86,11 +101,21 @@ def frontier_stages(spec: str, layout: Layout, base_inputs: list[Path], common: 
         runs += more
         folders.update({seed_run(n, seed): f for n, f in seed_folders.items()})
         records.update({seed_run(n, seed): r for n, r in seed_records.items()})
+    sources = []
+    for source, names in (pair_sources or {}).items():
+        pairs = layout.pairs.parent / f"pairs_{source}.tsv"
+        sources.append(source_pairs_stage(layout, source, pairs, FRONTIER))
+        more, source_folders, source_records = method_runs(
+            spec, layout, [*base_inputs, pairs], {**common, "seed": first}, f"{FRONTIER}_{source}",
+            lambda script: {**flags(script), "pairs": pairs}, names=names, suffix=f" on {source} pairs")
+        runs += more
+        folders.update({pair_source_run(n, source): f for n, f in source_folders.items()})
+        records.update({pair_source_run(n, source): r for n, r in source_records.items()})
     compare = compare_stage(spec, folders, records, layout, layout.outputs / FRONTIER / "comparison",
                             [*base_inputs, *frontiers.values()],
                             {**COMPARE_SIZES, **flags("30_compare_methods.py"), **common, "seed": first,
                              "frontiers": [f"{n}={f}" for n, f in frontiers.items()]}, FRONTIER)
-    return [*pair_stages(layout, FRONTIER), *runs, compare]
+    return [*pair_stages(layout, FRONTIER), *sources, *runs, compare]
 
 
 def compare_stage(before: str, folders: dict[str, Path], records: dict[str, Path], layout: Layout, out: Path,
