@@ -15,11 +15,9 @@ CDA's frontier along training, at no extra training.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fairforget.artifacts import write_csv, write_text
 from fairforget.config import output_field, run_script, typed_config
@@ -28,7 +26,7 @@ from fairforget.flags import LoRAFlags, SettingsFlags
 from fairforget.methods.lora import add_lora, finetune, save_adapter, target_modules
 from fairforget.methods.cda import CDAConfig, augment, within_token_budget, load_swaps, token_count
 from fairforget.methods.registry import save_method_config, write_method_record
-from fairforget.methods.selection import save_setting, setting_name
+from fairforget.methods.selection import save_epoch_setting, setting_name
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.training import StepLog
 from fairforget.winogender import read_pairs_tsv
@@ -67,17 +65,14 @@ def main(cfg: Config) -> None:
     typed = typed_config(CDAConfig, cfg)
     steps_per_epoch = -(-len(texts) // cfg.batch_size)
 
-    def save(trained: Any, tokenizer: Any, folder: Path, epochs: int) -> None:
-        save_adapter(trained, tokenizer, folder, cfg.model)
-        save_method_config(folder, "cda", dataclasses.replace(typed, epochs=epochs))
-
     def after_epoch(log: StepLog) -> None:  # with --settings-dir each epoch's adapter: a frontier along training
         if log.step % steps_per_epoch == 0:
-            save_setting(cfg, model, loaded.tokenizer, log.epoch, setting_name("epochs", log.epoch), log.epoch, save)
+            save_epoch_setting(cfg, model, loaded.tokenizer, "cda", typed, log.epoch)
 
     history = finetune(model, loaded.tokenizer, texts, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
                        on_step=after_epoch, desc="CDA fine-tune")
-    save(model, loaded.tokenizer, cfg.out, cfg.epochs)
+    save_adapter(model, loaded.tokenizer, cfg.out, cfg.model)
+    save_method_config(cfg.out, "cda", typed)
     write_text(cfg.log_dir / "train_texts.txt", "\n".join(texts) + "\n")
     write_csv(cfg.log_dir / "loss.csv", [vars(h) for h in history])
     changed = sum(a != b for a, b in zip(texts[::2], texts[1::2]))

@@ -7,7 +7,8 @@ the stereotype-consistent (advantaged) sentences, cross-entropy on their anti-st
 the reference on those, weighted by --w-forget / --w-retain / --w-kl; every --check-every steps the pairs are
 scored and forget / retain swap when the bias has reversed (``fairforget.methods.bias_unlearn``). The
 adapter goes to --out; ``steps.csv``, ``swaps.csv`` and ``method.json`` (wall time, peak memory, pair gap
-before and after, provenance) to --log-dir.
+before and after, provenance) to --log-dir. With --settings-dir each epoch's adapter is saved too
+(``<dir>/epochs_<e>``): BiasUnlearn's frontier along training.
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ from pathlib import Path
 from fairforget.artifacts import write_csv
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
-from fairforget.flags import LoRAFlags
+from fairforget.flags import LoRAFlags, SettingsFlags
 from fairforget.methods.lora import add_lora, save_adapter, target_modules
 from fairforget.methods.bias_unlearn import BiasUnlearnConfig, Weights, check_sample, unlearn
 from fairforget.methods.registry import save_method_config, write_method_record
+from fairforget.methods.selection import save_epoch_setting, setting_name
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.methods.pcgu import encode_pairs, pair_gap
 from fairforget.winogender import read_pairs_tsv
 
 
 @dataclass
-class Config(LoRAFlags):
+class Config(SettingsFlags, LoRAFlags):
     model: str = DEFAULT_EMBEDDED
     pairs: Path = Path("data/processed/pairs.tsv")
     out: Path = output_field(Path("models/methods/bias_unlearn"), "adapter")
@@ -67,16 +69,19 @@ def main(cfg: Config) -> None:
     checked = check_sample(len(pairs), cfg.check_pairs, cfg.seed)
     gap_before = pair_gap(model, [adv[i] for i in checked], [dis[i] for i in checked], tokenizer.pad_token_id)
     weights = Weights(cfg.w_forget, cfg.w_retain, cfg.w_kl, cfg.beta)
+    typed = typed_config(BiasUnlearnConfig, cfg)
     log = unlearn(model, tokenizer.pad_token_id, adv, dis, weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed,
-                  cfg.check_every, check_pairs=cfg.check_pairs)
+                  cfg.check_every, check_pairs=cfg.check_pairs,
+                  on_epoch=lambda epoch: save_epoch_setting(cfg, model, tokenizer, "bias_unlearn", typed, epoch))
     gap_after = pair_gap(model, [adv[i] for i in checked], [dis[i] for i in checked], tokenizer.pad_token_id)
     save_adapter(model, tokenizer, cfg.out, cfg.model)
-    save_method_config(cfg.out, "bias_unlearn", typed_config(BiasUnlearnConfig, cfg))
+    save_method_config(cfg.out, "bias_unlearn", typed)
     write_csv(cfg.log_dir / "steps.csv", log.steps)
     if log.swaps:
         write_csv(cfg.log_dir / "swaps.csv", log.swaps)
     record = write_method_record(cfg.log_dir, "bias_unlearn", cfg, time.perf_counter() - start, [cfg.pairs],
-                                 model_folder=str(cfg.out), weights=asdict(weights), n_pairs=len(pairs),
+                                 model_folder=str(cfg.out), chosen_setting=setting_name("epochs", cfg.epochs),
+                                 weights=asdict(weights), n_pairs=len(pairs),
                                  steps=len(log.steps), swaps=log.swaps, n_pairs_checked=len(checked),
                                  pair_gap_before=gap_before,
                                  pair_gap_after=gap_after)

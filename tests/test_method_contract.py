@@ -189,13 +189,15 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
     layout, start, _, _ = study
     frontiers, records = [], []
     settings_of = {"cda": ({"epochs": 2}, ["epochs_1", "epochs_2"]),  # each epoch's adapter, along training
+                   "bias_unlearn": ({"epochs": 2}, ["epochs_1", "epochs_2"]),
                    "task_vector": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
                    "damage_reference": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
                    "leace": ({"strengths": [0.5, 1.0]}, ["alpha_0.5", "alpha_1"])}
     for name, (knob, expected) in settings_of.items():
         method = METHODS[name]
         settings = tmp_path / name / "settings"
-        budget = {} if name == "cda" else {"max_lms_drop": "none", "max_ppl_increase": "none"}  # a nonzero choice
+        budget = ({} if name in ("cda", "bias_unlearn")
+                  else {"max_lms_drop": "none", "max_ppl_increase": "none"})  # no budget: a nonzero choice
         _run(method, layout, start, **TEST_CASES[name], **knob, **budget, settings_dir=settings,
              out=tmp_path / name / "model", log_dir=tmp_path / name / "log")
         record = read_json(tmp_path / name / "log" / "method.json")
@@ -203,7 +205,8 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
         assert weights_digest(str(settings / record["chosen_setting"])) == weights_digest(str(tmp_path / name / "model"))
         frontiers.append(f"{name}={settings}")
         records.append(f"{name}={tmp_path / name / 'log' / 'method.json'}")
-    assert read_json(tmp_path / "cda" / "settings" / "epochs_1" / CONFIG_FILE)["config"]["epochs"] == 1
+    for name in ("cda", "bias_unlearn"):
+        assert read_json(tmp_path / name / "settings" / "epochs_1" / CONFIG_FILE)["config"]["epochs"] == 1
     stage30 = load_script("30_compare_methods.py")
     out = tmp_path / "compare"
     stage30.main(parse_config(stage30.Config(), [
@@ -217,9 +220,10 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
 
     with open(out / "frontier.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["method"], r["setting"]) for r in rows][:4] == [("cda", "epochs_1"), ("cda", "epochs_2"),
-                                                               ("task_vector", "lambda_0.5"), ("task_vector", "lambda_1")]
-    assert len(rows) == 8
+    assert [(r["method"], r["setting"]) for r in rows][:6] == [
+        ("cda", "epochs_1"), ("cda", "epochs_2"), ("bias_unlearn", "epochs_1"), ("bias_unlearn", "epochs_2"),
+        ("task_vector", "lambda_0.5"), ("task_vector", "lambda_1")]
+    assert len(rows) == 10
     metrics = read_json(out / "metrics.json")
     chosen = read_json(tmp_path / "task_vector" / "log" / "method.json")["chosen_setting"]
     assert metrics["changes"][f"task_vector@{chosen}"] == metrics["changes"]["task_vector"]  # same weights, same items

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,9 +112,11 @@ def check_sample(n_pairs: int, n_check: int | None, seed: int = 0) -> list[int]:
 
 def unlearn(model: Any, pad_id: int, adv: Sequence[Encoded], dis: Sequence[Encoded], weights: Weights,
             epochs: int = 1, batch_size: int = 8, lr: float = 1e-4, seed: int = 0, check_every: int = 10,
-            reference: Any | None = None, check_pairs: int | None = None) -> UnlearnLog:
+            reference: Any | None = None, check_pairs: int | None = None,
+            on_epoch: Callable[[int], None] | None = None) -> UnlearnLog:
     """Train ``model``'s trainable parameters with BiasUnlearn on the pairs (``adv[i]``, ``dis[i]``); the
-    reversal check scores ``check_pairs`` of them (seeded; None: all)."""
+    reversal check scores ``check_pairs`` of them (seeded; None: all); ``on_epoch(epoch)`` runs (in eval mode)
+    after each epoch's last step."""
     if len(adv) != len(dis) or not adv:
         raise FairforgetError(f"BiasUnlearn needs equal, non-zero numbers of pair sides, got {len(adv)}, {len(dis)}")
     device = next(model.parameters()).device
@@ -123,6 +125,7 @@ def unlearn(model: Any, pad_id: int, adv: Sequence[Encoded], dis: Sequence[Encod
     forget, retain, forgetting = list(adv), list(dis), "stereotype"
     checked = check_sample(len(adv), check_pairs, seed)
     batches = list(shuffled_batches(len(adv), epochs, batch_size, seed, run.checkpoint))
+    steps_per_epoch = -(-len(adv) // batch_size)
     for epoch, step, idx in progress(batches, desc="BiasUnlearn", unit="step"):
         terms = losses(model, collate([forget[i] for i in idx], pad_id, device),
                        collate([retain[i] for i in idx], pad_id, device), weights, reference)
@@ -141,6 +144,10 @@ def unlearn(model: Any, pad_id: int, adv: Sequence[Encoded], dis: Sequence[Encod
                 forget, retain = retain, forget
                 forgetting = "anti-stereotype" if forgetting == "stereotype" else "stereotype"
                 log.swaps.append({"step": step, "now_forgetting": forgetting, **gap})
+        if on_epoch is not None and step % steps_per_epoch == 0:
+            model.eval()
+            on_epoch(epoch)
+            model.train()
     model.eval()
     return log
 
@@ -164,4 +171,5 @@ register_method(MethodSpec(
     script="34_bias_unlearn.py", config=BiasUnlearnConfig,
     knobs=(Knob("epochs", "training epochs"), Knob("w_forget", "weight of the NPO forget term")),
     zero_flags={"epochs": 0}, sizes={"epochs": 1, "limit": 0, "check_every": 10, "check_pairs": 32},
+    saves_settings=True,
     inputs=lambda layout: [layout.pairs], data_flags=lambda layout: {"pairs": layout.pairs}))

@@ -9,6 +9,7 @@ on the same examples and its perplexity increase on neutral texts of the *retain
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -83,6 +84,19 @@ def save_setting(cfg: Any, model: Any, tokenizer: Any, value: float, setting: st
     is the start model (the method contract's zero setting) and is not saved again."""
     if cfg.settings_dir is not None and value != 0:
         save(model, tokenizer, Path(cfg.settings_dir) / setting, info)
+
+
+def save_epoch_setting(cfg: Any, model: Any, tokenizer: Any, method: str, typed: Any, epoch: int) -> None:
+    """With --settings-dir, a LoRA training method's adapter after ``epoch`` epochs as ``<dir>/epochs_<epoch>``
+    (its typed config saying so): a frontier point along training, at no extra training."""
+    from fairforget.methods.lora import save_adapter
+    from fairforget.methods.registry import save_method_config
+
+    def save(trained: Any, tok: Any, folder: Path, _: Any) -> None:
+        save_adapter(trained, tok, folder, cfg.model)
+        save_method_config(folder, method, dataclasses.replace(typed, epochs=epoch))
+
+    save_setting(cfg, model, tokenizer, epoch, setting_name("epochs", epoch), None, save)
 
 
 def budget_text(row: dict) -> str:
