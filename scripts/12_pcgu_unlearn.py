@@ -41,6 +41,7 @@ from fairforget.errors import FairforgetError
 from fairforget.methods.pcgu_heldout import HeldOutConfig, start_heldout, write_eval_only
 from fairforget.methods.pcgu_run import PCGURunConfig, prepare, train, write_results
 from fairforget.methods.registry import write_method_record
+from fairforget.methods.selection import setting_name
 from fairforget.models import DEFAULT_EMBEDDED
 from fairforget.provenance import provenance
 
@@ -113,6 +114,8 @@ class Config:
         "help": "no training: write the held-out report of this model folder against --model (the start)"})
     eval_batch_size: int = 32
     n_boot: int = 200
+    settings_dir: Path | None = field(default=None, metadata={
+        "help": "also save the model at every evaluation point to <dir>/step_<N>: PCGU's frontier for stage 30"})
     checkpoint_every: int = field(default=10, metadata={"help": "also save the training state every N steps "
                                                                 "(besides each evaluation point) so a killed run "
                                                                 "resumes (0: evaluation points only)"})
@@ -170,7 +173,7 @@ def main(cfg: Config) -> None:
     done = train(run)
     write_results(run, done, held, provenance(cfg, [cfg.pairs, cfg.stereoset]))
     write_method_record(run.log_dir, "pcgu", cfg, time.perf_counter() - start, [cfg.pairs, cfg.stereoset],
-                        model_folder=str(cfg.out))
+                        model_folder=str(cfg.out), chosen_setting=setting_name("step", done.best_step))
 
 
 if __name__ == "__main__":

@@ -190,17 +190,22 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
     frontiers, records = [], []
     settings_of = {"cda": ({"epochs": 2}, ["epochs_1", "epochs_2"]),  # each epoch's adapter, along training
                    "bias_unlearn": ({"epochs": 2}, ["epochs_1", "epochs_2"]),
+                   "pcgu": ({"evals_per_epoch": 2}, None),  # every evaluation point's model: step_<N>
                    "task_vector": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
                    "damage_reference": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
                    "leace": ({"strengths": [0.5, 1.0]}, ["alpha_0.5", "alpha_1"])}
     for name, (knob, expected) in settings_of.items():
         method = METHODS[name]
         settings = tmp_path / name / "settings"
-        budget = ({} if name in ("cda", "bias_unlearn")
+        budget = ({} if name in ("cda", "bias_unlearn", "pcgu")
                   else {"max_lms_drop": "none", "max_ppl_increase": "none"})  # no budget: a nonzero choice
         _run(method, layout, start, **TEST_CASES[name], **knob, **budget, settings_dir=settings,
              out=tmp_path / name / "model", log_dir=tmp_path / name / "log")
         record = read_json(tmp_path / name / "log" / "method.json")
+        if name == "pcgu":
+            points = read_json(tmp_path / name / "log" / "summary.json")["epochs"]
+            expected = sorted(f"step_{e['step']}" for e in points if e["step"])
+            assert expected and record["chosen_setting"] in expected
         assert sorted(p.name for p in settings.iterdir()) == expected, name  # strength 0: the start, not saved
         assert weights_digest(str(settings / record["chosen_setting"])) == weights_digest(str(tmp_path / name / "model"))
         frontiers.append(f"{name}={settings}")
@@ -220,10 +225,10 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
 
     with open(out / "frontier.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["method"], r["setting"]) for r in rows][:6] == [
-        ("cda", "epochs_1"), ("cda", "epochs_2"), ("bias_unlearn", "epochs_1"), ("bias_unlearn", "epochs_2"),
-        ("task_vector", "lambda_0.5"), ("task_vector", "lambda_1")]
-    assert len(rows) == 10
+    expected_rows = [(name, setting) for name in settings_of
+                     for setting in sorted(p.name for p in (tmp_path / name / "settings").iterdir())]
+    assert sorted((r["method"], r["setting"]) for r in rows) == sorted(expected_rows)
+    assert [(r["method"], r["setting"]) for r in rows][:2] == [("cda", "epochs_1"), ("cda", "epochs_2")]  # by value
     metrics = read_json(out / "metrics.json")
     chosen = read_json(tmp_path / "task_vector" / "log" / "method.json")["chosen_setting"]
     assert metrics["changes"][f"task_vector@{chosen}"] == metrics["changes"]["task_vector"]  # same weights, same items

@@ -23,7 +23,7 @@ from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_paramet
                                      pcgu_step)
 from fairforget.methods.pcgu_heldout import HeldOutConfig, Start, model_heldout
 from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method
-from fairforget.methods.selection import choose, selection_examples
+from fairforget.methods.selection import choose, save_setting, selection_examples, setting_name
 from fairforget.models import load_model
 from fairforget.pairs import balance_pairs, orientation_counts
 from fairforget.plots import new_figure, save_figure
@@ -69,6 +69,7 @@ class PCGURunConfig(PCGUConfig):
     log_dir: Path | None  # None: <out>_log
     retain_batch_size: int
     stop_at_parity: bool
+    settings_dir: Path | None  # every evaluation point's model as <dir>/step_<N> (a frontier along training)
     checkpoint_every: int
     eval_batch_size: int
     n_boot: int
@@ -233,6 +234,8 @@ def train(run: Setup) -> Trained:
             continue
         row = evaluate(run, epoch, step, time.perf_counter() - start)
         epochs.append(row)
+        save_setting(cfg, model, run.tokenizer, step, setting_name("step", step),
+                     {CONFIG_FILE: method_config("pcgu", typed_config(PCGUConfig, cfg), kept_step=step)})
         candidates = epochs if cfg.max_lms_drop is not None else epochs[1:]  # the start too, with a budget
         if choose(candidates, "step", cfg.max_lms_drop, epochs[0]) is row:
             save_model(model, run.tokenizer, beside(cfg.out, "best"))
@@ -303,7 +306,7 @@ PCGU_PRESET_CONFIG = CONFIGS / "pcgu" / "gf_after_dyn_bal_lr1e-3.json"  # the ab
 register_method(MethodSpec(
     name="pcgu", title="PCGU (Yu et al. 2023), causal-LM port", script="12_pcgu_unlearn.py", config=PCGUConfig,
     knobs=(Knob("lr", "SGD step on the selected partitions"), Knob("epochs", "checkpoints along training")),
-    zero_flags={"lr": 0.0},
+    zero_flags={"lr": 0.0}, saves_settings=True,
     inputs=lambda layout: [layout.group_first_pairs, layout.stereoset, PCGU_PRESET_CONFIG],
     data_flags=lambda layout: {"config": PCGU_PRESET_CONFIG, "pairs": layout.group_first_pairs,
                                "stereoset": layout.stereoset, "heldout_eval": False}))
