@@ -369,7 +369,7 @@ def test_report_renders_stage_30_and_its_findings(tmp_path, monkeypatch, capsys)
     assert block.startswith("## What this run found") and block in text and not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("preset", ["quick", "full", "methods", "controls", "frontier"])
+@pytest.mark.parametrize("preset", ["quick", "full", "methods", "controls", "frontier", "controls-frontier"])
 def test_no_checked_output_folder_of_a_stage_holds_another_kind_of_output(preset):
     """A stage's output folder (an ``output_field``, refused when it holds files that are not a result of its
     kind) never lies above another stage's output of another kind: the methods preset's stage 30 once wrote to

@@ -149,7 +149,7 @@ def _run_streaming(command: list[str], cwd: Path | None, env: dict[str, str],
 # ---- presets ------------------------------------------------------------------------------------------------
 
 PRESET_KEYS = ("description", "plan", "pcgu_model", "bbq_model", "stages", "bbq_stages", "seeds", "seeded",
-               "pair_sources")
+               "pair_sources", "frontier")
 
 
 def load_preset(preset: str) -> dict[str, Any]:
@@ -235,7 +235,8 @@ def build_plan(preset: str, pipelines: Sequence[str] = PIPELINES, data_source: P
     if chosen.get("plan") == "controls":  # pcgu: the gender control of every method; bbq: head pruning's
         if "pcgu" in pipelines:
             spec = pcgu_model or chosen["pcgu_model"]
-            stages += control_stages(spec, layout, model_inputs(spec, layout), common, flags)
+            stages += control_stages(spec, layout, model_inputs(spec, layout), common, flags,
+                                     chosen.get("frontier", False))
         if "bbq" in pipelines:
             spec = bbq_model or chosen["bbq_model"]
             stages += bbq_control_stages(spec, layout, model_inputs(spec, layout), common,

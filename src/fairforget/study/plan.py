@@ -49,6 +49,11 @@ def pair_stages(layout: Layout, pipeline: str) -> list[Stage]:
                                        ("group-first", "group_first", layout.group_first_pairs))]
 
 
+def frontier_folders(layout: Layout, group: str) -> dict[str, Path]:
+    """Each setting-saving method's ``--settings-dir`` under ``group``: stage 30's ``--frontiers``."""
+    return {n: m.in_group(group).settings_dir(layout) for n, m in METHODS.items() if m.saves_settings}
+
+
 def source_pairs_stage(layout: Layout, source: str, out: Path, pipeline: str) -> Stage:
     """Stage 10 writing one pair source (``stereoset_selection``: the selection half's candidates, never the
     held-out half or the methods' choice sample) to ``out``."""
@@ -93,7 +98,7 @@ def frontier_stages(spec: str, layout: Layout, base_inputs: list[Path], common: 
     first, *others = seeds
     runs, folders, records = method_runs(spec, layout, base_inputs, {**common, "seed": first}, FRONTIER, flags,
                                          settings=True)
-    frontiers = {n: METHODS[n].in_group(FRONTIER).settings_dir(layout) for n in METHODS if METHODS[n].saves_settings}
+    frontiers = frontier_folders(layout, FRONTIER)
     for seed in others:
         more, seed_folders, seed_records = method_runs(spec, layout, base_inputs, {**common, "seed": seed},
                                                        f"{FRONTIER}_seed{seed}", flags, names=seeded,
@@ -131,22 +136,26 @@ def compare_stage(before: str, folders: dict[str, Path], records: dict[str, Path
 
 
 def control_stages(spec: str, layout: Layout, base_inputs: list[Path], common: dict,
-                   flags: Callable[[str], dict]) -> list[Stage]:
+                   flags: Callable[[str], dict], frontier: bool = False) -> list[Stage]:
     """The controls plan: the pairs, stage 16 planting the gender bias into ``spec`` (the preset's stage-16
     flags: the README recipe, --no-heldout), every registered method started from the planted model into
     ``models/controls/<name>`` / ``outputs/controls/<name>`` (the preset's flags of its script over its
-    registered sizes), then stage 30 with the planted model as before and ``spec`` as --start (the share of the
-    planted shift each method removes), into ``outputs/controls/comparison``."""
+    registered sizes; with ``frontier``, every setting saved where the method can), then stage 30 with the planted
+    model as before and ``spec`` as --start (the share of the planted shift each method removes; the frontiers),
+    into ``outputs/controls/comparison``."""
     planted, log_dir = layout.models / "planted" / "controls-gender", layout.outputs / "planted" / "controls-gender"
     plant = Stage("16 plant gender bias", "16_plant_bias.py",
                   {"kind": "gender", "model": spec, "out": planted, "log_dir": log_dir, "stereoset": layout.stereoset,
                    "crows": layout.crows, "winobias_dir": layout.winobias, "heldout": False,
                    **flags("16_plant_bias.py"), **common},
                   [layout.stereoset, layout.crows, *base_inputs], [planted, log_dir], CONTROLS)
-    runs, folders, records = method_runs(str(planted), layout, [planted], common, CONTROLS, flags)
+    runs, folders, records = method_runs(str(planted), layout, [planted], common, CONTROLS, flags, settings=frontier)
+    frontiers = frontier_folders(layout, CONTROLS) if frontier else {}
     compare = compare_stage(str(planted), folders, records, layout, layout.outputs / CONTROLS / "comparison",
-                            [planted, *base_inputs],
-                            {"start": spec, **COMPARE_SIZES, **flags("30_compare_methods.py"), **common}, CONTROLS)
+                            [planted, *base_inputs, *frontiers.values()],
+                            {"start": spec, **COMPARE_SIZES, **flags("30_compare_methods.py"), **common,
+                             **({"frontiers": [f"{n}={f}" for n, f in frontiers.items()]} if frontier else {})},
+                            CONTROLS)
     return [*pair_stages(layout, CONTROLS), plant, *runs, compare]
 
 
