@@ -16,6 +16,8 @@ from typing import Any, Callable, Literal, Sequence
 from fairforget.artifacts import save_model
 from fairforget.evals.perplexity import load_neutral_texts, perplexity
 from fairforget.evals.stereoset import Example, evaluate_stereoset, load_stereoset, select_half, stratified_limit
+from fairforget.methods.lora import save_adapter
+from fairforget.methods.registry import save_method_config
 
 Metric = Literal["overall", "gender"]
 
@@ -89,9 +91,6 @@ def save_setting(cfg: Any, model: Any, tokenizer: Any, value: float, setting: st
 def save_epoch_setting(cfg: Any, model: Any, tokenizer: Any, method: str, typed: Any, epoch: int) -> None:
     """With --settings-dir, a LoRA training method's adapter after ``epoch`` epochs as ``<dir>/epochs_<epoch>``
     (its typed config saying so): a frontier point along training, at no extra training."""
-    from fairforget.methods.lora import save_adapter
-    from fairforget.methods.registry import save_method_config
-
     def save(trained: Any, tok: Any, folder: Path, _: Any) -> None:
         save_adapter(trained, tok, folder, cfg.model)
         save_method_config(folder, method, dataclasses.replace(typed, epochs=epoch))
