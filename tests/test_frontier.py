@@ -20,17 +20,19 @@ def _row(method: str, setting: str, ppl: float, gender: float, half: float) -> d
 
 
 def test_distance_from_the_damage_curve_is_interpolated_at_equal_perplexity_cost():
-    rows = [_row("damage_reference", "lambda_0", 0.0, 0.0, 3.0), _row("damage_reference", "lambda_1", 10.0, -2.0, 4.0),
-            _row("task_vector", "lambda_1", 5.0, -3.0, 1.0), _row("task_vector", "lambda_2", 20.0, -6.0, 1.0)]
-    inside, outside = damage_distance(rows, "gender")
-    # the damage curve at +5%: halfway between 0 and -2 is -1, half-width halfway between 3 and 4 is 3.5
+    rows = [_row("damage_reference", "lambda_1", 10.0, -2.0, 4.0),
+            _row("task_vector", "lambda_1", 5.0, -3.0, 1.0), _row("task_vector", "lambda_2", 20.0, -6.0, 1.0),
+            _row("cda", "epochs_1", -1.0, -1.0, 1.0)]
+    inside, beyond, below = damage_distance(rows, "gender")
+    # the damage curve runs from its strength 0 (the before model: 0, 0, no interval) to (+10%, -2, half-width 4);
+    # at +5% it is -1 with half-width 2
     assert inside["distance"] == pytest.approx(-2.0)
-    assert inside["distance_ci"] == pytest.approx([-2.0 - math.hypot(1.0, 3.5), -2.0 + math.hypot(1.0, 3.5)])
-    assert math.isnan(outside["distance"])  # +20% is beyond the damage curve's range
-    assert damage_distance(rows[2:], "gender") == []  # no damage curve, no distance
+    assert inside["distance_ci"] == pytest.approx([-2.0 - math.hypot(1.0, 2.0), -2.0 + math.hypot(1.0, 2.0)])
+    assert math.isnan(beyond["distance"]) and math.isnan(below["distance"])  # +20% and -1% are outside it
+    assert damage_distance(rows[1:], "gender") == []  # no damage curve, no distance
     text = frontier_markdown(rows, {"task_vector": "lambda_1"})
     assert "| task_vector | lambda_1 * |" in text and "| task_vector | lambda_2 |" in text
-    assert "| -2.00 [" in text and text.count("| n/a |") == 3  # two damage rows and the out-of-range point
+    assert "| -2.00 [" in text and text.count("| n/a |") == 3  # the damage row and the two points outside
 
 
 def test_setting_folders_are_ordered_by_value_and_an_empty_folder_is_refused(tmp_path):

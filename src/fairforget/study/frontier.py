@@ -74,13 +74,14 @@ def frontier_rows(changes: dict[str, dict], results: dict[str, dict]) -> list[di
 def damage_distance(rows: Sequence[dict], stem: str) -> list[dict]:
     """For each non-damage point: its bias change minus the damage curve's at the same perplexity change
     (negative: more bias removed than damage alone buys), with a conservative interval; NaN outside the damage
-    curve's perplexity range."""
+    curve's perplexity range (from 0, its strength 0, to its largest setting's)."""
     damage = sorted((r for r in rows if r["method"] == DAMAGE), key=lambda r: r["d_ppl_pct"])
-    if len(damage) < 2:
+    if not damage:
         return []
-    xs = np.array([r["d_ppl_pct"] for r in damage])
-    ys = np.array([r[f"d_{stem}"] for r in damage])
-    half = np.array([(r[f"d_{stem}_ci_high"] - r[f"d_{stem}_ci_low"]) / 2 for r in damage])
+    # the curve starts at its strength 0, the before model itself: no change on either axis, no interval
+    xs = np.array([0.0, *(r["d_ppl_pct"] for r in damage)])
+    ys = np.array([0.0, *(r[f"d_{stem}"] for r in damage)])
+    half = np.array([0.0, *((r[f"d_{stem}_ci_high"] - r[f"d_{stem}_ci_low"]) / 2 for r in damage)])
     out = []
     for r in rows:
         if r["method"] == DAMAGE:
