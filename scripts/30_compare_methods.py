@@ -105,7 +105,7 @@ class Config:
             if "=" not in entry:
                 raise FairforgetError(f"--methods, --records and --frontiers take name=path, got {entry!r}")
         names = [m.split("=", 1)[0] for m in self.methods]
-        if "before" in names or "start" in names or len(set(names)) != len(names) or any(SEPARATOR in n for n in names):
+        if {"before", "start"} & set(names) or len(set(names)) != len(names) or any(SEPARATOR in n for n in names):
             raise FairforgetError(f"--methods names must be unique, without {SEPARATOR!r}, and not 'before' or "
                                   f"'start': {names}")
         for entry in self.methods:
@@ -126,7 +126,8 @@ def main(cfg: Config) -> None:
     settings = {n: str(f) for entry in cfg.frontiers for n, f in setting_folders(*entry.split("=", 1)).items()}
     specs = {**chosen_specs, **settings}
     record_files = dict(r.split("=", 1) for r in cfg.records)
-    print(f"comparing {len(chosen_specs) - 1} methods and {len(settings)} frontier settings on {len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, {len(items.winobias)} WinoBias, "
+    print(f"comparing {len(chosen_specs) - 1} methods and {len(settings)} frontier settings on "
+          f"{len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, {len(items.winobias)} WinoBias, "
           f"{len(items.bbq)} BBQ items and {len(items.neutral)} neutral texts", flush=True)
     results, changes = score_all(specs, items, suite, cfg.out / "scores", load_output,
                                  lambda spec: output_kind(spec) == "wrapper")
@@ -149,7 +150,8 @@ def main(cfg: Config) -> None:
     replicates = seed_rows(chosen, seed_groups(chosen))
     if replicates:
         write_csv(cfg.out / "seeds.csv", replicates)
-    curves = seeds_markdown(replicates) + pair_source_markdown(chosen) + frontier_markdown(frontier, {n: records[n].get("chosen_setting") for n in chosen_specs})
+    chosen_settings = {n: records[n].get("chosen_setting") for n in chosen_specs}
+    curves = seeds_markdown(replicates) + pair_source_markdown(chosen) + frontier_markdown(frontier, chosen_settings)
     if frontier:
         write_csv(cfg.out / "frontier.csv", frontier)
         plot_frontiers(frontier, cfg.out)

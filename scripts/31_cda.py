@@ -78,7 +78,8 @@ def main(cfg: Config) -> None:
     changed = sum(a != b for a, b in zip(texts[::2], texts[1::2]))
     record = write_method_record(
         cfg.log_dir, "cda", cfg, time.perf_counter() - start, [cfg.pairs, *cfg.swap_lists],
-        model_folder=str(cfg.out), chosen_setting=setting_name("epochs", cfg.epochs), n_source_sentences=len(source), token_budget=budget,
+        model_folder=str(cfg.out), chosen_setting=setting_name("epochs", cfg.epochs), n_source_sentences=len(source),
+        token_budget=budget,
         tokens_trained_per_epoch=token_count(texts, loaded.tokenizer), n_train_texts=len(texts),
         n_pairs_changed_by_swap=changed, steps=len(history), final_loss=history[-1].loss if history else None)
     print(f"CDA: {len(texts)} texts ({record['tokens_trained_per_epoch']} tokens/epoch, budget {budget}), "

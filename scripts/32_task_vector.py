@@ -82,18 +82,21 @@ def main(cfg: Config) -> None:
     model = model.merge_and_unload()
     model.eval()
     tau = task_vector(theta_0, state_copy(model))
+    typed = typed_config(TaskVectorConfig, cfg)
+
+    def info(lam: float) -> dict:  # beside a saved model: the method, its settings and the lambda it carries
+        return {CONFIG_FILE: method_config(name, typed, chosen_lambda=lam)}
+
     rows = []
     for lam in progress([0.0, *cfg.lambdas], desc="lambda on the selection half", unit="lambda"):
         apply_negation(model, theta_0, tau, lam)
         rows.append({"lambda": lam, **selection_score(model, tokenizer, examples, cfg.eval_batch_size, seed=cfg.seed,
                                                       texts=budget_texts)})
-        save_setting(cfg, model, tokenizer, lam, setting_name("lambda", lam),
-                     {CONFIG_FILE: method_config(name, typed_config(TaskVectorConfig, cfg), chosen_lambda=lam)})
+        save_setting(cfg, model, tokenizer, lam, setting_name("lambda", lam), info(lam))
         print(f"lambda {lam:g}: selection {budget_text(rows[-1])}", flush=True)
     best = choose_setting(rows, "lambda", cfg)
     apply_negation(model, theta_0, tau, best["lambda"])
-    save_model(model, tokenizer, cfg.out, {CONFIG_FILE: method_config(name, typed_config(TaskVectorConfig, cfg),
-                                                                     chosen_lambda=best["lambda"])})
+    save_model(model, tokenizer, cfg.out, info(best["lambda"]))
     write_csv(cfg.log_dir / "lambdas.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
     write_json(cfg.log_dir / "train_texts.json", texts)
     record = write_method_record(

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fairforget.artifacts import save_model, write_csv
 from fairforget.config import output_field, run_script, typed_config
@@ -87,25 +87,26 @@ def main(cfg: Config) -> None:
     projection_at = fit(cfg.method, reps, max(strengths), cfg.inlp_l2)
     start_weight, tied = untie_head(model)
     name = STRENGTH_NAMES[cfg.method]
+    typed = typed_config(ProjectionConfig, cfg)
+
+    def save_folded(folded: Any, tok: Any, folder: Path, strength: float) -> None:  # the head carries ``strength``
+        record_in_config(folded, cfg.method, strength, tied, strength_name=name)
+        save_model(folded, tok, folder, {CONFIG_FILE: method_config(cfg.method, typed, chosen_strength=strength)})
+
     rows = []
     with reused_body_outputs(model):
         for strength in progress([0.0, *strengths], desc=f"{name} on the selection half", unit=name):
             fold(model, start_weight, projection_at(strength))
             rows.append({"strength": strength, **selection_score(model, tokenizer, examples, cfg.eval_batch_size,
                                                                  seed=cfg.seed, texts=budget_texts)})
-            if cfg.settings_dir is not None and strength != 0:
-                record_in_config(model, cfg.method, strength, tied, strength_name=name)
-                save_setting(cfg, model, tokenizer, strength, setting_name(name, strength), {CONFIG_FILE: method_config(
-                    cfg.method, typed_config(ProjectionConfig, cfg), chosen_strength=strength)})
+            save_setting(cfg, model, tokenizer, strength, setting_name(name, strength), strength, save_folded)
             print(f"{name} {strength:g}: selection {budget_text(rows[-1])}", flush=True)
     best = choose_setting(rows, "strength", cfg)
     fold(model, start_weight, projection_at(best["strength"]))
     fitting = {"pairs": dict(Counter(p.source for p in pairs)), "sentences": 2 * len(pairs),
                "token_rows": len(reps.labels), "male_rows": int(reps.labels.sum()),
                "positions": "every token from the first one where the pair's sentences differ"}
-    record_in_config(model, cfg.method, best["strength"], tied, strength_name=name)
-    save_model(model, tokenizer, cfg.out, {CONFIG_FILE: method_config(cfg.method, typed_config(ProjectionConfig, cfg),
-                                                                     chosen_strength=best["strength"])})
+    save_folded(model, tokenizer, cfg.out, best["strength"])
     write_csv(cfg.log_dir / "strengths.csv", [{**r, "ss_ci": list(r["ss_ci"])} for r in rows])
     record = write_method_record(
         cfg.log_dir, cfg.method, cfg, time.perf_counter() - start, [*fitting_files(cfg.winobias_dir, cfg.winogender_dir), cfg.stereoset],

@@ -159,12 +159,17 @@ def planted_shares(start: dict, before: dict, methods: dict[str, dict], items: I
             for name, result in methods.items()}
 
 
+def lms_change(name: str, results: dict[str, dict]) -> float:
+    """Model ``name``'s LMS (overall sample) minus the before model's."""
+    return results[name]["stereoset"]["all"]["lms"] - results["before"]["stereoset"]["all"]["lms"]
+
+
 def _cost(name: str, results: dict[str, dict], changes: dict[str, dict]) -> dict:
     """A method's capability cost against the planted model: the LMS change (overall sample) and the paired
     perplexity change in %."""
     p = changes[name]["perplexity"]
-    return {"d_lms": results[name]["stereoset"]["all"]["lms"] - results["before"]["stereoset"]["all"]["lms"],
-            "d_ppl_pct": p["ppl_change_pct"], "d_ppl_pct_ci": p["ppl_change_pct_ci"]}
+    return {"d_lms": lms_change(name, results), "d_ppl_pct": p["ppl_change_pct"],
+            "d_ppl_pct_ci": p["ppl_change_pct_ci"]}
 
 
 def share_rows(shares: dict[str, dict[str, dict]], results: dict[str, dict], changes: dict[str, dict]) -> list[dict]:

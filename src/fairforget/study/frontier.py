@@ -20,6 +20,7 @@ import numpy as np
 from fairforget.errors import FairforgetError
 from fairforget.markdown import ci_text, table
 from fairforget.plots import new_figure, save_figure
+from fairforget.study.compare import lms_change
 
 DAMAGE = "damage_reference"
 MODEL_CONFIGS = ("config.json", "adapter_config.json")  # what makes a subfolder a saved setting
@@ -62,7 +63,7 @@ def frontier_rows(changes: dict[str, dict], results: dict[str, dict]) -> list[di
         row = {"method": method, "setting": setting, "value": setting_value(setting),
                "d_ppl_pct": p["ppl_change_pct"], "d_ppl_pct_ci_low": p["ppl_change_pct_ci"][0],
                "d_ppl_pct_ci_high": p["ppl_change_pct_ci"][1],
-               "d_lms": results[name]["stereoset"]["all"]["lms"] - results["before"]["stereoset"]["all"]["lms"]}
+               "d_lms": lms_change(name, results)}
         for key, stem, _ in MEASURES:
             c = change[key]
             row.update({f"d_{stem}": c["delta"], f"d_{stem}_ci_low": c["delta_ci"][0],

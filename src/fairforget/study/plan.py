@@ -81,7 +81,8 @@ def method_runs(spec: str, layout: Layout, base_inputs: list[Path], common: dict
         frontier = {"settings_dir": method.settings_dir(layout)} if settings and method.saves_settings else {}
         stage_flags = method.flags(spec, layout, **flags(method.script), **frontier, **common)
         folders[name], records[name] = method.folder(layout, stage_flags), method.log_dir(layout) / "method.json"
-        stages.append(Stage(stage_name(method) + suffix, method.script, stage_flags, [*method.inputs(layout), *base_inputs],
+        stages.append(Stage(stage_name(method) + suffix, method.script, stage_flags,
+                            [*method.inputs(layout), *base_inputs],
                             [method.log_dir(layout), folders[name], *frontier.values()], group))
     return stages, folders, records
 
@@ -98,7 +99,6 @@ def frontier_stages(spec: str, layout: Layout, base_inputs: list[Path], common: 
     first, *others = seeds
     runs, folders, records = method_runs(spec, layout, base_inputs, {**common, "seed": first}, FRONTIER, flags,
                                          settings=True)
-    frontiers = frontier_folders(layout, FRONTIER)
     for seed in others:
         more, seed_folders, seed_records = method_runs(spec, layout, base_inputs, {**common, "seed": seed},
                                                        f"{FRONTIER}_seed{seed}", flags, names=seeded,
@@ -116,22 +116,23 @@ def frontier_stages(spec: str, layout: Layout, base_inputs: list[Path], common: 
         runs += more
         folders.update({pair_source_run(n, source): f for n, f in source_folders.items()})
         records.update({pair_source_run(n, source): r for n, r in source_records.items()})
-    compare = compare_stage(spec, folders, records, layout, layout.outputs / FRONTIER / "comparison",
-                            [*base_inputs, *frontiers.values()],
-                            {**COMPARE_SIZES, **flags("30_compare_methods.py"), **common, "seed": first,
-                             "frontiers": [f"{n}={f}" for n, f in frontiers.items()]}, FRONTIER)
+    compare = compare_stage(spec, folders, records, layout, layout.outputs / FRONTIER / "comparison", base_inputs,
+                            {**COMPARE_SIZES, **flags("30_compare_methods.py"), **common, "seed": first}, FRONTIER,
+                            frontier_folders(layout, FRONTIER))
     return [*pair_stages(layout, FRONTIER), *sources, *runs, compare]
 
 
 def compare_stage(before: str, folders: dict[str, Path], records: dict[str, Path], layout: Layout, out: Path,
-                  inputs: list[Path], flags: dict, pipeline: str) -> Stage:
-    """Stage 30: every method's output against ``before`` on the held-out suite, written to ``out``."""
+                  inputs: list[Path], flags: dict, pipeline: str, frontiers: dict[str, Path] | None = None) -> Stage:
+    """Stage 30: every method's output against ``before`` on the held-out suite, written to ``out``; with
+    ``frontiers`` (method -> its --settings-dir), every saved setting too."""
+    frontier_flags = {"frontiers": [f"{n}={f}" for n, f in frontiers.items()]} if frontiers else {}
     return Stage("30 compare methods", "30_compare_methods.py",
                  {"before": before, "methods": [f"{n}={f}" for n, f in folders.items()],
                   "records": [f"{n}={r}" for n, r in records.items()],
                   "stereoset": layout.stereoset, "crows": layout.crows, "winobias": layout.winobias,
-                  "bbq_dir": layout.bbq, "out": out, **flags},
-                 [layout.stereoset, *folders.values(), *inputs],
+                  "bbq_dir": layout.bbq, "out": out, **flags, **frontier_flags},
+                 [layout.stereoset, *folders.values(), *inputs, *(frontiers or {}).values()],
                  [out / "summary.csv", out / "summary.md", out / "bias_vs_capability.png"], pipeline)
 
 
@@ -150,12 +151,10 @@ def control_stages(spec: str, layout: Layout, base_inputs: list[Path], common: d
                    **flags("16_plant_bias.py"), **common},
                   [layout.stereoset, layout.crows, *base_inputs], [planted, log_dir], CONTROLS)
     runs, folders, records = method_runs(str(planted), layout, [planted], common, CONTROLS, flags, settings=frontier)
-    frontiers = frontier_folders(layout, CONTROLS) if frontier else {}
     compare = compare_stage(str(planted), folders, records, layout, layout.outputs / CONTROLS / "comparison",
-                            [planted, *base_inputs, *frontiers.values()],
-                            {"start": spec, **COMPARE_SIZES, **flags("30_compare_methods.py"), **common,
-                             **({"frontiers": [f"{n}={f}" for n, f in frontiers.items()]} if frontier else {})},
-                            CONTROLS)
+                            [planted, *base_inputs],
+                            {"start": spec, **COMPARE_SIZES, **flags("30_compare_methods.py"), **common}, CONTROLS,
+                            frontier_folders(layout, CONTROLS) if frontier else None)
     return [*pair_stages(layout, CONTROLS), plant, *runs, compare]
 
 
@@ -172,11 +171,11 @@ def bbq_control_stages(spec: str, layout: Layout, base_inputs: list[Path], commo
                    **flags("16_plant_bias.py"), **common},
                   [layout.bbq, *base_inputs], [planted, log_dir], BBQ_CONTROL)
     stages = [plant]
-    for model, group, label in ((str(planted), BBQ_CONTROL, "the planted BBQ model"),
-                                (spec, BBQ_CONTROL_START, "the unplanted model")):
+    for model, model_files, group, label in ((str(planted), [planted], BBQ_CONTROL, "the planted BBQ model"),
+                                             (spec, base_inputs, BBQ_CONTROL_START, "the unplanted model")):
         heads = method("head_pruning").in_group(group)
         heads_flags = heads.flags(model, layout, **flags(heads.script), **common)
-        inputs = [*heads.inputs(layout), *([planted] if model == str(planted) else base_inputs)]
-        stages.append(Stage(f"{stage_name(heads)} on {label}", heads.script, heads_flags, inputs,
+        stages.append(Stage(f"{stage_name(heads)} on {label}", heads.script, heads_flags,
+                            [*heads.inputs(layout), *model_files],
                             [heads.log_dir(layout), heads.folder(layout, heads_flags)], BBQ_CONTROL))
     return stages
