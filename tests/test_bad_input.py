@@ -549,9 +549,12 @@ def test_every_problem_of_a_stereoset_file_gets_its_own_line(tmp_path):
     (["--lora-dropout", "1.5"], "--lora-dropout is a probability of dropping a unit: it must be in [0, 1), got 1.5"),
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--max-ppl-increase", "-5"], "--max-ppl-increase must be at least 0, got -5.0"),
+    (["--selection-ppl-texts", "0"], "--selection-ppl-texts is a sample size: it must be at least 1, got 0"),
 ])
 def test_bad_typed_flag_values_give_one_line(tmp_path, flags, message):
-    script = "13_evaluate_stereoset.py" if flags[0] == "--n-boot" else "11_finetune_lora.py"
+    script = {"--n-boot": "13_evaluate_stereoset.py", "--max-ppl-increase": "32_task_vector.py",
+              "--selection-ppl-texts": "36_projection.py"}.get(flags[0], "11_finetune_lora.py")
     done = _stage(script, *flags, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr == f"error: {message}\n" or message in done.stderr, done.stderr
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1

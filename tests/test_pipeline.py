@@ -102,7 +102,11 @@ def test_a_copied_preset_file_sets_the_stage_flags(tmp_path):
     assert argv[argv.index("--per-category") + 1] == "5" and argv[argv.index("--mode") + 1] == "answer"
     for broken, match in (({**preset, "sizes": {}}, "unknown key"),
                           ({**preset, "stages": {"99_nothing.py": {}}}, "99_nothing.py"),
-                          ({**preset, "stages": {"20_evaluate_bbq.py": [5]}}, "JSON object")):
+                          ({**preset, "stages": {"20_evaluate_bbq.py": [5]}}, "JSON object"),
+                          ({**preset, "seeds": [0, 0]}, "distinct integers"),
+                          ({**preset, "seeded": ["nope"]}, "'seeded' must list registered methods"),
+                          ({**preset, "pair_sources": {"stereoset": ["cda"]}}, "'pair_sources' maps"),
+                          ({**preset, "frontier": "yes"}, "'frontier' must be true or false")):
         path.write_text(json.dumps(broken))
         with pytest.raises(FairforgetError, match=match):
             build_plan(str(path))

@@ -95,18 +95,26 @@ def parse_config(default: C, argv: list[str] | None = None, description: str | N
 
 def check_common(cfg: Any) -> None:
     """The checks every stage's flags share, by field: a number must be finite (``--lr inf`` is not a rate),
-    ``--seed`` at least 0, ``--n-boot`` at least :data:`MIN_BOOT`, a ``*dropout`` probability in [0, 1)."""
+    ``--seed`` and a ``--max-*`` budget at least 0, ``--n-boot`` at least :data:`MIN_BOOT`, a ``*dropout``
+    probability in [0, 1), a selection sample (``--selection-limit``, ``--selection-ppl-texts``) at least 1."""
     for field in dataclasses.fields(cfg):
         flag, value = "--" + field.name.replace("_", "-"), getattr(cfg, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise FairforgetError(f"{flag} must be a finite number, got {value}")
-        if field.name == "seed" and isinstance(value, int) and value < 0:
+        if (field.name == "seed" or field.name.startswith("max_")) and _number(value) and value < 0:
             raise FairforgetError(f"{flag} must be at least 0, got {value}")
         if field.name == "n_boot" and isinstance(value, int) and value < MIN_BOOT:
             raise FairforgetError(f"{flag} must be at least {MIN_BOOT} (a 95% interval needs bootstrap replicates "
                                   f"beyond its 2.5% tails; 1000 is the default), got {value}")
         if field.name.endswith("dropout") and isinstance(value, (int, float)) and not 0 <= value < 1:
             raise FairforgetError(f"{flag} is a probability of dropping a unit: it must be in [0, 1), got {value}")
+        if field.name in ("selection_limit", "selection_ppl_texts") and _number(value) and value < 1:
+            raise FairforgetError(f"{flag} is a sample size: it must be at least 1, got {value}")
+
+
+def _number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float (a bool is neither)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _load_overrides(path: Path, default: Any) -> dict[str, Any]:

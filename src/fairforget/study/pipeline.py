@@ -180,6 +180,9 @@ def load_preset(preset: str) -> dict[str, Any]:
                                             for s, n in sources.items()):
         raise FairforgetError(f"preset {path}: 'pair_sources' maps a stage-10 source ({', '.join(PAIR_SOURCES)}) to "
                               f"a list of registered methods, got {sources!r}")
+    if not isinstance(chosen.get("frontier", False), bool):
+        raise FairforgetError(f"preset {path}: 'frontier' must be true or false (the controls plan: also save every "
+                              f"setting of the methods that can), got {chosen['frontier']!r}")
     for key in ("stages", "bbq_stages"):
         for script, flags in chosen.setdefault(key, {}).items():
             if not (SCRIPTS / script).is_file():
