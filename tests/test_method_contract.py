@@ -193,12 +193,13 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
                    "pcgu": ({"evals_per_epoch": 2}, None),  # every evaluation point's model: step_<N>
                    "task_vector": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
                    "damage_reference": ({"lambdas": [0.5, 1.0]}, ["lambda_0.5", "lambda_1"]),
-                   "leace": ({"strengths": [0.5, 1.0]}, ["alpha_0.5", "alpha_1"])}
+                   "leace": ({"strengths": [0.5, 1.0]}, ["alpha_0.5", "alpha_1"]),
+                   "self_debias": ({"decays": [10.0]}, ["decay_10", "decay_50"])}  # a settings file each, default too
     for name, (knob, expected) in settings_of.items():
         method = METHODS[name]
         settings = tmp_path / name / "settings"
-        budget = ({} if name in ("cda", "bias_unlearn", "pcgu")
-                  else {"max_lms_drop": "none", "max_ppl_increase": "none"})  # no budget: a nonzero choice
+        budget = ({"max_lms_drop": "none", "max_ppl_increase": "none"}  # no budget: a nonzero choice
+                  if name in ("task_vector", "damage_reference", "leace") else {})
         _run(method, layout, start, **TEST_CASES[name], **knob, **budget, settings_dir=settings,
              out=tmp_path / name / "model", log_dir=tmp_path / name / "log")
         record = read_json(tmp_path / name / "log" / "method.json")
@@ -212,6 +213,7 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
         records.append(f"{name}={tmp_path / name / 'log' / 'method.json'}")
     for name in ("cda", "bias_unlearn"):
         assert read_json(tmp_path / name / "settings" / "epochs_1" / CONFIG_FILE)["config"]["epochs"] == 1
+    assert read_json(tmp_path / "self_debias" / "settings" / "decay_10" / CONFIG_FILE)["config"]["decay_constant"] == 10
     stage30 = load_script("30_compare_methods.py")
     out = tmp_path / "compare"
     stage30.main(parse_config(stage30.Config(), [

@@ -202,4 +202,5 @@ register_method(MethodSpec(
     name="self_debias", title="Self-Debias (Schick et al. 2021), a scoring wrapper", script="33_self_debias.py",
     config=SelfDebiasConfig, knobs=(Knob("decay_constant", "lambda of alpha(w) = exp(lambda delta(w))"),),
     zero_flags={"decay_constant": 0.0}, sizes={"selection_limit": 60}, output="wrapper", load=load_wrapper,
+    saves_settings=True,
     inputs=lambda layout: [layout.stereoset], data_flags=lambda layout: {"stereoset": layout.stereoset}))

@@ -19,11 +19,12 @@ import numpy as np
 
 from fairforget.errors import FairforgetError
 from fairforget.markdown import ci_text, table
+from fairforget.methods.registry import CONFIG_FILE
 from fairforget.plots import new_figure, save_figure
 from fairforget.study.compare import lms_change
 
 DAMAGE = "damage_reference"
-MODEL_CONFIGS = ("config.json", "adapter_config.json")  # what makes a subfolder a saved setting
+MODEL_CONFIGS = ("config.json", "adapter_config.json", CONFIG_FILE)  # what makes a subfolder a saved setting
 SEPARATOR = "@"  # stage 30's name of a setting: <method>@<folder name>, e.g. task_vector@lambda_0.5
 # (key of stage 30's paired changes, file stem, axis label)
 MEASURES = [("ss_gender_distance", "gender", "change in StereoSet gender |SS - 50| (points)"),
