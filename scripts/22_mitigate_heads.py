@@ -89,6 +89,8 @@ class Config:
     localize_batch_size: int = 8
     localization_root: Path = Path("outputs/localization")
     models_dir: Path = Path("models")
+    settings_dir: Path | None = field(default=None, metadata={
+        "help": "also save the pruned model (no recovery) at every --dose-ks k as <dir>/k_<k>: stage 30 --frontiers"})
     checkpoint_every: int = field(default=20, metadata={"help": "recovery state saved every N steps (0: off)"})
     out: Path | None = output_field(None, "mitigation", "run folder (default outputs/mitigation/<model>)")
     seed: int = field(default=0, metadata={"help": "option order, bootstrap, random heads and training seed"})

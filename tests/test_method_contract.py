@@ -6,6 +6,7 @@ here appears in the methods plan and in stage 30's table."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +179,25 @@ def test_evaluation_stages_load_every_output_kind(script, flags, study, tmp_path
         stage.main(parse_config(stage.Config(), ["--model", str(model), *data, *flags, "--n-boot", "10",
                                                  "--device", "cpu", "--out", str(out), "--batch-size", "4"]))
         assert (out / "metrics.json").is_file() and (out / "items.jsonl").stat().st_size > 0
+
+
+def test_head_pruning_saves_each_dose_k_pruned_model_as_a_setting(study, tmp_path):
+    """Stage 22 --settings-dir: every --dose-ks k's pruned model (no recovery) as k_<k>; at the run's own k its
+    weights are the pruned model's, and its config says which k and that nothing was recovered."""
+    from fairforget.evals.suite import weights_digest
+    from fairforget.study.frontier import setting_folders
+
+    layout, start, _, _ = study
+    settings = tmp_path / "settings"
+    flags = _run(METHODS["head_pruning"], layout, start, **{**TEST_CASES["head_pruning"], "dose_ks": [1, 2]},
+                 settings_dir=settings, evals=["bbq", "perplexity"], localize_per_category=0)
+    assert list(setting_folders("head_pruning", settings)) == ["head_pruning@k_1", "head_pruning@k_2"]
+    pruned = next((Path(flags["models_dir"]) / "pruned").iterdir())
+    weights = "model.safetensors"
+    assert weights_digest(str(settings / "k_2" / weights)) == weights_digest(str(pruned / weights))  # k 2: the run's
+    assert weights_digest(str(settings / "k_1" / weights)) != weights_digest(str(pruned / weights))
+    config = read_json(settings / "k_1" / CONFIG_FILE)["config"]
+    assert (config["k"], config["recovery"], config["select"]) == (1, "none", "top-k")
 
 
 def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_their_frontier(study, tmp_path):

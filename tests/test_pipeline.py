@@ -424,7 +424,7 @@ def test_frontier_plan_saves_settings_runs_the_seeded_methods_per_seed_and_compa
     frontiers = dict(f.split("=", 1) for f in compare.args["frontiers"])
     assert set(frontiers) == {n for n, m in METHODS.items() if m.saves_settings} == {
         "cda", "bias_unlearn", "pcgu", "task_vector", "damage_reference", "sentence_debias", "inlp", "leace",
-        "self_debias"}
+        "self_debias", "head_pruning"}
     for name, folder in frontiers.items():
         stage = next(s for s in plan if s.name == f"{METHODS[name].script[:2]} {name}")
         assert stage.args["settings_dir"] == Path(folder) and Path(folder) in stage.outputs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from fairforget.methods import head_controls as hc
 from fairforget.methods import head_pruning as hp
 from fairforget.methods.head_pruning import HeadPruningConfig, HeadRunConfig
 from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method
-from fairforget.methods.selection import selection_examples
+from fairforget.methods.selection import selection_examples, setting_name
 from fairforget.models import model_name
 from fairforget.run_folders import beside
 
@@ -188,10 +189,15 @@ def evaluate(run: Material, label: str, model: Any, bbq_only: bool = False) -> d
     return scores
 
 
-def info(cfg: HeadRunConfig, run: Material, choice: Choice, **extra: Any) -> dict:
-    """``fairforget_mitigation.json`` beside a saved model: what was pruned."""
-    return {"base_model": cfg.model, "signal": cfg.signal, "select": cfg.select, "heads": hp.heads_of(choice.strengths),
-            "head_strengths": choice.strengths.tolist(), "out_projection": run.layout.out_proj_name, **extra}
+def save_mitigated(model: Any, run: Material, cfg: HeadRunConfig, folder: Path, strengths: torch.Tensor,
+                   settings: HeadPruningConfig | None = None, **extra: Any) -> None:
+    """``model`` (pruned by ``strengths``, recovered or not) saved to ``folder`` with what was pruned
+    (``fairforget_mitigation.json``) and the method's config (``settings``, by default the run's own)."""
+    pruning = {"base_model": cfg.model, "signal": cfg.signal, "select": cfg.select, "heads": hp.heads_of(strengths),
+               "head_strengths": strengths.tolist(), "out_projection": run.layout.out_proj_name, **extra}
+    save_model(model, run.loaded.tokenizer, folder, {
+        MITIGATION_INFO: pruning,
+        CONFIG_FILE: method_config("head_pruning", settings or typed_config(HeadPruningConfig, cfg))})
 
 
 def evaluate_controls(run: Material, cfg: HeadRunConfig, choice: Choice) -> dict[str, dict]:
@@ -199,9 +205,7 @@ def evaluate_controls(run: Material, cfg: HeadRunConfig, choice: Choice) -> dict
     scores = {"before": evaluate(run, "before", run.loaded.model)}
     with pruned(run.loaded.model, choice.strengths, run.layout):
         scores["pruned"] = evaluate(run, "pruned", run.loaded.model)
-        save_model(run.loaded.model, run.loaded.tokenizer, cfg.models_dir / "pruned" / run.name,
-                   {MITIGATION_INFO: info(cfg, run, choice),
-                    CONFIG_FILE: method_config("head_pruning", typed_config(HeadPruningConfig, cfg))})
+        save_mitigated(run.loaded.model, run, cfg, cfg.models_dir / "pruned" / run.name, choice.strengths)
     for d, strengths in enumerate(hp.random_draws(choice.strengths, cfg.seed, cfg.random_draws)):
         with pruned(run.loaded.model, strengths, run.layout):
             scores[f"random_{d}"] = evaluate(run, f"random_{d}", run.loaded.model)
@@ -218,13 +222,18 @@ def _bbq_point(scores: dict) -> dict:
 
 
 def dose_response(run: Material, cfg: HeadRunConfig, choice: Choice, scores: dict[str, dict]) -> list[dict]:
-    """Held-out BBQ against the number of heads pruned (chosen vs random draws); writes dose_response.csv/.png."""
+    """Held-out BBQ against the number of heads pruned (chosen vs random draws); writes dose_response.csv/.png.
+    With ``settings_dir`` each k's pruned model (no recovery) is saved as ``<dir>/k_<k>``: a frontier."""
     dose, n_heads = [], run.layout.n_layers * run.layout.n_heads
     for k in [0, *sorted(set(cfg.dose_ks))]:
         if k > n_heads:
             print(f"dose-response: k={k} skipped (the model has {n_heads} heads)")
             continue
         chosen = hp.select_heads(choice.signal, "top-k", k, cfg.q, cfg.signed, cfg.strength)
+        if k and cfg.settings_dir is not None:
+            settings = dataclasses.replace(typed_config(HeadPruningConfig, cfg), select="top-k", k=k, recovery="none")
+            with pruned(run.loaded.model, chosen, run.layout):
+                save_mitigated(run.loaded.model, run, cfg, cfg.settings_dir / setting_name("k", k), chosen, settings)
         if k == 0:
             suite, draws = scores["before"], []
         elif torch.equal(chosen, choice.strengths) and cfg.dose_random_draws <= cfg.random_draws:
@@ -268,10 +277,8 @@ def recover(run: Material, cfg: HeadRunConfig, choice: Choice, scores: dict[str,
         write_csv(run.out / ("recovery_log.csv" if label == "recovered" else f"{label}_log.csv"),
                   [vars(h) for h in steps])
         if label == "recovered":
-            save_model(model, run.loaded.tokenizer, cfg.models_dir / "recovered" / run.name, {
-                MITIGATION_INFO: info(cfg, run, choice, recovery=cfg.recovery, recovery_lr=lr,
-                                      recovery_examples=len(run.mitigation)),
-                CONFIG_FILE: method_config("head_pruning", typed_config(HeadPruningConfig, cfg))})
+            save_mitigated(model, run, cfg, cfg.models_dir / "recovered" / run.name, choice.strengths,
+                           recovery=cfg.recovery, recovery_lr=lr, recovery_examples=len(run.mitigation))
             final = model
         resume.clear()
         print(f"{label}: {cfg.recovery} recovery, {len(steps)} steps on {len(run.mitigation)} mitigation "
@@ -337,6 +344,7 @@ register_method(MethodSpec(
     name="head_pruning", title="attention-head soft-pruning with recovery fine-tuning", script="22_mitigate_heads.py",
     config=HeadPruningConfig, knobs=(Knob("k", "heads pruned"), Knob("strength", "each head scaled by 1 - strength")),
     zero_flags={"strength": 0.0, "recovery": "none"},
+    saves_settings=True,
     sizes={"mitigation_per_category": 8, "eval_per_category": 8, "signal_limit": 60, "evals": ["bbq"],
            "random_draws": 2, "dose_ks": [20], "dose_random_draws": 0, "recovery_epochs": 1,
            "localize_per_category": 0},

@@ -97,6 +97,7 @@ class HeadRunConfig(HeadPruningConfig):
     localize_per_category: int
     localize_batch_size: int
     models_dir: Path
+    settings_dir: Path | None
     checkpoint_every: int
     device: str
 
