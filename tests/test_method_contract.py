@@ -190,7 +190,8 @@ def test_head_pruning_saves_each_dose_k_pruned_model_as_a_setting(study, tmp_pat
     layout, start, _, _ = study
     settings = tmp_path / "settings"
     flags = _run(METHODS["head_pruning"], layout, start, **{**TEST_CASES["head_pruning"], "dose_ks": [1, 2]},
-                 settings_dir=settings, evals=["bbq", "perplexity"], localize_per_category=0)
+                 settings_dir=settings, evals=["bbq", "perplexity"], localize_per_category=0,
+                 out=tmp_path / "run", models_dir=tmp_path / "models")
     assert list(setting_folders("head_pruning", settings)) == ["head_pruning@k_1", "head_pruning@k_2"]
     pruned = next((Path(flags["models_dir"]) / "pruned").iterdir())
     weights = "model.safetensors"
