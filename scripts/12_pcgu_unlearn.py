@@ -10,9 +10,11 @@ k lowest (optionally only those below ``--min-cos``) get a plain SGD step in ``-
 
 ``--evals-per-epoch`` times per epoch the model is scored on the *selection* half of StereoSet dev (every
 gender example with ``--selection-metric gender``, else a seeded ``--selection-limit`` sample of all) and on
-the training pairs; the point with the smallest |SS - 50| (within ``--max-lms-drop`` of the start's LMS, the
-start itself a candidate, when given) is kept as ``--out`` (a loadable Hugging Face
-folder). ``--stop-at-parity`` ends training at the first point where at most half of the training pairs
+the training pairs (and, with ``--max-ppl-increase``, for perplexity on ``--selection-ppl-texts`` retain-half
+neutral texts); the point with the smallest |SS - 50| within every method's budget (LMS at most
+``--max-lms-drop`` below the start's, perplexity at most ``--max-ppl-increase`` percent above it; the start
+itself a candidate, and kept when no point is in budget; ``none`` for both: the closest trained point) is kept
+as ``--out`` (a loadable Hugging Face folder). ``--stop-at-parity`` ends training at the first point where at most half of the training pairs
 prefer the advantaged side. ``--heldout-eval`` then scores the start and the kept model on every held-out
 gender example plus a ``--heldout-limit`` sample of the held-out half, with paired McNemar tests, and their
 perplexity on the neutral held-out texts (``fairforget.evals.perplexity``); the start model's scores are cached.
@@ -38,6 +40,7 @@ from typing import Literal
 
 from fairforget.config import output_field, run_script, typed_config
 from fairforget.errors import FairforgetError
+from fairforget.flags import SelectionFlags
 from fairforget.methods.pcgu_heldout import HeldOutConfig, start_heldout, write_eval_only
 from fairforget.methods.pcgu_run import PCGURunConfig, prepare, train, write_results
 from fairforget.methods.registry import write_method_record
@@ -53,13 +56,14 @@ START_MODELS = {"base": DEFAULT_EMBEDDED, "finetuned": "models/finetuned_lora"}
 
 
 @dataclass
-class Config:
+class Config(SelectionFlags):
+    """Stage 12's flags; the checkpoint choice takes every method's selection budget (:class:`SelectionFlags`)."""
+
     model: str | None = field(default=None, metadata={"help": "start model (adapter folders are merged); default "
                                                               "from --start"})
     start: Literal["base", "finetuned"] = field(
         default="finetuned", metadata={"help": "base: the pretrained model; finetuned: models/finetuned_lora"})
     pairs: Path = Path("data/processed/pairs.tsv")
-    stereoset: Path = Path("data/stereoset/dev.json")
     out: Path = output_field(Path("models/debiased"), "model")
     log_dir: Path | None = output_field(None, "training log", "default <out>_log")
     preset: Literal["default", "aggressive"] = "default"
@@ -91,13 +95,6 @@ class Config:
     evals_per_epoch: int = field(default=1, metadata={"help": "selection evaluations (and checkpoints) per epoch"})
     selection_limit: int | None = field(default=None, metadata={"help": "seeded sample of the selection examples "
                                                                          "(speed)"})
-    selection_metric: Literal["overall", "gender"] = field(
-        default="gender", metadata={"help": "SS used for the |SS - 50| checkpoint choice (gender: every gender "
-                                            "example of the selection half)"})
-    max_lms_drop: float | None = field(default=None, metadata={
-        "help": "keep only points whose selection-half LMS is at most this many points below the start's; the "
-                "start model itself is then a candidate (none: any point)"})
-    half_seed: int = 0
     heldout_eval: bool = field(default=False, metadata={"help": "score start and kept model on the held-out half"})
     heldout_limit: int = field(default=600, metadata={"help": "held-out sample for overall SS (plus every gender "
                                                               "example; 0: gender examples only)"})
@@ -112,17 +109,12 @@ class Config:
     heldout_gender: bool = field(default=True, metadata={"help": "include every held-out gender example"})
     eval_only: Path | None = field(default=None, metadata={
         "help": "no training: write the held-out report of this model folder against --model (the start)"})
-    eval_batch_size: int = 32
     n_boot: int = 200
-    settings_dir: Path | None = field(default=None, metadata={
-        "help": "also save the model at every evaluation point to <dir>/step_<N>: PCGU's frontier for stage 30"})
     checkpoint_every: int = field(default=10, metadata={"help": "also save the training state every N steps "
                                                                 "(besides each evaluation point) so a killed run "
                                                                 "resumes (0: evaluation points only)"})
-    seed: int = field(default=0, metadata={"help": "training randomness: pair order and balancing draws"})
     sample_seed: int = field(default=0, metadata={"help": "evaluation samples and bootstrap, fixed across --seed so "
                                                           "seeds are compared on the same examples"})
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -137,8 +129,6 @@ class Config:
             raise FairforgetError("--fraction must be in (0, 1]")
         if self.epochs is not None and self.epochs < 1:
             raise FairforgetError("--epochs must be at least 1")
-        if self.max_lms_drop is not None and self.max_lms_drop < 0:
-            raise FairforgetError("--max-lms-drop must be >= 0")
         if self.evals_per_epoch < 1:
             raise FairforgetError("--evals-per-epoch must be at least 1")
         if self.retain_weight < 0 or self.retain_batch_size < 1:

@@ -220,7 +220,7 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
         method = METHODS[name]
         settings = tmp_path / name / "settings"
         budget = ({"max_lms_drop": "none", "max_ppl_increase": "none"}  # no budget: a nonzero choice
-                  if name in ("task_vector", "damage_reference", "leace") else {})
+                  if name in ("task_vector", "damage_reference", "leace", "pcgu") else {})
         _run(method, layout, start, **TEST_CASES[name], **knob, **budget, settings_dir=settings,
              out=tmp_path / name / "model", log_dir=tmp_path / name / "log")
         record = read_json(tmp_path / name / "log" / "method.json")

@@ -286,3 +286,40 @@ def test_every_ablation_config_loads_into_the_stage_config():
         overrides = _load_overrides(path, stage.Config())
         assert overrides["heldout_eval"] and overrides["selection_metric"] == "gender"
         assert Path(overrides["pairs"]).name.startswith("pairs")
+
+
+def test_stage_12_keeps_the_closest_point_within_the_perplexity_budget(tmp_path, tokenizer, shared_data):
+    """The same training run twice: with a loose perplexity bound the point closest to SS 50 is kept (here a
+    trained one, more perplexed than the start); with --max-ppl-increase 0 only points no more perplexed than the
+    start (the start included) may be, so the start is kept."""
+    from conftest import load_script
+    from fairforget.artifacts import read_json
+    from fairforget.config import parse_config
+    from fairforget.tiny import save_tiny_model
+    from fairforget.winogender import load_winogender_pairs, write_pairs_tsv
+
+    wino = shared_data / "winogender" / "data"
+    pairs = load_winogender_pairs(wino / "all_sentences.tsv", wino / "occupations-stats.tsv", "bergsma")
+    write_pairs_tsv(tmp_path / "pairs.tsv", pairs[:24])
+    model = save_tiny_model("llama", tokenizer, tmp_path / "tiny", seed=0)
+    stage = load_script("12_pcgu_unlearn.py")
+    runs = {}
+    for name, bound in (("loose", "1e6"), ("tight", "0")):
+        stage.main(parse_config(stage.Config(), [
+            "--model", str(model), "--pairs", str(tmp_path / "pairs.tsv"), "--stereoset",
+            str(shared_data / "stereoset" / "dev.json"), "--epochs", "2", "--batch-size", "4", "--k", "500",
+            "--lr", "1e-2", "--evals-per-epoch", "2", "--selection-limit", "40", "--selection-ppl-texts", "8",
+            "--n-boot", "10", "--max-lms-drop", "none", "--max-ppl-increase", bound, "--device", "cpu",
+            "--out", str(tmp_path / name / "model"), "--log-dir", str(tmp_path / name / "log")]))
+        runs[name] = read_json(tmp_path / name / "log" / "summary.json")
+    points = runs["loose"]["epochs"]
+    assert [(e["step"], e["perplexity"]) for e in points] == [(e["step"], e["perplexity"])
+                                                              for e in runs["tight"]["epochs"]]
+    closest = lambda rows: min(rows, key=lambda e: (e["distance_from_50"], e["step"]))["step"]  # noqa: E731
+    in_budget = [e for e in points if e["perplexity"] <= points[0]["perplexity"]]
+    assert runs["loose"]["kept_step"] == closest(points)
+    assert runs["tight"]["kept_step"] == closest(in_budget)
+    kept = next(e for e in points if e["step"] == runs["loose"]["kept_step"])
+    assert kept["step"] and kept["perplexity"] > points[0]["perplexity"]  # out of the tight budget
+    assert runs["tight"]["kept_step"] == 0  # the bound decided the choice
+    assert "perplexity at most 0.0% above the start's on 8 retain-half" in runs["tight"]["criterion"]

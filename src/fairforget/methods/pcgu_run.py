@@ -23,7 +23,8 @@ from fairforget.methods.pcgu import (RetainTerm, encode_pairs, nonfinite_paramet
                                      pcgu_step)
 from fairforget.methods.pcgu_heldout import HeldOutConfig, Start, model_heldout
 from fairforget.methods.registry import CONFIG_FILE, Knob, MethodSpec, method_config, register_method
-from fairforget.methods.selection import choose, save_setting, selection_examples, setting_name
+from fairforget.methods.selection import (budget_perplexity, budget_text, choose_setting, criterion, has_budget,
+                                          save_setting, selection_examples, selection_texts, setting_name)
 from fairforget.models import load_model
 from fairforget.pairs import balance_pairs, orientation_counts
 from fairforget.plots import new_figure, save_figure
@@ -55,6 +56,8 @@ class PCGUConfig:
     selection_limit: int | None
     selection_metric: str
     max_lms_drop: float | None
+    max_ppl_increase: float | None
+    selection_ppl_texts: int
     half_seed: int
     seed: int
 
@@ -88,12 +91,15 @@ def load_start_model(cfg: PCGURunConfig) -> Any:
     return loaded
 
 
-def selection_scores(model: Any, tokenizer: Any, examples: list, cfg: PCGURunConfig) -> dict[str, float]:
-    """Selection-half SS (with its interval), LMS, ICAT and gender SS of the model."""
+def selection_scores(model: Any, tokenizer: Any, examples: list, budget_texts: list[str],
+                     cfg: PCGURunConfig) -> dict[str, float]:
+    """Selection-half SS (with its interval), LMS, ICAT and gender SS of the model, and its perplexity on the
+    budget texts when there are any."""
     metrics, _ = evaluate_stereoset(model, tokenizer, examples, cfg.eval_batch_size, cfg.n_boot, cfg.sample_seed)
     overall, gender = metrics["overall"]["all"], metrics["overall"].get("gender", {})
     return {"ss": overall["ss"], "ss_ci": overall["ss_ci"], "lms": overall["lms"], "icat": overall["icat"],
-            "ss_gender": gender.get("ss", float("nan")), "ss_gender_ci": gender.get("ss_ci")}
+            "ss_gender": gender.get("ss", float("nan")), "ss_gender_ci": gender.get("ss_ci"),
+            **budget_perplexity(model, tokenizer, budget_texts, cfg.n_boot, cfg.sample_seed)}
 
 
 def eval_steps(n_pairs: int, cfg: PCGURunConfig) -> set[int]:
@@ -105,7 +111,8 @@ def eval_steps(n_pairs: int, cfg: PCGURunConfig) -> set[int]:
 
 @dataclass
 class Setup:
-    """What a run trains: pairs, start model, partitions, encodings, retain term, selection examples, folders."""
+    """What a run trains: pairs, start model, partitions, encodings, retain term, selection examples and
+    perplexity-budget texts, folders."""
 
     cfg: PCGURunConfig
     read: list
@@ -120,6 +127,7 @@ class Setup:
     module_types: list[str]
     layers: list[str]
     retain: RetainTerm | None
+    budget_texts: list[str]  # retain-half neutral texts of the perplexity bound (none without it)
     log_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,11 +155,13 @@ class Trained:
 
 
 def prepare(cfg: PCGURunConfig) -> Setup:
-    """Load pairs, selection examples and start model, partition its weights, and print what will run."""
+    """Load pairs, selection examples (and perplexity-budget texts) and start model, partition its weights, and
+    print what will run."""
     read = read_pairs_tsv(cfg.pairs)
     pairs = balance_pairs(read, cfg.balance, cfg.seed)
     examples = selection_examples(cfg.stereoset, cfg.selection_metric, cfg.selection_limit, cfg.half_seed,
                                   cfg.sample_seed)
+    budget_texts = selection_texts(cfg.selection_ppl_texts) if cfg.max_ppl_increase is not None else []
     loaded = load_start_model(cfg)
     model, tokenizer = loaded.model, loaded.tokenizer
     tensors = partition_tensors(model, cfg.aggregation)
@@ -167,20 +177,24 @@ def prepare(cfg: PCGURunConfig) -> Setup:
           f"partitions in {len(tensors)} tensors, k={k:,}, lr={cfg.lr}, {cfg.epochs} epochs, "
           f"direction={cfg.direction}, targets={cfg.target_tokens}, min_cos={cfg.min_cos}, retain={cfg.retain} "
           f"(weight {cfg.retain_weight}), scope={cfg.scope}; selection: {len(examples)} StereoSet examples "
-          f"({cfg.selection_metric})", flush=True)
-    return Setup(cfg, read, pairs, examples, loaded, tensors, total, k, adv, dis, module_types, layers, retain)
+          f"({cfg.selection_metric})" + (f", perplexity on {len(budget_texts)} retain-half texts" if budget_texts
+                                          else ""), flush=True)
+    return Setup(cfg, read, pairs, examples, loaded, tensors, total, k, adv, dis, module_types, layers, retain,
+                 budget_texts)
 
 
 def evaluate(run: Setup, epoch: int, step: int, seconds: float) -> dict:
-    """One evaluation point: the training-pair gap and the selection-half scores, printed."""
+    """One evaluation point: the training-pair gap and the selection-half scores (perplexity-budget texts
+    included), printed."""
     cfg = run.cfg
     row = {"epoch": epoch, "step": step,
            **pair_gap(run.model, run.adv, run.dis, run.tokenizer.pad_token_id, cfg.eval_batch_size),
-           **selection_scores(run.model, run.tokenizer, run.examples, cfg), "train_seconds": round(seconds, 1)}
+           **selection_scores(run.model, run.tokenizer, run.examples, run.budget_texts, cfg),
+           "train_seconds": round(seconds, 1)}
     metric = row["ss"] if cfg.selection_metric == "overall" else row["ss_gender"]
     row["distance_from_50"] = abs(metric - 50)
-    print(f"step {step} (epoch {epoch}): selection SS {row['ss']:.2f} [{row['ss_ci'][0]:.2f}, "
-          f"{row['ss_ci'][1]:.2f}] LMS {row['lms']:.2f} gender SS {row['ss_gender']:.2f}; pair gap "
+    print(f"step {step} (epoch {epoch}): selection {budget_text(row)}, SS interval [{row['ss_ci'][0]:.2f}, "
+          f"{row['ss_ci'][1]:.2f}], gender SS {row['ss_gender']:.2f}; pair gap "
           f"{row['mean_gap']:+.4f}, adv preferred {100 * row['share_adv_preferred']:.1f}%", flush=True)
     return row
 
@@ -197,7 +211,7 @@ def train(run: Setup) -> Trained:
     epochs = saved.get("epochs") or [evaluate(run, 0, 0, 0.0)]
     steps: list[dict] = saved.get("steps", [])
     best_step = saved.get("best_step")
-    if cfg.max_lms_drop is not None and not saved:  # with an LMS budget the start model is a candidate too
+    if has_budget(cfg) and not saved:  # with a budget the start model is a candidate too
         save_model(model, run.tokenizer, beside(cfg.out, "best"))
         best_step = 0
     stopped = saved.get("stopped_at_parity")
@@ -236,8 +250,7 @@ def train(run: Setup) -> Trained:
         epochs.append(row)
         save_setting(cfg, model, run.tokenizer, step, setting_name("step", step),
                      {CONFIG_FILE: method_config("pcgu", typed_config(PCGUConfig, cfg), kept_step=step)})
-        candidates = epochs if cfg.max_lms_drop is not None else epochs[1:]  # the start too, with a budget
-        if choose(candidates, "step", cfg.max_lms_drop, epochs[0]) is row:
+        if choose_setting(epochs, "step", cfg) is row:
             save_model(model, run.tokenizer, beside(cfg.out, "best"))
             best_step = step
         if cfg.stop_at_parity and row["share_adv_preferred"] <= 0.5:
@@ -262,11 +275,8 @@ def write_results(run: Setup, done: Trained, held: tuple[Start, HeldOutConfig] |
         shutil.copytree(beside(cfg.out, "best"), tmp, dirs_exist_ok=True)
         write_json(tmp / CONFIG_FILE, method_config("pcgu", typed_config(PCGUConfig, cfg), kept_step=best["step"]))
     summary = {"kept_step": best["step"], "kept_epoch": best["epoch"],
-               "criterion": f"smallest |SS - 50| ({cfg.selection_metric}) on {len(run.examples)} selection-half "
-                            f"StereoSet dev examples (half seed {cfg.half_seed})"
-                            + (f" among points (the start included) whose selection LMS is at most "
-                               f"{cfg.max_lms_drop} below the start's" if cfg.max_lms_drop is not None else "")
-                            + "; report on the held-out half",
+               "criterion": f"{criterion(cfg, len(run.examples), 'the start')}, half seed {cfg.half_seed}; report "
+                            f"on the held-out half",
                "stopped_at_parity": done.stopped, "n_pairs_read": len(run.read), "n_pairs_trained": len(run.pairs),
                "pairs_read": orientation_counts(run.read), "pairs_trained": orientation_counts(run.pairs),
                "n_partitions": run.total, "k": run.k, "epochs": epochs,

@@ -44,9 +44,13 @@ def selection_score(model: Any, tokenizer: Any, examples: Sequence[Example], bat
     overall = metrics["overall"]["all"]
     row = {"ss": overall["ss"], "ss_ci": overall["ss_ci"], "lms": overall["lms"],
            "distance_from_50": abs(overall["ss"] - 50.0), "n_examples": len(examples)}
-    if texts:
-        row["perplexity"] = perplexity(model, tokenizer, texts, n_boot=n_boot, seed=seed)["perplexity"]
-    return row
+    return {**row, **budget_perplexity(model, tokenizer, texts, n_boot, seed)}
+
+
+def budget_perplexity(model: Any, tokenizer: Any, texts: Sequence[str], n_boot: int = 200,
+                      seed: int = 0) -> dict[str, float]:
+    """``{"perplexity": ...}`` of ``model`` on the budget ``texts`` (:func:`selection_texts`); empty without texts."""
+    return {"perplexity": perplexity(model, tokenizer, texts, n_boot=n_boot, seed=seed)["perplexity"]} if texts else {}
 
 
 def in_budget(row: dict, reference: dict, max_lms_drop: float | None, max_ppl_increase: float | None) -> bool:
@@ -67,11 +71,15 @@ def choose(rows: Sequence[dict], key: str, max_lms_drop: float | None, reference
     return min(allowed, key=lambda r: (r["distance_from_50"], abs(r[key])))
 
 
+def has_budget(cfg: Any) -> bool:
+    """Whether ``cfg`` (a stage's :class:`SelectionFlags`) sets an LMS or a perplexity bound."""
+    return cfg.max_lms_drop is not None or cfg.max_ppl_increase is not None
+
+
 def choose_setting(rows: Sequence[dict], key: str, cfg: Any) -> dict:
     """A stage's choice among its settings (``rows[0]``: the start, strength 0) under its :class:`SelectionFlags`
     budget; the start is a candidate only when a budget is set (without one, the closest trained setting wins)."""
-    budgeted = cfg.max_lms_drop is not None or cfg.max_ppl_increase is not None
-    return choose(rows if budgeted else rows[1:], key, cfg.max_lms_drop, rows[0], cfg.max_ppl_increase)
+    return choose(rows if has_budget(cfg) else rows[1:], key, cfg.max_lms_drop, rows[0], cfg.max_ppl_increase)
 
 
 def setting_name(knob: str, value: float) -> str:
@@ -106,7 +114,9 @@ def budget_text(row: dict) -> str:
 
 def criterion(cfg: Any, n_examples: int, start: str) -> str:
     """The selection rule in words, for a method's record (``cfg``: a stage's :class:`SelectionFlags`)."""
-    ppl = (f" and perplexity at most {cfg.max_ppl_increase}% above it on {cfg.selection_ppl_texts} retain-half "
-           f"neutral texts" if cfg.max_ppl_increase is not None else "")
-    return (f"smallest |SS - 50| ({cfg.selection_metric}) on {n_examples} selection-half StereoSet dev examples with "
-            f"LMS at most {cfg.max_lms_drop} below {start}'s{ppl} ({start} itself when no setting is in budget)")
+    bounds = ([f"LMS at most {cfg.max_lms_drop} below {start}'s"] if cfg.max_lms_drop is not None else []) + (
+        [f"perplexity at most {cfg.max_ppl_increase}% above {start}'s on {cfg.selection_ppl_texts} retain-half "
+         f"neutral texts"] if cfg.max_ppl_increase is not None else [])
+    rule = (f" with {' and '.join(bounds)} ({start} itself when no setting is in budget)" if bounds
+            else f" ({start} excluded: no budget)")
+    return f"smallest |SS - 50| ({cfg.selection_metric}) on {n_examples} selection-half StereoSet dev examples{rule}"
