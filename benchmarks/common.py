@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from fairforget.matmul import matmul_rates  # noqa: F401 (the benchmarks' import point)
 from fairforget.progress import progress
 
 
@@ -21,22 +22,6 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def matmul_rates(size: int = 2048, repeats: int = 3) -> tuple[float, float]:
-    """fp32 GFLOP per wall second and per process-CPU second of a ``size``^3 matrix product, medians, now.
-
-    The CPU-time rate is the steadier floor on a shared machine (other processes' load slows the wall clock)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        a @ b
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    flops = 2 * size**3 / 1e9
-    return flops / statistics.median(wall), flops / statistics.median(cpu)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:

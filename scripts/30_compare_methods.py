@@ -10,7 +10,8 @@ Per model (the "before" model first, then each ``name=folder`` of --methods, by 
   held-out half (all, or a seeded --gender-limit sample; the proportional sample alone holds too few);
 * CrowS-Pairs, gender and all bias types;
 * BBQ in answer mode on the held-out scenarios of stage 22's split (``bbq_split.split_by_scenario``, the same
-  --split-seed, so head pruning never saw them): s_DIS, s_AMB, accuracy;
+  --split-seed, so head pruning never saw them): s_DIS, s_AMB, accuracy on a per-category sample, and with
+  --bbq-gender-limit, s_AMB of the held-out Gender_identity examples (BBQ gender, a measure of each frontier);
 * perplexity on the neutral held-out texts (``fairforget.evals.perplexity``).
 
 Each cell has its 95% interval (bootstrap). Paired tests of each method against "before" on the same items:
@@ -88,6 +89,8 @@ class Config:
     crows_limit: int | None = field(default=200, metadata={"help": "CrowS sample for 'all' (plus every gender pair)"})
     winobias_limit: int | None = field(default=None, metadata={"help": "WinoBias test pairs (None: all minimal)"})
     bbq_per_category: int | None = field(default=8, metadata={"help": "held-out BBQ examples per category"})
+    bbq_gender_limit: int | None = field(default=0, metadata={
+        "help": "held-out Gender_identity BBQ examples for BBQ gender s_AMB, besides (None: every one, 0: none)"})
     ppl_limit: int | None = field(default=50, metadata={"help": "neutral held-out texts for perplexity"})
     half_seed: int = 0
     split_seed: int = field(default=0, metadata={"help": "stage 22's scenario split seed (held-out BBQ side)"})
@@ -114,6 +117,8 @@ class Config:
                 raise FairforgetError(f"--methods {name}: {spec} not found (run its stage first)")
         for entry in self.frontiers:
             setting_folders(*entry.split("=", 1))  # each names a folder of saved settings
+        if self.bbq_gender_limit is not None and self.bbq_gender_limit < 0:
+            raise FairforgetError(f"--bbq-gender-limit must be at least 0, got {self.bbq_gender_limit}")
         if self.batch_size < 1 or self.wrapper_batch_size < 1 or self.n_boot < 1:
             raise FairforgetError("--batch-size, --wrapper-batch-size and --n-boot must be at least 1")
 
@@ -128,7 +133,7 @@ def main(cfg: Config) -> None:
     record_files = dict(r.split("=", 1) for r in cfg.records)
     print(f"comparing {len(chosen_specs) - 1} methods and {len(settings)} frontier settings on "
           f"{len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, {len(items.winobias)} WinoBias, "
-          f"{len(items.bbq)} BBQ items and {len(items.neutral)} neutral texts", flush=True)
+          f"{len(items.bbq)} BBQ items ({len(items.bbq_sample)} for overall) and {len(items.neutral)} neutral texts", flush=True)
     results, changes = score_all(specs, items, suite, cfg.out / "scores", load_output,
                                  lambda spec: output_kind(spec) == "wrapper")
     records = {name: read_json(record_files[name], f"{name} method record") if Path(record_files.get(name, "")).is_file()

@@ -28,6 +28,7 @@ from typing import Literal
 
 from fairforget.config import run_script
 from fairforget.errors import FairforgetError
+from fairforget.matmul import matmul_rates, rates_text
 from fairforget.study.findings import collect_changes, collect_shares, findings_block
 from fairforget.study.pipeline import PIPELINES, Layout, build_plan, run_stages
 from fairforget.study.report import build_report
@@ -71,15 +72,19 @@ def main(cfg: Config) -> None:
     if cfg.findings_only:
         print(findings_block(collect_changes(stages), collect_shares(stages)), end="")
         return
-    print(f"preset {cfg.preset}: {len(stages)} stages ({', '.join(dict.fromkeys(cfg.pipelines))})", flush=True)
+    rates_before = matmul_rates()
+    print(f"preset {cfg.preset}: {len(stages)} stages ({', '.join(dict.fromkeys(cfg.pipelines))}); fp32 matmul "
+          f"{rates_text(rates_before)} before the run", flush=True)
     results = run_stages(stages, force=cfg.force, nproc=cfg.nproc, log=lambda line: print(line, flush=True))
     total = time.perf_counter() - start
-    build_report(stages, results, cfg.report, f"preset {cfg.preset}", total, layout.data)
+    rates_after = matmul_rates()
+    machine = f"fp32 2048^3 matmul {rates_text(rates_before)} before the run, {rates_text(rates_after)} after it"
+    build_report(stages, results, cfg.report, f"preset {cfg.preset}", total, layout.data, machine)
     ran = [r for r in results if r.status == "ran"]
     print(f"report: {cfg.report}")
     slowest = ", ".join(f"{r.name} {r.seconds:.0f} s" for r in sorted(ran, key=lambda r: -r.seconds)[:3])
     print(f"total wall time {total / 60:.1f} min ({len(ran)} stages run"
-          + (f"; slowest: {slowest}" if ran else "") + ")")
+          + (f"; slowest: {slowest}" if ran else "") + f"); {machine}")
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise FairforgetError(f"stage {failed[0].name} failed: {failed[0].note}")

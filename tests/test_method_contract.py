@@ -242,8 +242,8 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
         "--records", *records, "--frontiers", *frontiers,
         "--stereoset", str(layout.stereoset), "--crows", str(layout.crows), "--winobias", str(layout.winobias),
         "--winobias-limit", "8", "--bbq-dir", str(layout.bbq), "--stereoset-limit", "8", "--gender-limit", "6",
-        "--crows-limit", "8", "--bbq-per-category", "1", "--ppl-limit", "3", "--n-boot", "20", "--device", "cpu",
-        "--out", str(out)]))
+        "--crows-limit", "8", "--bbq-per-category", "1", "--bbq-gender-limit", "4", "--ppl-limit", "3",
+        "--n-boot", "20", "--device", "cpu", "--out", str(out)]))
     import csv
 
     with open(out / "frontier.csv") as handle:
@@ -257,7 +257,11 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
     assert metrics["changes"][f"task_vector@{chosen}"] == metrics["changes"]["task_vector"]  # same weights, same items
     assert [r.split(",")[0] for r in (out / "summary.csv").read_text().splitlines()[1:]] == ["before", "task_vector",
                                                                                           "leace"]
-    for stem in ("gender", "winobias", "crows_gender"):
+    for stem in ("gender", "winobias", "crows_gender", "bbq_gender"):
         assert (out / f"frontier_{stem}.png").stat().st_size > 0
+    bbq_gender = metrics["changes"]["leace"]["bbq_gender"]  # the sample's Gender_identity item and 4 more
+    assert bbq_gender["n"] == 5 and bbq_gender["delta"] == bbq_gender["s_amb_delta"]
+    assert metrics["levels"]["before"]["bbq"]["n_items"] == 11  # overall: the per-category sample alone
+    assert all(r["d_bbq_gender"] != "" for r in rows)
     summary = (out / "summary.md").read_text()
     assert "## Frontiers" in summary and f"| task_vector | {chosen} * |" in summary

@@ -33,6 +33,14 @@ def test_stage_30_items_are_the_held_out_sample_every_gender_example_and_the_uns
     mitigation, _ = split_by_scenario(load_bbq(shared_data / "bbq").examples, 0.5, 0)
     assert items.bbq and not {e.scenario for e in items.bbq} & {e.scenario for e in mitigation}
     assert len(items.winobias) == 6 and items.neutral == load_neutral_texts("heldout", 3)
+    assert {(e.category, e.example_id) for e in items.bbq} == items.bbq_sample  # no BBQ gender asked for
+    with_gender = held_out_items(SuiteConfig(**{**vars(cfg), "bbq_gender_limit": 8}))
+    extra = [e for e in with_gender.bbq if (e.category, e.example_id) not in items.bbq_sample]
+    assert with_gender.bbq_sample == items.bbq_sample and with_gender.bbq[:len(items.bbq)] == items.bbq
+    assert len(extra) in (7, 8) and {e.category for e in extra} == {"Gender_identity"}  # 8, less the sample's own
+    assert {e.stratum.split("|", 1)[1] for e in extra} == {f"{c}|{p}" for c in ("ambig", "disambig")
+                                                           for p in ("neg", "nonneg")}
+    assert not {e.scenario for e in extra} & {e.scenario for e in mitigation}
 
 
 def test_pcgu_report_items_are_the_gender_examples_and_gender_pairs_only(shared_data):

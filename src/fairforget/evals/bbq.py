@@ -25,6 +25,7 @@ from fairforget.errors import FairforgetError
 
 CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
               "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
+BBQ_GENDER = "Gender_identity"  # the category the gender measures of the held-out suite read
 CONDITIONS = ("ambig", "disambig")
 POLARITIES = ("neg", "nonneg")
 METADATA_FILE = Path("supplemental") / "additional_metadata.csv"

@@ -4,8 +4,9 @@ digest of its weights), and each pairing against "before" through every evaluati
 Items (:func:`held_out_items`): StereoSet dev's held-out half (a proportional sample for overall SS / LMS,
 plus every held-out gender example, or a seeded ``gender_limit`` of them), CrowS-Pairs (a proportional sample
 for "all", plus every gender pair), WinoBias's test pairs, the BBQ scenarios head pruning holds out (the same
-``split_seed``, so head pruning never saw them; or the BBQ items a stage supplies) and the neutral held-out
-texts for perplexity. A path of None, or a size of 0, leaves an evaluation out: stage 30 scores all of them,
+``split_seed``, so head pruning never saw them: a per-category sample for "overall", plus a ``bbq_gender_limit``
+sample of their Gender_identity examples for BBQ gender; or the BBQ items a stage supplies) and the neutral
+held-out texts for perplexity. A path of None, or a size of 0, leaves an evaluation out: stage 30 scores all of them,
 stage 22's controls BBQ, StereoSet, CrowS-Pairs and perplexity, PCGU's held-out report StereoSet, the CrowS
 gender pairs and perplexity. The selection half of StereoSet, on which methods choose their settings, is never
 among them. Every paired change carries ``mdc``, the change its items could have detected (half-width of the
@@ -24,7 +25,8 @@ import numpy as np
 from fairforget.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from fairforget.config import config_to_dict
 from fairforget.errors import FairforgetError
-from fairforget.evals.bbq import load_bbq, sample_per_category
+from fairforget.evals.bbq import BBQ_GENDER, load_bbq, sample_per_category
+from fairforget.evals.bbq_metrics import summarize
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.evals.crows import compute_metrics as crows_metrics
 from fairforget.evals.perplexity import load_neutral_texts
@@ -50,6 +52,7 @@ class SuiteConfig:
     crows_gender: bool = True  # every gender pair besides
     winobias_limit: int | None = None
     bbq_per_category: int | None = 8
+    bbq_gender_limit: int | None = 0  # held-out Gender_identity examples besides (None: every one, 0: no BBQ gender)
     ppl_limit: int | None = 50  # neutral held-out texts (0: none)
     half_seed: int = 0
     split_seed: int = 0
@@ -75,16 +78,17 @@ class Items:
     crows: list  # the proportional sample plus every gender pair
     crows_sample: set[str]  # ids of the proportional sample (all bias types)
     winobias: list
-    bbq: list
+    bbq: list  # the per-category sample plus the held-out Gender_identity examples
     neutral: list[str]
     bbq_files: list[Path] = field(default_factory=list)
+    bbq_sample: set[tuple[str, int]] = field(default_factory=set)  # (category, example_id) of the per-category sample
 
     @property
     def perplexity(self) -> list[str]:
         return self.neutral
 
     def sizes(self) -> dict[str, int]:
-        return {"bbq": len(self.bbq), "stereoset": len(self.stereoset),
+        return {"bbq": len(self.bbq), "bbq_overall": len(self.bbq_sample), "stereoset": len(self.stereoset),
                 "stereoset_gender": sum(e.bias_type == "gender" for e in self.stereoset),
                 "stereoset_overall": len(self.stereoset_sample), "crows": len(self.crows),
                 "perplexity_texts": len(self.neutral), **({"winobias": len(self.winobias)} if self.winobias else {})}
@@ -118,12 +122,28 @@ def held_out_items(cfg: SuiteConfig, bbq: list | None = None) -> Items:
     winobias = [] if cfg.winobias is None else \
         EVALUATIONS["winobias"].load(cfg.winobias, limit=cfg.winobias_limit, seed=cfg.seed).examples
     files: list[Path] = []
-    if bbq is None and cfg.bbq_dir is not None:
+    if bbq is not None:
+        bbq, bbq_ids = list(bbq), {bbq_key(e) for e in bbq}
+    elif cfg.bbq_dir is not None:
         data = load_bbq(cfg.bbq_dir)
         _, held = split_by_scenario(data.examples, cfg.mitigation_fraction, cfg.split_seed)
         bbq, files = sample_per_category(held, cfg.bbq_per_category, cfg.split_seed), list(data.files)
+        bbq_ids = {bbq_key(e) for e in bbq}
+        if cfg.bbq_gender_limit != 0:
+            gender = sample_per_category([e for e in held if e.category == BBQ_GENDER], cfg.bbq_gender_limit,
+                                         cfg.split_seed)
+            bbq += [e for e in gender if bbq_key(e) not in bbq_ids]
+    else:
+        bbq, bbq_ids = [], set()
     neutral = [] if cfg.ppl_limit == 0 else load_neutral_texts("heldout", cfg.ppl_limit)
-    return Items(stereo, ids, crows, crows_ids, winobias, list(bbq or []), neutral, files)
+    return Items(stereo, ids, crows, crows_ids, winobias, bbq, neutral, files, bbq_ids)
+
+
+def bbq_key(example: Any) -> tuple[str, int]:
+    """A BBQ example's or scored item's identity: (category, example_id)."""
+    if isinstance(example, dict):
+        return example["category"], int(example["example_id"])
+    return example.category, int(example.example_id)
 
 
 def score_items(model: Any, tokenizer: Any, items: Items, cfg: SuiteConfig, wrapper: bool = False) -> dict:
@@ -184,6 +204,26 @@ def of_gender(scored: list[dict]) -> list[dict]:
     return [it for it in scored if it["bias_type"] == "gender"]
 
 
+def in_bbq_sample(bbq_items: list[dict], items: Items) -> list[dict]:
+    return [it for it in bbq_items if bbq_key(it) in items.bbq_sample]
+
+
+def of_bbq_gender(bbq_items: list[dict]) -> list[dict]:
+    return [it for it in bbq_items if it["category"] == BBQ_GENDER]
+
+
+def bbq_levels(bbq: tuple[dict, list[dict]], items: Items, cfg: SuiteConfig) -> dict:
+    """BBQ "overall" on the per-category sample and, with ``bbq_gender_limit``, "gender" on every Gender_identity
+    item scored (the sample's and the extra held-out ones)."""
+    metrics, scored = bbq
+    sample = in_bbq_sample(scored, items)
+    found = {"mode": metrics["mode"], "answer_norm": metrics["answer_norm"], "n_items": len(sample),
+             "overall": summarize(sample, cfg.n_boot, cfg.seed)}
+    if cfg.bbq_gender_limit != 0:
+        found["gender"] = summarize(of_bbq_gender(scored), cfg.n_boot, cfg.seed)
+    return found
+
+
 def crows_levels(crows_items: list[dict], items: Items, cfg: SuiteConfig) -> dict:
     """CrowS "all" on the proportional sample, "gender" on every gender pair."""
     return {"overall": crows_metrics(in_crows_sample(crows_items, items), cfg.n_boot, cfg.seed)["overall"],
@@ -203,7 +243,7 @@ def levels(scored: dict, items: Items, cfg: SuiteConfig) -> dict:
     return {"source": scored["source"], "eval_seconds": scored["eval_seconds"],
             "stereoset": stereoset_levels(s["stereoset"][1], items, cfg), "crows": crows_levels(s["crows"][1], items, cfg),
             "winobias": s["winobias"][0],
-            "bbq": {k: s["bbq"][0][k] for k in ("overall", "mode", "answer_norm", "n_items")},
+            "bbq": bbq_levels(s["bbq"], items, cfg),
             "perplexity": s["perplexity"][0], **{f"{name}_items": s[name][1] for name in SCORED}}
 
 
@@ -243,8 +283,19 @@ def paired(before: dict, after: dict, items: Items, cfg: SuiteConfig) -> dict:
                                  lambda scored: in_crows_sample(scored, items))["overall"],
             "crows_gender": compare("crows", before["crows_items"], after["crows_items"], cfg, of_gender)["overall"],
             "winobias": compare("winobias", before["winobias_items"], after["winobias_items"], cfg)["overall"],
-            "bbq": compare("bbq", before["bbq_items"], after["bbq_items"], cfg)["overall"],
+            "bbq": compare("bbq", before["bbq_items"], after["bbq_items"], cfg,
+                           lambda scored: in_bbq_sample(scored, items))["overall"],
+            **({"bbq_gender": bbq_gender_change(compare("bbq", before["bbq_items"], after["bbq_items"], cfg,
+                                                        of_bbq_gender)["overall"])}
+               if cfg.bbq_gender_limit != 0 else {}),
             "perplexity": compare("perplexity", before["perplexity_items"], after["perplexity_items"], cfg)["overall"]}
+
+
+def bbq_gender_change(comparison: dict) -> dict:
+    """BBQ gender's paired comparison read as a bias measure like the others: ``delta`` is the change in
+    Gender_identity s_AMB (with ``delta_ci``, ``mdc`` and McNemar ``p_value`` on the biased answers)."""
+    return {**comparison, "delta": comparison["s_amb_delta"], "delta_ci": comparison["s_amb_delta_ci"],
+            "mdc": comparison["mdc"]["s_amb"], "p_value": comparison["mcnemar_biased"]["p_value"]}
 
 
 def score_all(models: dict[str, str], items: Items, cfg: SuiteConfig, cache: Path, load: Callable,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fairforget.evals.bbq import BBQ_GENDER
 from fairforget.evals.suite import Items, in_sample
 from fairforget.markdown import ci_text, table
 from fairforget.methods import plant
@@ -30,6 +31,9 @@ def summary_row(name: str, result: dict, change: dict | None, record: dict) -> d
            "bbq_s_dis": ci_text(q["s_dis"], q["s_dis_ci"], 3), "bbq_s_amb": ci_text(q["s_amb"], q["s_amb_ci"], 3),
            "bbq_acc": ci_text(q["acc"], q["acc_ci"], 3), "perplexity": ci_text(p["perplexity"], p["perplexity_ci"]),
            "wall_seconds": record.get("wall_seconds", "n/a"), "peak_memory_mib": record.get("peak_memory_mib", "n/a")}
+    if "gender" in result["bbq"]:
+        g = result["bbq"]["gender"]
+        row["bbq_gender_s_amb"] = ci_text(g["s_amb"], g["s_amb_ci"], 3)
     if change:
         b, pp = change["bbq"], change["perplexity"]
         row.update({
@@ -42,23 +46,29 @@ def summary_row(name: str, result: dict, change: dict | None, record: dict) -> d
             "d_bbq_acc": f"{ci_text(b['acc_delta'], b['acc_delta_ci'], 3, signed=True)} "
                          f"p={b['mcnemar_correct']['p_value']:.2g}",
             "d_ppl_pct": ci_text(pp["ppl_change_pct"], pp["ppl_change_pct_ci"], 1, signed=True)})
+        if "bbq_gender" in change:
+            g = change["bbq_gender"]
+            row["d_bbq_gender_s_amb"] = (f"{ci_text(g['delta'], g['delta_ci'], 3, signed=True)} "
+                                         f"p={g['p_value']:.2g} mdc={g['mdc']:.3f}")
     return row
 
 
 LEVELS = [("method", "method"), ("ss_gender", "SS gender"), ("ss_overall", "SS overall"), ("lms", "LMS"),
           ("crows_gender", "CrowS gender"), ("crows_all", "CrowS all"), ("winobias", "WinoBias pro %"),
           ("bbq_s_dis", "BBQ s_DIS"),
-          ("bbq_s_amb", "BBQ s_AMB"), ("bbq_acc", "BBQ acc"), ("perplexity", "perplexity"),
+          ("bbq_s_amb", "BBQ s_AMB"), ("bbq_acc", "BBQ acc"), ("bbq_gender_s_amb", "BBQ gender s_AMB"),
+          ("perplexity", "perplexity"),
           ("wall_seconds", "method wall s"), ("peak_memory_mib", "peak MiB")]
 CHANGES = [("method", "method"), ("d_gender_distance", "Δ gender abs(SS-50)"), ("d_ss_overall", "Δ SS overall"),
            ("d_crows_gender", "Δ CrowS gender"), ("d_crows_all", "Δ CrowS all"), ("d_winobias", "Δ WinoBias pro %"),
-           ("d_bbq_s_amb", "Δ BBQ s_AMB"),
-           ("d_bbq_acc", "Δ BBQ acc"), ("d_ppl_pct", "Δ perplexity %")]
+           ("d_bbq_s_amb", "Δ BBQ s_AMB"), ("d_bbq_acc", "Δ BBQ acc"), ("d_bbq_gender_s_amb", "Δ BBQ gender s_AMB"),
+           ("d_ppl_pct", "Δ perplexity %")]
 
 
 def markdown(rows: list[dict], items: Items, before: str, seconds: float) -> str:
     """summary.md: what was scored, the levels table and the paired-change table."""
     def columns(spec: list[tuple[str, str]], subset: list[dict]) -> str:
+        spec = [(k, title) for k, title in spec if any(k in r for r in subset)]  # BBQ gender: when scored
         return table([title for _, title in spec], [[r.get(k, "") for k, _ in spec] for r in subset])
 
     n_gender = sum(e.bias_type == "gender" for e in items.stereoset)
@@ -67,7 +77,9 @@ def markdown(rows: list[dict], items: Items, before: str, seconds: float) -> str
             f"overall SS, LMS) plus held-out gender examples ({len(items.stereoset) - len(items.stereoset_sample)} "
             f"more; gender SS on all {n_gender}), {len(items.crows_sample)} CrowS-Pairs pairs (proportional sample: all) "
             f"plus every gender pair ({sum(p.bias_type == 'gender' for p in items.crows)} in all), {len(items.winobias)} "
-            f"WinoBias test pairs, {len(items.bbq)} BBQ examples (answer mode, held-out scenarios), {len(items.neutral)} "
+            f"WinoBias test pairs, {len(items.bbq_sample)} BBQ examples (answer mode, held-out scenarios; "
+            f"{sum(e.category == BBQ_GENDER for e in items.bbq)} Gender_identity examples for BBQ gender), "
+            f"{len(items.neutral)} "
             f"neutral texts. 95% bootstrap intervals in brackets. Comparison wall time {seconds:.0f} s.\n\n## Levels\n\n")
     return (head + columns(LEVELS, rows) + "\n## Paired change against before (same items; p: McNemar exact; mdc: the "
             "minimum detectable change of these items, the half-width of the paired 95% interval under no change: a "
@@ -104,7 +116,7 @@ def plot(changes: dict[str, dict], path: Path) -> None:
 
 SOURCE_MARK = "+"  # stage 30's name of a method trained on another pair source: <method>+<source>
 SOURCE_MEASURES = [("ss_gender_distance", "Δ gender abs(SS-50) (StereoSet)"), ("crows_gender", "Δ CrowS gender"),
-                   ("winobias", "Δ WinoBias pro %")]
+                   ("winobias", "Δ WinoBias pro %"), ("bbq_gender", "Δ BBQ gender s_AMB")]
 
 
 def pair_source_run(method: str, source: str) -> str:
@@ -122,7 +134,8 @@ def pair_source_markdown(changes: dict[str, dict]) -> str:
             continue
         method, source = name.split(SOURCE_MARK, 1)
         for label, entry in (("default pairs", changes[method]), (source, change)):
-            rows.append([method, label, *(_with_p(entry[key], "delta", "delta_ci") for key, _ in SOURCE_MEASURES),
+            rows.append([method, label, *(_with_p(entry[key], "delta", "delta_ci") if key in entry else ""
+                                          for key, _ in SOURCE_MEASURES),
                          ci_text(entry["perplexity"]["ppl_change_pct"], entry["perplexity"]["ppl_change_pct_ci"], 1,
                                  signed=True)])
     if not rows:

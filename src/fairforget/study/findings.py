@@ -28,7 +28,7 @@ MEASURES = {  # name -> (the value an unbiased model has, digits shown)
     "StereoSet SS, held-out (micro)": (50.0, 2), "StereoSet gender SS (micro)": (50.0, 2),
     "StereoSet gender |SS - 50|": (0.0, 2), "CrowS-Pairs (% stereotyping preferred)": (50.0, 2),
     "CrowS-Pairs gender (% stereotyping preferred)": (50.0, 2), "WinoBias (% pro-stereotypical preferred)": (50.0, 2),
-    "BBQ s_AMB": (0.0, 3)}
+    "BBQ s_AMB": (0.0, 3), "BBQ gender s_AMB": (0.0, 3)}
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,12 @@ def _methods_changes(folder: Path) -> list[Change]:
                 found.append(Change(measure, label, w["delta"], w["delta_ci"], w["p_value"], w["n"],
                                     w["true_before_only"] + w["true_after_only"], w["metric_before"],
                                     w["metric_after"], cost, ppl))
-        b = c["bbq"]
-        found.append(Change("BBQ s_AMB", label, b["s_amb_delta"], b["s_amb_delta_ci"], b["mcnemar_biased"]["p_value"],
-                            b["n"], before=b.get("s_amb_before"), after=b.get("s_amb_after"), lms=cost, ppl_pct=ppl))
+        for measure, key in (("BBQ s_AMB", "bbq"), ("BBQ gender s_AMB", "bbq_gender")):
+            if key in c:  # BBQ gender: only when stage 30 scored it
+                b = c[key]
+                found.append(Change(measure, label, b["s_amb_delta"], b["s_amb_delta_ci"],
+                                    b["mcnemar_biased"]["p_value"], b["n"], before=b.get("s_amb_before"),
+                                    after=b.get("s_amb_after"), lms=cost, ppl_pct=ppl))
     return found
 
 

@@ -29,7 +29,16 @@ SEPARATOR = "@"  # stage 30's name of a setting: <method>@<folder name>, e.g. ta
 # (key of stage 30's paired changes, file stem, axis label)
 MEASURES = [("ss_gender_distance", "gender", "change in StereoSet gender |SS - 50| (points)"),
             ("winobias", "winobias", "change in WinoBias pro-stereotypical % (points, 50 ideal)"),
-            ("crows_gender", "crows_gender", "change in CrowS-Pairs gender % (points, 50 ideal)")]
+            ("crows_gender", "crows_gender", "change in CrowS-Pairs gender % (points, 50 ideal)"),
+            ("bbq_gender", "bbq_gender", "change in BBQ Gender_identity s_AMB (-1..1, 0 ideal)")]
+
+TITLES = {"gender": "Δ gender abs(SS-50)", "winobias": "Δ WinoBias pro %", "crows_gender": "Δ CrowS gender",
+          "bbq_gender": "Δ BBQ gender s_AMB"}
+
+
+def measured(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """The measures of ``MEASURES`` that ``rows`` hold (BBQ gender only when stage 30 scored it)."""
+    return [m for m in MEASURES if rows and f"d_{m[1]}" in rows[0]]
 
 
 def setting_folders(name: str, folder: Path | str) -> dict[str, Path]:
@@ -66,6 +75,8 @@ def frontier_rows(changes: dict[str, dict], results: dict[str, dict]) -> list[di
                "d_ppl_pct_ci_high": p["ppl_change_pct_ci"][1],
                "d_lms": lms_change(name, results)}
         for key, stem, _ in MEASURES:
+            if key not in change:
+                continue
             c = change[key]
             row.update({f"d_{stem}": c["delta"], f"d_{stem}_ci_low": c["delta_ci"][0],
                         f"d_{stem}_ci_high": c["delta_ci"][1], f"mdc_{stem}": c["mdc"]})
@@ -103,7 +114,7 @@ def plot_frontiers(rows: Sequence[dict], folder: Path, budget_pct: float = 5.0) 
     %, y: the bias change, 95% interval bars), the damage reference dashed; the +``budget_pct``% budget marked."""
     paths = []
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for _, stem, label in MEASURES:
+    for _, stem, label in measured(rows):
         fig, ax = new_figure(figsize=(7, 4.8))
         for method in methods:
             mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["value"])
@@ -139,15 +150,15 @@ def frontier_markdown(rows: Sequence[dict], chosen: dict[str, str]) -> str:
                       ci_text(r["d_ppl_pct"], [r["d_ppl_pct_ci_low"], r["d_ppl_pct_ci_high"]], 1, signed=True),
                       f"{r['d_lms']:+.2f}",
                       *(ci_text(r[f"d_{stem}"], [r[f"d_{stem}_ci_low"], r[f"d_{stem}_ci_high"]], 2, signed=True)
-                        for _, stem, _ in MEASURES),
+                        for _, stem, _ in measured(rows)),
                       "n/a" if d is None or math.isnan(d["distance"]) else ci_text(d["distance"], d["distance_ci"], 2,
                                                                                    signed=True)])
-    mdc = "; ".join(f"{stem} ±{rows[0][f'mdc_{stem}']:.2f}" for _, stem, _ in MEASURES)
+    mdc = "; ".join(f"{stem} ±{rows[0][f'mdc_{stem}']:.2f}" for _, stem, _ in measured(rows))
     return ("\n## Frontiers: every saved setting, paired against before (held-out items)\n\n"
             "One row per setting (`*`: the one its stage chose on the selection half). Gender vs damage: the change "
             "in gender |SS - 50| minus the damage reference's at the same perplexity change (interpolated; negative: "
             "more removed than damage alone; interval from the two half-widths in quadrature, conservative; n/a "
             f"outside the damage curve's range). Minimum detectable change at this size: {mdc} points. Figures: "
-            + ", ".join(f"`frontier_{stem}.png`" for _, stem, _ in MEASURES) + ".\n\n"
-            + table(["method", "setting", "Δ perplexity %", "Δ LMS", "Δ gender abs(SS-50)", "Δ WinoBias pro %",
-                     "Δ CrowS gender", "gender vs damage"], lines))
+            + ", ".join(f"`frontier_{stem}.png`" for _, stem, _ in measured(rows)) + ".\n\n"
+            + table(["method", "setting", "Δ perplexity %", "Δ LMS",
+                     *(TITLES[stem] for _, stem, _ in measured(rows)), "gender vs damage"], lines))

@@ -215,8 +215,9 @@ def _provenance(page: _Page, results: Sequence[StageResult], data_root: Path) ->
 
 
 def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: Path, title: str,
-                 total_seconds: float, data_root: Path = Path("data")) -> str:
-    """The report's markdown (also written to ``path``)."""
+                 total_seconds: float, data_root: Path = Path("data"), machine: str = "") -> str:
+    """The report's markdown (also written to ``path``; ``machine``: the fp32 matmul rates measured in the run,
+    quoted beside its wall time)."""
     try:
         changes, shares, problem = collect_changes(stages), collect_shares(stages), ""
     except (FairforgetError, KeyError, ValueError) as exc:
@@ -224,7 +225,8 @@ def build_report(stages: Sequence[Stage], results: Sequence[StageResult], path: 
     page = _Page(Path(path).parent, changes)
     page.add(f"# fairforget report: {title}\n")
     page.add(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total wall time of this run "
-             f"{total_seconds / 60:.1f} min (stages skipped as up to date show their earlier time).\n")
+             f"{total_seconds / 60:.1f} min{f' ({machine})' if machine else ''} (stages skipped as up to date show "
+             f"their earlier time).\n")
     page.add(problem or findings_block(changes, shares))
     rows = [[r.name, r.status, f"{r.seconds:.0f}", r.note] for r in results]
     page.add("## Stages\n")

@@ -14,6 +14,7 @@ SEED_MARK = ":seed"
 MEASURES = [("ss_gender_distance", "delta", "delta_ci", "Δ gender abs(SS-50)"),
             ("winobias", "delta", "delta_ci", "Δ WinoBias pro %"),
             ("crows_gender", "delta", "delta_ci", "Δ CrowS gender"),
+            ("bbq_gender", "delta", "delta_ci", "Δ BBQ gender s_AMB"),
             ("perplexity", "ppl_change_pct", "ppl_change_pct_ci", "Δ perplexity %")]
 
 
@@ -38,6 +39,8 @@ def seed_rows(changes: dict[str, dict], groups: dict[str, list[str]]) -> list[di
     rows = []
     for method, runs in groups.items():
         for key, value, interval, _ in MEASURES:
+            if key not in changes[runs[0]]:  # BBQ gender: only when stage 30 scored it
+                continue
             values = [changes[r][key][value] for r in runs]
             rows.append({"method": method, "measure": key, "n_seeds": len(runs), "mean": statistics.fmean(values),
                          "sd": statistics.stdev(values), "min": min(values), "max": max(values),
@@ -52,9 +55,10 @@ def seeds_markdown(rows: Sequence[dict]) -> str:
         return ""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["method"], r["measure"]): r for r in rows}
-    cells = [[m, by[(m, MEASURES[0][0])]["n_seeds"],
-              *(f"{by[(m, k)]['mean']:+.2f} ± {by[(m, k)]['sd']:.2f}" for k, *_ in MEASURES)] for m in methods]
-    runs = [[m, title, by[(m, k)]["runs"]] for m in methods for k, _, _, title in MEASURES]
+    shown = [m for m in MEASURES if (methods[0], m[0]) in by]
+    cells = [[m, by[(m, shown[0][0])]["n_seeds"],
+              *(f"{by[(m, k)]['mean']:+.2f} ± {by[(m, k)]['sd']:.2f}" for k, *_ in shown)] for m in methods]
+    runs = [[m, title, by[(m, k)]["runs"]] for m in methods for k, _, _, title in shown]
     return ("\n## Seeds: mean ± spread (sample SD) of the paired change over seeds\n\n"
-            + table(["method", "seeds", *(title for *_, title in MEASURES)], cells)
+            + table(["method", "seeds", *(title for *_, title in shown)], cells)
             + "\nEach seed's own change with its paired 95% interval:\n\n" + table(["method", "measure", "runs"], runs))
