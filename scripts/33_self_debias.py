@@ -51,7 +51,7 @@ class Config(SettingsFlags):
     def validate(self) -> None:
         if not self.bias_types:
             raise FairforgetError("--bias-types needs at least one bias type")
-        if min(self.decay_constant, *self.decays) < 0 or not 0 < self.epsilon <= 1:
+        if min([self.decay_constant, *self.decays]) < 0 or not 0 < self.epsilon <= 1:
             raise FairforgetError("--decay-constant and --decays must be >= 0 and --epsilon in (0, 1]")
 
 

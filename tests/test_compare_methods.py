@@ -50,8 +50,11 @@ def test_summary_rows_and_tables_show_values_with_intervals():
     assert row["bbq_s_dis"] == "n/a" and row["bbq_s_amb"] == "0.100 [0.000, 0.200]"
     assert row["wall_seconds"] == 3 and row["peak_memory_mib"] == "n/a" and "d_ss_overall" not in row
     gender_pair = type("Pair", (), {"bias_type": "gender"})()
-    items = Items([], set(), [gender_pair, gender_pair], {"c1"}, [1, 2, 3], [1], ["text"], [])
+    bbq_items = [type("Bbq", (), {"category": c})() for c in ("Age", "Gender_identity", "Gender_identity")]
+    items = Items([], set(), [gender_pair, gender_pair], {"c1"}, [1, 2, 3], bbq_items, ["text"], [], {("Age", 1)})
     text = markdown([row], items, "base", 7.0)
+    assert "1 BBQ examples (answer mode, held-out scenarios; 2 Gender_identity examples for BBQ gender)" in text
+    assert "BBQ gender s_AMB" not in text  # a column only where stage 30 scored BBQ gender
     assert "| before | 55.00 [54.00, 56.00] |" in text and "7 s" in text
     assert "1 CrowS-Pairs pairs (proportional sample: all) plus every gender pair (2 in all), 3 WinoBias" in text
     assert sum(line.startswith("|---|") for line in text.splitlines()) == 2  # levels, (empty) paired changes

@@ -59,6 +59,7 @@ LEVELS = [("method", "method"), ("ss_gender", "SS gender"), ("ss_overall", "SS o
           ("bbq_s_amb", "BBQ s_AMB"), ("bbq_acc", "BBQ acc"), ("bbq_gender_s_amb", "BBQ gender s_AMB"),
           ("perplexity", "perplexity"),
           ("wall_seconds", "method wall s"), ("peak_memory_mib", "peak MiB")]
+SCORED_IF_ASKED = ("bbq_gender_s_amb", "d_bbq_gender_s_amb")  # columns shown only where stage 30 scored BBQ gender
 CHANGES = [("method", "method"), ("d_gender_distance", "Δ gender abs(SS-50)"), ("d_ss_overall", "Δ SS overall"),
            ("d_crows_gender", "Δ CrowS gender"), ("d_crows_all", "Δ CrowS all"), ("d_winobias", "Δ WinoBias pro %"),
            ("d_bbq_s_amb", "Δ BBQ s_AMB"), ("d_bbq_acc", "Δ BBQ acc"), ("d_bbq_gender_s_amb", "Δ BBQ gender s_AMB"),
@@ -68,7 +69,7 @@ CHANGES = [("method", "method"), ("d_gender_distance", "Δ gender abs(SS-50)"), 
 def markdown(rows: list[dict], items: Items, before: str, seconds: float) -> str:
     """summary.md: what was scored, the levels table and the paired-change table."""
     def columns(spec: list[tuple[str, str]], subset: list[dict]) -> str:
-        spec = [(k, title) for k, title in spec if any(k in r for r in subset)]  # BBQ gender: when scored
+        spec = [(k, title) for k, title in spec if k not in SCORED_IF_ASKED or any(k in r for r in subset)]
         return table([title for _, title in spec], [[r.get(k, "") for k, _ in spec] for r in subset])
 
     n_gender = sum(e.bias_type == "gender" for e in items.stereoset)
