@@ -30,6 +30,10 @@ Frontiers (``--frontiers name=folder``, the folder a method's stage saved every 
 ``summary.md`` with each point's distance from the damage curve (``fairforget.study.frontier``). The tables above
 it hold the settings the stages chose on the selection half.
 
+A method whose record says it kept strength 0 of --before (no setting in its budget) is the before model exactly
+(the method contract, tested for every method), so it is paired with before's own scores rather than scored
+again: a change of exactly 0.
+
 Seeds: a method run again with another seed, named ``<method>:seed<N>`` in --methods, is grouped with
 ``<method>``: ``seeds.csv`` and a section of ``summary.md`` with the seed mean and spread of each paired change
 beside every run's interval (``fairforget.study.seeds``). A method trained on another stage-10 pair source, named
@@ -60,7 +64,8 @@ from fairforget.evals.suite import SuiteConfig, held_out_items, levels, score_al
 from fairforget.evals.winobias import data_files as winobias_files
 from fairforget.study.compare import (markdown, paired_rows, pair_source_markdown, planted_shares, plot, share_rows,
                                      shares_markdown, summary_row)
-from fairforget.study.frontier import SEPARATOR, frontier_markdown, frontier_rows, plot_frontiers, setting_folders
+from fairforget.study.frontier import (SEPARATOR, frontier_markdown, frontier_rows, kept_start, plot_frontiers,
+                                      setting_folders)
 from fairforget.study.seeds import seed_groups, seed_rows, seeds_markdown
 from fairforget.methods.registry import METHODS, default_folders, load_output, output_kind
 from fairforget.models import DEFAULT_EMBEDDED
@@ -131,13 +136,18 @@ def main(cfg: Config) -> None:
     settings = {n: str(f) for entry in cfg.frontiers for n, f in setting_folders(*entry.split("=", 1)).items()}
     specs = {**chosen_specs, **settings}
     record_files = dict(r.split("=", 1) for r in cfg.records)
+    records = {name: read_json(record_files[name], f"{name} method record") if Path(record_files.get(name, "")).is_file()
+               else {} for name in specs}
+    unchanged = [n for n in chosen_specs if n != "before" and kept_start(records[n], cfg.before)]
+    if unchanged:
+        print(f"kept strength 0, the before model exactly (method contract), so scored as before: "
+              f"{', '.join(unchanged)}", flush=True)
     print(f"comparing {len(chosen_specs) - 1} methods and {len(settings)} frontier settings on "
           f"{len(items.stereoset)} StereoSet, {len(items.crows)} CrowS-Pairs, {len(items.winobias)} WinoBias, "
           f"{len(items.bbq)} BBQ items ({len(items.bbq_sample)} for overall) and {len(items.neutral)} neutral texts", flush=True)
-    results, changes = score_all(specs, items, suite, cfg.out / "scores", load_output,
+    scored_specs = {n: cfg.before if n in unchanged else spec for n, spec in specs.items()}
+    results, changes = score_all(scored_specs, items, suite, cfg.out / "scores", load_output,
                                  lambda spec: output_kind(spec) == "wrapper")
-    records = {name: read_json(record_files[name], f"{name} method record") if Path(record_files.get(name, "")).is_file()
-               else {} for name in specs}
     rows = [summary_row(name, results[name], changes.get(name), records[name]) for name in chosen_specs]
     chosen = {n: changes[n] for n in chosen_specs if n in changes}
     frontier = frontier_rows(changes, results)

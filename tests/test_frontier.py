@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fairforget.errors import FairforgetError
-from fairforget.study.frontier import damage_distance, frontier_markdown, setting_folders, setting_value
+from fairforget.study.frontier import damage_distance, frontier_markdown, kept_start, setting_folders, setting_value
 
 
 def _row(method: str, setting: str, ppl: float, gender: float, half: float) -> dict:
@@ -43,3 +43,13 @@ def test_setting_folders_are_ordered_by_value_and_an_empty_folder_is_refused(tmp
     assert list(setting_folders("tv", tmp_path)) == ["tv@lambda_0", "tv@lambda_0.5", "tv@lambda_1", "tv@lambda_10"]
     with pytest.raises(FairforgetError, match="holds no saved settings"):
         setting_folders("tv", tmp_path / "notes")
+
+
+def test_a_method_that_kept_strength_0_of_before_is_recognised_from_its_record():
+    def record(setting, model="embedded:m"):
+        return {"chosen_setting": setting, "provenance": {"config": {"model": model}}}
+
+    assert kept_start(record("lambda_0"), "embedded:m") and kept_start(record("step_0"), "embedded:m")
+    assert not kept_start(record("lambda_0.5"), "embedded:m")  # a nonzero strength
+    assert not kept_start(record("lambda_0", "models/planted"), "embedded:m")  # started from another model
+    assert not kept_start(record(None), "embedded:m") and not kept_start({}, "embedded:m")  # no setting recorded

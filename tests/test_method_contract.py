@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_script
-from fairforget.artifacts import read_json
+from fairforget.artifacts import read_json, write_json
 from fairforget.config import parse_config, run_script
 from fairforget.evals.perplexity import GENDERED, load_neutral_texts
 from fairforget.evals.stereoset import evaluate_stereoset, load_stereoset, select_half, stratified_limit
@@ -201,7 +201,8 @@ def test_head_pruning_saves_each_dose_k_pruned_model_as_a_setting(study, tmp_pat
     assert (config["k"], config["recovery"], config["select"]) == (1, "none", "top-k")
 
 
-def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_their_frontier(study, tmp_path):
+def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_their_frontier(study, tmp_path,
+                                                                                          capsys):
     """--settings-dir saves every nonzero strength's model (the chosen one: the stage's output exactly); stage 30
     --frontiers scores each as name@setting and writes frontier.csv, one figure
     per measure and the summary section, the chosen setting marked, the damage reference as the curve to beat."""
@@ -237,9 +238,12 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
     assert read_json(tmp_path / "self_debias" / "settings" / "decay_10" / CONFIG_FILE)["config"]["decay_constant"] == 10
     stage30 = load_script("30_compare_methods.py")
     out = tmp_path / "compare"
+    kept_zero = read_json(tmp_path / "leace" / "log" / "method.json")
+    write_json(tmp_path / "zero.json", {**kept_zero, "chosen_setting": "alpha_0"})  # as if no alpha were in budget
     stage30.main(parse_config(stage30.Config(), [
         "--before", start, "--methods", *(f"{n}={tmp_path / n / 'model'}" for n in ("task_vector", "leace")),
-        "--records", *records, "--frontiers", *frontiers,
+        f"zero={tmp_path / 'leace' / 'model'}", "--records", *records, f"zero={tmp_path / 'zero.json'}",
+        "--frontiers", *frontiers,
         "--stereoset", str(layout.stereoset), "--crows", str(layout.crows), "--winobias", str(layout.winobias),
         "--winobias-limit", "8", "--bbq-dir", str(layout.bbq), "--stereoset-limit", "8", "--gender-limit", "6",
         "--crows-limit", "8", "--bbq-per-category", "1", "--bbq-gender-limit", "4", "--ppl-limit", "3",
@@ -256,7 +260,11 @@ def test_saved_settings_are_the_models_each_strength_gives_and_stage_30_draws_th
     chosen = read_json(tmp_path / "task_vector" / "log" / "method.json")["chosen_setting"]
     assert metrics["changes"][f"task_vector@{chosen}"] == metrics["changes"]["task_vector"]  # same weights, same items
     assert [r.split(",")[0] for r in (out / "summary.csv").read_text().splitlines()[1:]] == ["before", "task_vector",
-                                                                                          "leace"]
+                                                                                          "leace", "zero"]
+    # strength 0 kept: paired with before's own scores (the start exactly, by the contract), not scored again
+    assert "scored as before: zero" in capsys.readouterr().out
+    assert all(c.get("delta", 0) == 0 for c in metrics["changes"]["zero"].values())
+    assert metrics["levels"]["zero"] == metrics["levels"]["before"]
     for stem in ("gender", "winobias", "crows_gender", "bbq_gender"):
         assert (out / f"frontier_{stem}.png").stat().st_size > 0
     bbq_gender = metrics["changes"]["leace"]["bbq_gender"]  # the sample's Gender_identity item and 4 more

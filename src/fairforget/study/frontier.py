@@ -61,6 +61,13 @@ def setting_value(setting: str) -> float:
         return math.nan
 
 
+def kept_start(record: dict, before: str) -> bool:
+    """Whether a method's record says it kept strength 0 (its chosen setting's value is 0) of ``before``: by the
+    method contract that output is the start model exactly, so stage 30 pairs it with before's own scores."""
+    started_from = record.get("provenance", {}).get("config", {}).get("model")
+    return started_from == before and setting_value(str(record.get("chosen_setting"))) == 0
+
+
 def frontier_rows(changes: dict[str, dict], results: dict[str, dict]) -> list[dict]:
     """frontier.csv: one row per saved setting, its paired perplexity and LMS change and each bias measure's
     paired change against before, with intervals."""
