@@ -126,7 +126,8 @@ def metric_groups(metrics: dict) -> dict[str, dict]:
     return {name: metrics[name] for name in [*metrics["categories"], "overall"]}
 
 
-def _item_key(it: dict) -> tuple[str, int]:
+def item_key(it: dict) -> tuple[str, int]:
+    """A scored BBQ item's identity: (category, example_id)."""
     return (it["category"], int(it["example_id"]))
 
 
@@ -138,14 +139,14 @@ def compare_runs(before: Sequence[dict], after: Sequence[dict], n_boot: int = 10
     detectable change: the half-width of that interval (a bias score is a ratio, not a share of flips, so the
     paired bootstrap gives it; GUIDE section 9).
     """
-    by_key = {_item_key(it): it for it in before}
-    if len(by_key) != len(before) or {_item_key(it) for it in after} != set(by_key) or len(after) != len(before):
+    by_key = {item_key(it): it for it in before}
+    if len(by_key) != len(before) or {item_key(it) for it in after} != set(by_key) or len(after) != len(before):
         raise ValueError("the two runs must contain exactly the same items (category, example_id)")
-    paired_before = [by_key[_item_key(it)] for it in after]
+    paired_before = [by_key[item_key(it)] for it in after]
     result = {}
     for group, after_items in _groups(after).items():
-        keys = {_item_key(it) for it in after_items}
-        before_items = [it for it in paired_before if _item_key(it) in keys]
+        keys = {item_key(it) for it in after_items}
+        before_items = [it for it in paired_before if item_key(it) in keys]
         a0, a1 = BbqArrays(before_items), BbqArrays(after_items)
         every = np.arange(len(after_items))
         f0, f1 = metric_functions(a0), metric_functions(a1)

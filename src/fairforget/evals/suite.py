@@ -26,7 +26,7 @@ from fairforget.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from fairforget.config import config_to_dict
 from fairforget.errors import FairforgetError
 from fairforget.evals.bbq import BBQ_GENDER, load_bbq, sample_per_category
-from fairforget.evals.bbq_metrics import summarize
+from fairforget.evals.bbq_metrics import item_key, summarize
 from fairforget.evals.bbq_split import split_by_scenario
 from fairforget.evals.crows import compute_metrics as crows_metrics
 from fairforget.evals.perplexity import load_neutral_texts
@@ -140,9 +140,7 @@ def held_out_items(cfg: SuiteConfig, bbq: list | None = None) -> Items:
 
 
 def bbq_key(example: Any) -> tuple[str, int]:
-    """A BBQ example's or scored item's identity: (category, example_id)."""
-    if isinstance(example, dict):
-        return example["category"], int(example["example_id"])
+    """A BBQ example's identity, as :func:`~fairforget.evals.bbq_metrics.item_key` gives its scored item's."""
     return example.category, int(example.example_id)
 
 
@@ -205,7 +203,7 @@ def of_gender(scored: list[dict]) -> list[dict]:
 
 
 def in_bbq_sample(bbq_items: list[dict], items: Items) -> list[dict]:
-    return [it for it in bbq_items if bbq_key(it) in items.bbq_sample]
+    return [it for it in bbq_items if item_key(it) in items.bbq_sample]
 
 
 def of_bbq_gender(bbq_items: list[dict]) -> list[dict]:
