@@ -31,11 +31,12 @@ from fairforget.errors import FairforgetError
 from fairforget.flags import SelectionFlags
 from fairforget.methods.registry import CONFIG_FILE, method_config, write_method_record
 from fairforget.methods.projection import (ProjectionConfig, DEFAULT_STRENGTHS, STRENGTH_NAMES, extract, fit, fitting_files, fitting_pairs,
-                                           fold, record_in_config, reused_body_outputs, untie_head)
+                                           fold, record_in_config, untie_head)
 from fairforget.methods.selection import (budget_text, choose_setting, criterion, save_setting, selection_examples,
                                           selection_score, selection_texts, setting_name)
 from fairforget.models import DEFAULT_EMBEDDED, load_model
 from fairforget.progress import progress
+from fairforget.scoring import reused_body_outputs
 from fairforget.stats import proportional_sample
 
 

@@ -11,9 +11,9 @@ import torch
 from fairforget.artifacts import read_json, save_model
 from fairforget.methods.projection import (CONFIG_KEY, GenderedPair, extract, fit, fitting_pairs, fold,
                                            inlp_directions, leace_eraser, leace_projection, record_in_config,
-                                           reused_body_outputs, untie_head)
+                                           untie_head)
 from fairforget.models import load_model
-from fairforget.scoring import score_continuations
+from fairforget.scoring import BodyOutputs, reused_body_outputs, score_continuations
 from fairforget.tiny import build_tiny_model
 
 PAIRS = [GenderedPair("The nurse said that he would be late for the meeting.",

@@ -82,3 +82,42 @@ def test_a_model_is_scored_once_per_setting_and_pairs_with_itself_as_no_change(t
     assert row["p_ss_gender"] == row["p_crows"] == 1.0
     level = summary_row(first["scores"], items, 20, 0)
     assert level["n_stereoset_overall"] == len(items.stereoset_sample) and Path(folder).is_dir()
+
+
+def test_a_model_whose_head_alone_differs_is_scored_by_its_head_with_the_scores_it_gets_alone(tmp_path, tokenizer,
+                                                                                              shared_data):
+    import torch
+
+    from fairforget.artifacts import save_model
+    from fairforget.methods.projection import fold, untie_head
+    from fairforget.scoring import BodyOutputs, backbone_and_head
+    from fairforget.tiny import save_tiny_model
+
+    before = str(save_tiny_model("llama", tokenizer, tmp_path / "before"))
+    other = str(save_tiny_model("llama", tokenizer, tmp_path / "other", seed=1))
+    folded = load_model(before, "cpu").model
+    direction = torch.nn.functional.normalize(torch.arange(1.0, folded.config.hidden_size + 1), dim=0)
+    fold(folded, untie_head(folded)[0], (torch.eye(len(direction)) - torch.outer(direction, direction)).double())
+    projected = str(save_model(folded, tokenizer, tmp_path / "projected"))
+    cfg = SuiteConfig(shared_data / "stereoset/dev.json", shared_data / CROWS, shared_data / "winobias/data", None,
+                      stereoset_limit=6, gender_limit=4, crows_limit=6, winobias_limit=4, ppl_limit=3,
+                      batch_size=4, n_boot=20, device="cpu")
+    items = held_out_items(cfg, [])
+    body_runs = []
+
+    def counting_load(spec, device):
+        loaded = load_model(spec, device)
+        body, _ = backbone_and_head(loaded.model)
+        forward = body.forward
+        body.forward = lambda *a, **k: body_runs.append(spec) or forward(*a, **k)
+        return loaded
+
+    shared = BodyOutputs()
+    scored = {spec: score_model(spec, spec, items, cfg, tmp_path / "shared", counting_load, shared=shared)["scores"]
+              for spec in (before, projected, other)}
+    assert body_runs.count(before) > 0 and body_runs.count(projected) == 0  # the head alone ran for it
+    assert body_runs.count(other) == body_runs.count(before)  # other weights: its body runs
+    for spec in (projected, other):
+        alone = score_model(spec, spec, items, cfg, tmp_path / "alone", load_model)["scores"]
+        assert alone == scored[spec]
+    assert scored[projected]["winobias"][1] != scored[before]["winobias"][1]

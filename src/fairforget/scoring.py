@@ -5,13 +5,19 @@ is added where the tokenizer adds one), the continuation without. When the prefi
 sequence is conditioned on the tokenizer's BOS token, or its EOS token where it has no BOS (GPT-2 style),
 so that the first continuation token is scored too. Sequences are right-padded: causal models never look
 at later positions, so padding cannot change a score (for attention, Mamba and GPT-2 alike).
+
+Models that share a body (a projection folded into the LM head changes only the head) can share its outputs:
+inside :func:`reused_body_outputs`, a body with the weights of a :class:`BodyOutputs` store returns the stored
+output for an input it has seen, so scoring the same items again runs only the head.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -91,6 +97,76 @@ def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     """Last hidden states [batch, seq, hidden] from the model body (no vocabulary projection)."""
     body, _ = backbone_and_head(model)
     return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+@dataclass
+class BodyOutputs:
+    """Outputs of one model body by input; ``fingerprint`` names its weights (None until a model is given)."""
+
+    fingerprint: str | None = None
+    outputs: dict[tuple, Any] = field(default_factory=dict)
+
+
+def body_fingerprint(model: Any) -> str:
+    """sha256 of the body's class, parameter and buffer names, dtypes, shapes and bytes."""
+    body, _ = backbone_and_head(model)
+    digest = hashlib.sha256(type(body).__name__.encode())
+    for name, tensor in body.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(_raw_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes, whatever its dtype (bfloat16 included)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _plain_call_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> tuple | None:
+    """What a body call's output depends on (its tensors' bytes and its other arguments), or None for a call
+    that reads or writes a cache: such a call always runs."""
+    if kwargs.get("use_cache") or any(not isinstance(v, (torch.Tensor, bool, int, float, str, type(None)))
+                                      for v in kwargs.values()):
+        return None
+
+    def part(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return str(value.dtype), tuple(value.shape), _raw_bytes(value)
+        return value
+
+    return part(input_ids), part(attention_mask), tuple(sorted((k, part(v)) for k, v in kwargs.items()))
+
+
+@contextmanager
+def reused_body_outputs(model: Any, store: BodyOutputs | None = None) -> Iterator[bool]:
+    """Inside, when ``model``'s body has the weights of ``store`` (a new or empty store takes this model's),
+    the body returns the stored output for an input it has seen and stores the others, so a model whose head
+    alone differs is scored by its head only. Calls with a cache always run. Yields whether outputs are shared."""
+    store = BodyOutputs() if store is None else store
+    fingerprint = body_fingerprint(model)
+    store.fingerprint = store.fingerprint or fingerprint
+    if store.fingerprint != fingerprint:
+        yield False
+        return
+    body, _ = backbone_and_head(model)
+    original, own = body.forward, vars(body).get("forward")
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        key = _plain_call_key(input_ids, attention_mask, kwargs)
+        if key is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if key not in store.outputs:
+            store.outputs[key] = original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return store.outputs[key]
+
+    body.forward = forward
+    try:
+        yield True
+    finally:
+        if own is None:
+            del body.forward
+        else:
+            body.forward = own
 
 
 def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -16,6 +16,7 @@ paired interval under no change).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from fairforget.evals.perplexity import load_neutral_texts
 from fairforget.evals.registry import EVALUATIONS
 from fairforget.evals.stereoset import compute_metrics, decisions, stratified_limit
 from fairforget.hashing import Hasher
+from fairforget.scoring import BodyOutputs, reused_body_outputs
 from fairforget.stats import bootstrap_ci, mcnemar, minimum_detectable_change
 
 SCORED = ("stereoset", "crows", "winobias", "bbq", "perplexity")  # Items fields, by evaluation name
@@ -164,9 +166,10 @@ def weights_digest(spec: str) -> str:
 
 
 def score_model(name: str, spec: str, items: Items, cfg: SuiteConfig, cache: Path, load: Callable,
-                wrapper: bool = False) -> dict:
+                wrapper: bool = False, shared: BodyOutputs | None = None) -> dict:
     """:func:`score_items` of one model (``load(spec, device)``), reusing ``cache/<digest>/`` when the same
-    weights were scored with the same settings; adds ``source`` and ``eval_seconds``."""
+    weights were scored with the same settings, and the body outputs in ``shared`` when its body has their
+    weights (only its head then runs); adds ``source`` and ``eval_seconds``."""
     digest = weights_digest(spec)
     folder = cache / digest[:16]
     settings = {"weights_sha256": digest, **{k: v for k, v in config_to_dict(cfg).items() if k != "device"}}
@@ -177,8 +180,10 @@ def score_model(name: str, spec: str, items: Items, cfg: SuiteConfig, cache: Pat
     else:
         start = time.perf_counter()
         loaded = load(spec, cfg.device)
-        print(f"{name}: scoring {loaded.source}", flush=True)
-        scores = score_items(loaded.model, loaded.tokenizer, items, cfg, wrapper)
+        with reused_body_outputs(loaded.model, shared) if shared is not None else nullcontext(False) as reused:
+            print(f"{name}: scoring {loaded.source}" + (" (the body's outputs are stored ones: its head alone "
+                                                        "differs)" if reused and shared.outputs else ""), flush=True)
+            scores = score_items(loaded.model, loaded.tokenizer, items, cfg, wrapper)
         for evaluation, (_, scored) in scores.items():
             write_jsonl(folder / f"{evaluation}_items.jsonl", scored)
         record = {"settings": settings, "source": loaded.source, "eval_seconds": round(time.perf_counter() - start, 1),
@@ -298,8 +303,10 @@ def bbq_gender_change(comparison: dict) -> dict:
 
 def score_all(models: dict[str, str], items: Items, cfg: SuiteConfig, cache: Path, load: Callable,
               is_wrapper: Callable[[str], bool]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Every model's levels (the first is "before"), and each other model's paired changes against it."""
-    results = {name: levels(score_model(name, spec, items, cfg, cache, load, is_wrapper(spec)), items, cfg)
+    """Every model's levels (the first is "before"), and each other model's paired changes against it. A model
+    whose body has the weights of the first one scored here reuses that body's outputs."""
+    shared = BodyOutputs()
+    results = {name: levels(score_model(name, spec, items, cfg, cache, load, is_wrapper(spec), shared), items, cfg)
                for name, spec in models.items()}
     before = next(iter(results))
     changes = {name: paired(results[before], r, items, cfg) for name, r in results.items() if name != before}

@@ -25,10 +25,9 @@ two sentences of a pair differ (earlier positions cannot see the gendered word: 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from concept_erasure import LeaceFitter
@@ -218,31 +217,6 @@ def fold(model: Any, start_weight: torch.Tensor, projection: torch.Tensor) -> An
     with torch.no_grad():
         head.weight.copy_((start_weight.double() @ projection).to(head.weight.dtype))
     return model
-
-
-@contextmanager
-def reused_body_outputs(model: Any) -> Iterator[None]:
-    """Inside, the model body returns its earlier output for inputs it has seen: a fold changes only the head,
-    so scoring the same items at several strengths runs the body once (the head's matmul each time)."""
-    body, _ = backbone_and_head(model)
-    cache: dict[tuple, Any] = {}
-
-    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        key = (input_ids.cpu().numpy().tobytes(), tuple(input_ids.shape),
-               None if attention_mask is None else attention_mask.cpu().numpy().tobytes(), tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return cache[key]
-
-    original, own = body.forward, vars(body).get("forward")
-    body.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del body.forward
-        else:
-            body.forward = own
 
 
 def record_in_config(model: Any, method: str, strength: float, tied: bool, **details: Any) -> None:
