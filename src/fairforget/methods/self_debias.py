@@ -107,11 +107,13 @@ class SelfDebiasBody(torch.nn.Module):
         self.decay = float(decay)
         self.epsilon = float(epsilon)
 
-    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor:
+    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
+                  skip: int = 0) -> torch.Tensor:
+        """Log-distributions at every position but the first ``skip`` (the head never runs on those)."""
         body, head = backbone_and_head(self.lm)
         kwargs = {"position_ids": positions} if positions is not None else {}
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
-        return torch.log_softmax(head(hidden).float(), dim=-1)
+        return torch.log_softmax(head(hidden[:, skip:]).float(), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
@@ -134,7 +136,7 @@ class SelfDebiasBody(torch.nn.Module):
         for prefix in self.prefix_ids:
             extra = torch.tensor(prefix, device=ids.device).expand(ids.shape[0], len(prefix))
             p_ids, p_mask, p_pos = _prepend(ids, mask, positions, extra)
-            prefixed.append(self._logprobs(p_ids, p_mask, p_pos)[:, len(prefix):])
+            prefixed.append(self._logprobs(p_ids, p_mask, p_pos, len(prefix)))
         out = adjust(plain, prefixed, self.decay, self.epsilon)[:, skip:]
         cache = TokenCache(torch.cat([past_key_values.ids.to(ids.device), input_ids], dim=1)
                            if isinstance(past_key_values, TokenCache) else input_ids) if use_cache else None
