@@ -61,3 +61,28 @@ def test_token_logprobs_gradient_matches_autograd_of_hand_written_loss(tiny_mode
     for mine, ref in zip(ours, (p.grad for p in model.parameters())):
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)
+
+
+GROUPS = [
+    ("The janitor reprimanded the accountant because she made a mistake.",
+     "The janitor reprimanded the accountant because he made a mistake."),
+    ("The nurse met the farmer and wished him well.", "The nurse met the farmer and wished her well.",
+     "The nurse met the farmer and wished them a very pleasant evening indeed."),
+    ("Hi", "Hi"),  # identical: each keeps its last token as its own
+    ("He left.", "She left early, without a word."),  # differing at the first word
+    ("A single sentence with nothing to share.",),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mamba", "gpt2"])
+def test_sentence_groups_score_each_sentence_as_it_scores_alone(tiny_models, tokenizer, arch):
+    from fairforget.choice_scoring import score_sentence_groups
+
+    model = tiny_models[arch]
+    for batch_size in (1, 4, 32):
+        grouped = score_sentence_groups(model, tokenizer, GROUPS, batch_size=batch_size)
+        assert [len(g) for g in grouped] == [len(g) for g in GROUPS]
+        for group, scores in zip(GROUPS, grouped):
+            alone = score_continuations(model, tokenizer, [("", s) for s in group], batch_size=1)
+            assert [s.n_tokens for s in scores] == [a.n_tokens for a in alone]
+            assert [s.logprob for s in scores] == pytest.approx([a.logprob for a in alone], abs=1e-4)

@@ -37,7 +37,7 @@ import torch
 from fairforget import distributed
 from fairforget.errors import FairforgetError
 from fairforget.progress import progress
-from fairforget.scoring import (Encoded, Score, backbone_and_head, check_finite, check_lengths, collate,
+from fairforget.scoring import (Encoded, Score, backbone_and_head, check_finite, check_lengths, collate, encode,
                                 length_sorted_batches, score_encoded)
 
 
@@ -176,7 +176,7 @@ def _split(scores: list[Score], option_ids: Sequence[Sequence[Any]]) -> list[lis
 
 
 def _tree_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Sequence[Sequence[Sequence[int]]],
-                pad_id: int, device: torch.device, preamble: Preamble) -> list[list[Score]]:
+                pad_id: int, device: torch.device, preamble: Preamble, score_prompt: bool = False) -> list[list[Score]]:
     """Attention models: each row is a prompt followed by all its options, in one forward pass.
 
     A 4-D attention mask lets a prompt token see the preamble and the earlier prompt tokens, and an option
@@ -217,17 +217,33 @@ def _tree_batch(model: Any, prompt_ids: Sequence[Sequence[int]], option_ids: Seq
     hidden = body(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                   position_ids=position_ids.to(device), past_key_values=preamble.for_batch(len(rows)),
                   use_cache=bool(skip)).last_hidden_state
+    n_options = len(targets)
+    if score_prompt:  # the prompt's own tokens after its first, in the same head call
+        targets += [(r, j - 1, prompt[j]) for r, prompt in enumerate(prompt_ids) for j in range(1, len(prompt))]
     t = torch.tensor(targets, device=device)
     picked = torch.log_softmax(head(hidden[t[:, 0], t[:, 1]]).float(), -1).gather(-1, t[:, 2:3]).squeeze(-1)
     lengths = [len(o) for opts in option_ids for o in opts]
     owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    sums = torch.zeros(len(lengths), dtype=picked.dtype, device=device).index_add(0, owner, picked)
-    return _split([Score(s, n) for s, n in zip(sums.tolist(), lengths)], option_ids)
+    sums = torch.zeros(len(lengths), dtype=picked.dtype, device=device).index_add(0, owner, picked[:n_options])
+    prompt_sums = (torch.zeros(len(prompt_ids), dtype=picked.dtype, device=device).index_add(
+        0, t[n_options:, 0], picked[n_options:]) if score_prompt else None)
+    return _split(_option_scores(sums, lengths, prompt_ids, option_ids, prompt_sums), option_ids)
+
+
+def _option_scores(sums: torch.Tensor, lengths: Sequence[int], prompt_ids: Sequence[Sequence[int]],
+                   option_ids: Sequence[Sequence[Sequence[int]]], prompt_sums: torch.Tensor | None) -> list[Score]:
+    """Each option's score; with ``prompt_sums`` (the log-probability of each prompt's tokens after its first),
+    the score of prompt + option as one sequence."""
+    if prompt_sums is None:
+        return [Score(s, n) for s, n in zip(sums.tolist(), lengths)]
+    rows = [r for r, opts in enumerate(option_ids) for _ in opts]
+    sums = sums + prompt_sums[torch.tensor(rows, device=sums.device)]
+    return [Score(s, n + len(prompt_ids[r]) - 1) for s, n, r in zip(sums.tolist(), lengths, rows)]
 
 
 def _recurrent_batch(model: Any, prompt_ids: Sequence[Sequence[int]],
                      option_ids: Sequence[Sequence[Sequence[int]]], pad_id: int,
-                     device: torch.device, preamble: Preamble) -> list[list[Score]]:
+                     device: torch.device, preamble: Preamble, score_prompt: bool = False) -> list[list[Score]]:
     """Recurrent models (Mamba): the prompts run once with the cache on (left-padded: masked pads leave
     the state at zero), the state is copied per option, and the options are fed one token at a time.
     The preamble is always empty here (a multi-token Mamba step cannot start from a cached state)."""
@@ -247,8 +263,19 @@ def _recurrent_batch(model: Any, prompt_ids: Sequence[Sequence[int]],
         rows = torch.nonzero(predicts, as_tuple=True)[0]
         picked = torch.log_softmax(head(hidden[predicts]).float(), -1).gather(-1, cont[:, 1:][predicts][:, None])
         sums = sums.index_add(0, rows, picked.squeeze(-1))
-    counts = cont_mask.sum(dim=1).tolist()
-    return _split([Score(s, int(n)) for s, n in zip(sums.tolist(), counts)], option_ids)
+    prompt_sums = None
+    if score_prompt:  # left-padded: prompt token j of row r sits at width - len + j, predicted one earlier
+        width = ids.shape[1]
+        at = [(r, width - len(p) + j, p[j]) for r, p in enumerate(prompt_ids) for j in range(1, len(p))]
+        if at:
+            t = torch.tensor(at, device=device)
+            logp = torch.log_softmax(head(out.last_hidden_state[t[:, 0], t[:, 1] - 1]).float(), -1)
+            prompt_sums = torch.zeros(len(prompt_ids), dtype=logp.dtype, device=device).index_add(
+                0, t[:, 0], logp.gather(-1, t[:, 2:3]).squeeze(-1))
+        else:
+            prompt_sums = torch.zeros(len(prompt_ids), device=device)
+    counts = [int(n) for n in cont_mask.sum(dim=1).tolist()]
+    return _split(_option_scores(sums, counts, prompt_ids, option_ids, prompt_sums), option_ids)
 
 
 def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]],
@@ -269,9 +296,11 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], options:
 def encoded_option_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
                             option_ids: Sequence[Sequence[Sequence[int]]], pad_id: int, batch_size: int = 8,
                             device: torch.device | str | None = None, desc: str = "scoring options",
-                            names: Sequence[str] | None = None) -> list[list[Score]]:
+                            names: Sequence[str] | None = None, score_prompt: bool = False) -> list[list[Score]]:
     """:func:`option_logprobs` on token ids already made: ``option_ids[i]`` continue ``prompt_ids[i]``; a row
-    past the model's position limit or a non-finite score raises naming it (``names[i]``, else its number)."""
+    past the model's position limit or a non-finite score raises naming it (``names[i]``, else its number).
+    With ``score_prompt`` each option's score is that of prompt + option as one sequence (the prompt's tokens
+    after its first are scored too, once per prompt; no common preamble then)."""
     if batch_size < 1:
         raise FairforgetError(f"batch size must be at least 1, got {batch_size}")
     if any(not p for p in prompt_ids) or any(not o for opts in option_ids for o in opts):
@@ -284,18 +313,35 @@ def encoded_option_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     run_batch = _recurrent_batch if _is_recurrent(backbone_and_head(model)[0]) else _tree_batch
     done = []
     with torch.inference_mode():
-        preamble = shared_preamble(model, prompt_ids, device)
+        preamble = Preamble() if score_prompt else shared_preamble(model, prompt_ids, device)
         # grouped by row length (prompt + its options), which sets a batch's padded width
         rows = [len(p) + sum(len(o) for o in opts) for p, opts in zip(prompt_ids, option_ids)]
         batches = distributed.my_batches(length_sorted_batches(rows, batch_size))
         for idx in progress(batches, desc=desc, unit="batch"):
             done.append((idx, run_batch(model, [prompt_ids[i] for i in idx], [option_ids[i] for i in idx],
-                                        pad_id, device, preamble)))
+                                        pad_id, device, preamble, score_prompt)))
     for idx, scores in distributed.gather_batches(done):
         for i, s in zip(idx, scores):
             results[i] = s
     check_finite([sum(s.logprob for s in row) for row in results], names)  # type: ignore[union-attr]
     return results  # type: ignore[return-value]
+
+
+def score_sentence_groups(model: Any, tokenizer: Any, groups: Sequence[Sequence[str]], batch_size: int = 32,
+                          desc: str = "scoring", names: Sequence[str] | None = None) -> list[list[Score]]:
+    """Each sentence's log-likelihood as :func:`~fairforget.scoring.score_continuations` gives it for
+    ``("", sentence)`` (every token, the first conditioned on BOS, else EOS), the tokens the sentences of a
+    group share at their start computed once: they are the prompt, each sentence's remaining tokens an option
+    (``score_prompt``). ``batch_size`` counts sentences; ``names`` name the groups in errors."""
+    prompts, options = [], []
+    for group in groups:
+        ids = [encode(tokenizer, "", sentence).ids for sentence in group]
+        shared = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)  # each keeps a token of its own
+        prompts.append(list(ids[0][:shared]))
+        options.append([list(i[shared:]) for i in ids])
+    per_batch = max(1, batch_size // max((len(g) for g in groups), default=1))
+    return encoded_option_logprobs(model, prompts, options, tokenizer.pad_token_id, per_batch, desc=desc, names=names,
+                                   score_prompt=True)
 
 
 def score_options_separately(model: Any, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]],

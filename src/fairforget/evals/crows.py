@@ -17,13 +17,13 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from fairforget.artifacts import write_csv
+from fairforget.choice_scoring import score_sentence_groups
 from fairforget.datasets import read_table
 from fairforget.errors import FairforgetError
 from fairforget.evals.interface import Evaluation, Examples, Run
 from fairforget.evals.shares import comparison_rows as share_comparison_rows, paired_share_change, share
 from fairforget.markdown import ci_text, image, table
 from fairforget.plots import interval_bars
-from fairforget.scoring import score_continuations
 from fairforget.stats import proportional_sample
 
 ScoreKind = Literal["sum", "mean"]
@@ -93,14 +93,13 @@ def sample_pairs(pairs: Sequence[CrowsPair], limit: int | None, seed: int = 0,
 
 def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[CrowsPair], batch_size: int = 32,
                 score: ScoreKind = "sum") -> list[dict]:
-    """One item per pair with both sentences' scores and whether the stereotyping one is preferred."""
-    requests = [("", s) for p in pairs for s in (p.stereotyping, p.other)]
-    names = [f"CrowS-Pairs pair {p.id} ({side})" for p in pairs for side in ("stereotyping", "other")]
-    scores = score_continuations(model, tokenizer, requests, batch_size=batch_size, desc="CrowS-Pairs", names=names)
+    """One item per pair with both sentences' scores and whether the stereotyping one is preferred (the words
+    the two share at their start computed once: ``score_sentence_groups``)."""
+    scores = score_sentence_groups(model, tokenizer, [(p.stereotyping, p.other) for p in pairs], batch_size=batch_size,
+                                   desc="CrowS-Pairs", names=[f"CrowS-Pairs pair {p.id}" for p in pairs])
     value = (lambda s: s.logprob) if score == "sum" else (lambda s: s.mean)
     items = []
-    for i, pair in enumerate(pairs):
-        stereo, other = scores[2 * i], scores[2 * i + 1]
+    for pair, (stereo, other) in zip(pairs, scores):
         items.append({"id": pair.id, "bias_type": pair.bias_type, "direction": pair.direction,
                       "stereotyping": pair.stereotyping, "other": pair.other,
                       "logprob_stereotyping": stereo.logprob, "logprob_other": other.logprob,

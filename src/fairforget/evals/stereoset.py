@@ -16,12 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from fairforget.artifacts import write_csv
-from fairforget.choice_scoring import encoded_option_logprobs
+from fairforget.choice_scoring import encoded_option_logprobs, score_sentence_groups
 from fairforget.errors import FairforgetError
 from fairforget.evals.interface import Evaluation, Examples, Run
 from fairforget.markdown import ci_text, image, p_text, table
 from fairforget.plots import interval_bars
-from fairforget.scoring import Score, encode, score_continuations
+from fairforget.scoring import Score, encode
 from fairforget.stats import bootstrap_ci, bootstrap_intervals, mcnemar, minimum_detectable_change, \
     proportional_sample
 
@@ -155,19 +155,23 @@ def scoring_requests(example: Example) -> list[tuple[str, str, str]]:
 def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32) -> list[dict]:
     """One item per candidate sentence with its mean and summed log-probability.
 
-    Intrasentence candidates are scored as whole sequences; an intersentence context is computed once for
+    Intrasentence candidates are scored as whole sequences, the words before the blank, which the three share,
+    computed once (:func:`fairforget.choice_scoring.score_sentence_groups`); an intersentence context is computed once for
     its three candidates (:func:`fairforget.choice_scoring.encoded_option_logprobs`: a tree mask for
     attention models, a copied state for Mamba), on exactly the tokens of ``context + " " + sentence``
     scored alone. ``batch_size`` counts sequences (an intersentence batch holds a third as many contexts).
     """
     plan = [(ex, label, prefix, cont) for ex in examples for label, prefix, cont in scoring_requests(ex)]
     scores: list[Score | None] = [None] * len(plan)
-    intra = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intrasentence"]
     names = [f"StereoSet {ex.split} example {ex.id} ({label})" for ex, label, *_ in plan]
-    for k, score in zip(intra, score_continuations(model, tokenizer, [plan[k][2:] for k in intra],
-                                                   batch_size=batch_size, desc="StereoSet intrasentence",
-                                                   names=[names[k] for k in intra])):
-        scores[k] = score
+    intra = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intrasentence"]
+    groups = [intra[i: i + len(LABELS)] for i in range(0, len(intra), len(LABELS))]
+    intra_scores = score_sentence_groups(model, tokenizer, [[plan[k][3] for k in group] for group in groups],
+                                         batch_size=batch_size, desc="StereoSet intrasentence",
+                                         names=[names[group[0]].rsplit(" (", 1)[0] for group in groups])
+    for group, group_scores in zip(groups, intra_scores):
+        for k, score in zip(group, group_scores):
+            scores[k] = score
     inter = [k for k, (ex, *_) in enumerate(plan) if ex.split == "intersentence"]
     groups = [inter[i: i + len(LABELS)] for i in range(0, len(inter), len(LABELS))]
     prompt_ids, option_ids = [], []

@@ -31,13 +31,13 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from fairforget.artifacts import write_csv
+from fairforget.choice_scoring import score_sentence_groups
 from fairforget.errors import FairforgetError
 from fairforget.evals.crows import scoring_note
 from fairforget.evals.interface import Evaluation, Examples, Run
 from fairforget.evals.shares import comparison_rows as share_comparison_rows, paired_share_change, share
 from fairforget.markdown import ci_text, image, table
 from fairforget.plots import interval_bars
-from fairforget.scoring import score_continuations
 from fairforget.stats import proportional_sample
 from fairforget.winogender import load_winobias_pairs
 
@@ -118,12 +118,12 @@ def select_pairs(pairs: Sequence[WinoBiasPair], which: PairSet = "minimal", limi
 
 
 def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[WinoBiasPair], batch_size: int = 32) -> list[dict]:
-    """One item per pair: both sentences' summed log-probabilities and whether the pro-stereotyped one wins."""
-    scores = score_continuations(model, tokenizer, [("", s) for p in pairs for s in (p.pro, p.anti)],
-                                 batch_size=batch_size, desc="WinoBias")
+    """One item per pair: both sentences' summed log-probabilities and whether the pro-stereotyped one wins (the
+    words before the pronoun, which the two share, computed once: ``score_sentence_groups``)."""
+    scores = score_sentence_groups(model, tokenizer, [(p.pro, p.anti) for p in pairs], batch_size=batch_size,
+                                   desc="WinoBias", names=[f"WinoBias pair {p.id}" for p in pairs])
     items = []
-    for i, pair in enumerate(pairs):
-        pro, anti = scores[2 * i], scores[2 * i + 1]
+    for pair, (pro, anti) in zip(pairs, scores):
         items.append({"id": pair.id, "type": pair.type, "cluster": pair.cluster, "referent": pair.referent,
                       "pro_gender": pair.pro_gender, "pro": pair.pro, "anti": pair.anti,
                       "logprob_pro": pro.logprob, "logprob_anti": anti.logprob, "n_tokens_pro": pro.n_tokens,
