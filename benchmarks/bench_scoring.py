@@ -6,9 +6,10 @@ full-logits reference (bias-bench style).
     python benchmarks/bench_scoring.py --limit 300 --n 0   # a stratified 300-example subset, no reference
     python benchmarks/bench_scoring.py --profile           # and where one pass spends its time
 
-Dev mix: ``stereoset.score_examples`` (each intersentence context computed once for its three candidates)
-against the same scores computed as before, every (context, candidate) a separate sequence. The floor is
-2 x parameters x (scored tokens + conditioning tokens, each context counted once) at this machine's fp32
+Dev mix: ``stereoset.score_examples`` (each intersentence context, and the words before an intrasentence blank,
+computed once for its three candidates) against the same scores computed as before, every (context, candidate)
+a separate sequence. The floor is
+2 x parameters x (scored tokens + conditioning tokens, each shared prompt counted once) at this machine's fp32
 matmul rate measured in the same run (before and after the timings; the higher is used), per wall second for
 the wall times and per process-CPU second for the CPU times (the steadier measure on a shared machine).
 Timings alternate between the paths so that load from other processes hits both alike; medians.
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_gflops, matmul_rates, median_seconds  # noqa: E402
 
+from fairforget.choice_scoring import sentence_group_ids  # noqa: E402
 from fairforget.models import DEFAULT_EMBEDDED, load_model  # noqa: E402
 from fairforget.progress import progress  # noqa: E402
 from fairforget.scoring import encode, length_sorted_batches, score_continuations  # noqa: E402
@@ -57,12 +59,18 @@ def floor_tokens(tokenizer, examples) -> dict[str, int]:
     """Tokens a forward pass must cover at least: every candidate's tokens, each context's tokens once."""
     counts = {"intrasentence": 0, "intersentence": 0}
     for ex in examples:
-        encoded = [encode(tokenizer, prefix, cont) for _, prefix, cont in scoring_requests(ex)]
-        if ex.split == "intrasentence":
-            counts["intrasentence"] += sum(len(e.ids) for e in encoded)
-        else:
-            counts["intersentence"] += encoded[0].n_prefix + sum(e.n_scored for e in encoded)
+        counts[ex.split] += _row_tokens(tokenizer, ex)
     return counts
+
+
+def _row_tokens(tokenizer, example) -> int:
+    """Tokens of an example's shared row: the prompt (intrasentence: the words before the blank, which the
+    three candidates share; intersentence: the context) once, then each candidate's own tokens."""
+    if example.split == "intrasentence":
+        prompt, options = sentence_group_ids(tokenizer, [s for _, s in example.sentences.values()])
+        return len(prompt) + sum(map(len, options))
+    encoded = [encode(tokenizer, prefix, cont) for _, prefix, cont in scoring_requests(example)]
+    return encoded[0].n_prefix + sum(e.n_scored for e in encoded)
 
 
 def timed(fn):
@@ -114,17 +122,12 @@ def dev_mix(model, tokenizer, examples, batch_size: int, repeats: int, n_params:
 
 
 def padding_tokens(tokenizer, examples, batch_size: int) -> dict[str, tuple[int, int]]:
-    """(padded positions, real tokens) of the batches the shared path computes: length-sorted intrasentence
-    sequences, and intersentence rows (a context and its three candidates) grouped a third as many per batch."""
-    intra, inter = [], []
-    for ex in examples:
-        encoded = [encode(tokenizer, prefix, cont) for _, prefix, cont in scoring_requests(ex)]
-        if ex.split == "intrasentence":
-            intra += [len(e.ids) for e in encoded]
-        else:
-            inter.append(encoded[0].n_prefix + sum(e.n_scored for e in encoded))
+    """(padded positions, real tokens) of the batches the shared path computes: rows of an example's shared
+    prompt and its three candidates, grouped a third as many per batch."""
+    intra = [_row_tokens(tokenizer, ex) for ex in examples if ex.split == "intrasentence"]
+    inter = [_row_tokens(tokenizer, ex) for ex in examples if ex.split == "intersentence"]
     out = {}
-    for name, lengths, size in (("intra", intra, batch_size), ("inter", inter, max(1, batch_size // 3))):
+    for name, lengths, size in (("intra", intra, max(1, batch_size // 3)), ("inter", inter, max(1, batch_size // 3))):
         batches = length_sorted_batches(lengths, size)
         computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
         out[name] = (computed - sum(lengths), sum(lengths))

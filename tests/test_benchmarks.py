@@ -40,3 +40,17 @@ def test_scoring_benchmark_reports_the_dev_mix_against_the_floor(tmp_path, token
     assert diff < 1e-4
     assert re.search(r"profile of one shared-context pass: .* = \d+\.\d\dx the floor", out), out
     assert re.search(r"matmul +\d+\.\d\d s +\d+\.\d\dx floor", out) and "padding, intrasentence batches" in out
+
+
+def test_pairs_benchmark_reports_both_paths_with_no_decision_differing(tmp_path, tokenizer, shared_data, capsys):
+    folder = save_tiny_model("gpt2", tokenizer, tmp_path / "tiny-gpt2")
+    bench = load_benchmark("bench_pairs.py")
+    bench.main(["--model", str(folder), "--winobias", str(shared_data / "winobias" / "data"),
+                "--crows", str(shared_data / "crows_pairs" / "data" / "crows_pairs_anonymized.csv"),
+                "--limit", "6", "--repeats", "1", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    for name in ("WinoBias", "CrowS gender"):
+        found = re.search(rf"{name}: 6 pairs; tokens computed (\d+) shared, (\d+) separate; .* speed-up \d+\.\d\dx; "
+                          r"max \|score difference\| (\S+), decisions differing 0", out)
+        assert found and int(found.group(1)) < int(found.group(2)) and float(found.group(3)) < 1e-4, out
+    assert re.search(r"fp32 matmul: before the timings \d+ GFLOP/s wall", out), out

@@ -53,3 +53,15 @@ def test_a_method_that_kept_strength_0_of_before_is_recognised_from_its_record()
     assert not kept_start(record("lambda_0.5"), "embedded:m")  # a nonzero strength
     assert not kept_start(record("lambda_0", "models/planted"), "embedded:m")  # started from another model
     assert not kept_start(record(None), "embedded:m") and not kept_start({}, "embedded:m")  # no setting recorded
+
+
+def test_the_header_gives_the_median_and_range_of_each_measures_detectable_change_over_settings_that_flipped_any():
+    from fairforget.study.frontier import mdc_text
+
+    rows = [_row("cda", "epochs_1", 1.0, 0.0, 1.0), _row("cda", "epochs_2", 2.0, 1.0, 1.0),
+            _row("leace", "alpha_1", 1.0, 1.0, 1.0), _row("inlp", "iterations_5", 1.0, 1.0, 1.0)]
+    for row, mdc in zip(rows, (0.0, 2.0, 5.0, 3.5)):  # the first flipped no decision
+        row["mdc_gender"] = mdc
+    assert mdc_text(rows, "gender") == "±3.50 (2.00-5.00)"
+    assert mdc_text(rows[:1], "gender") == "n/a"
+    assert "gender ±3.50 (2.00-5.00); winobias ±3.00 (3.00-3.00)" in frontier_markdown(rows, {})

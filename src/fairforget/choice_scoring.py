@@ -327,18 +327,21 @@ def encoded_option_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     return results  # type: ignore[return-value]
 
 
+def sentence_group_ids(tokenizer: Any, group: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The token ids the sentences of ``group`` share at their start (the conditioning token first; each
+    sentence keeps a token of its own) and each sentence's remaining ids."""
+    ids = [encode(tokenizer, "", sentence).ids for sentence in group]
+    shared = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
+    return list(ids[0][:shared]), [list(i[shared:]) for i in ids]
+
+
 def score_sentence_groups(model: Any, tokenizer: Any, groups: Sequence[Sequence[str]], batch_size: int = 32,
                           desc: str = "scoring", names: Sequence[str] | None = None) -> list[list[Score]]:
     """Each sentence's log-likelihood as :func:`~fairforget.scoring.score_continuations` gives it for
     ``("", sentence)`` (every token, the first conditioned on BOS, else EOS), the tokens the sentences of a
     group share at their start computed once: they are the prompt, each sentence's remaining tokens an option
     (``score_prompt``). ``batch_size`` counts sentences; ``names`` name the groups in errors."""
-    prompts, options = [], []
-    for group in groups:
-        ids = [encode(tokenizer, "", sentence).ids for sentence in group]
-        shared = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)  # each keeps a token of its own
-        prompts.append(list(ids[0][:shared]))
-        options.append([list(i[shared:]) for i in ids])
+    prompts, options = zip(*(sentence_group_ids(tokenizer, group) for group in groups)) if groups else ((), ())
     per_batch = max(1, batch_size // max((len(g) for g in groups), default=1))
     return encoded_option_logprobs(model, prompts, options, tokenizer.pad_token_id, per_batch, desc=desc, names=names,
                                    score_prompt=True)

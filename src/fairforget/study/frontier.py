@@ -144,6 +144,16 @@ def plot_frontiers(rows: Sequence[dict], folder: Path, budget_pct: float = 5.0) 
     return paths
 
 
+def mdc_text(rows: Sequence[dict], stem: str) -> str:
+    """``±2.84 (2.10-3.42)``: the median and range of a measure's minimum detectable change over the settings
+    that flipped any of its decisions (a setting that flipped none has a detectable change of 0, which says
+    nothing of the items' power); ``n/a`` when none did."""
+    values = [r[f"mdc_{stem}"] for r in rows if r[f"mdc_{stem}"] > 0]
+    if not values:
+        return "n/a"
+    return f"±{float(np.median(values)):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def frontier_markdown(rows: Sequence[dict], chosen: dict[str, str]) -> str:
     """The summary.md section: every setting's point (``*``: the setting its stage chose on the selection half,
     ``chosen``: method -> setting folder name) and its distance from the damage curve on gender |SS - 50|."""
@@ -160,12 +170,13 @@ def frontier_markdown(rows: Sequence[dict], chosen: dict[str, str]) -> str:
                         for _, stem, _ in measured(rows)),
                       "n/a" if d is None or math.isnan(d["distance"]) else ci_text(d["distance"], d["distance_ci"], 2,
                                                                                    signed=True)])
-    mdc = "; ".join(f"{stem} ±{rows[0][f'mdc_{stem}']:.2f}" for _, stem, _ in measured(rows))
+    mdc = "; ".join(f"{stem} {mdc_text(rows, stem)}" for _, stem, _ in measured(rows))
     return ("\n## Frontiers: every saved setting, paired against before (held-out items)\n\n"
             "One row per setting (`*`: the one its stage chose on the selection half). Gender vs damage: the change "
             "in gender |SS - 50| minus the damage reference's at the same perplexity change (interpolated; negative: "
             "more removed than damage alone; interval from the two half-widths in quadrature, conservative; n/a "
-            f"outside the damage curve's range). Minimum detectable change at this size: {mdc} points. Figures: "
+            f"outside the damage curve's range). Minimum detectable change at this size (median over the settings that flipped "
+            f"a decision, and its range): {mdc} points. Figures: "
             + ", ".join(f"`frontier_{stem}.png`" for _, stem, _ in measured(rows)) + ".\n\n"
             + table(["method", "setting", "Δ perplexity %", "Δ LMS",
                      *(TITLES[stem] for _, stem, _ in measured(rows)), "gender vs damage"], lines))
