@@ -336,14 +336,18 @@ def sentence_group_ids(tokenizer: Any, group: Sequence[str]) -> tuple[list[int],
 
 
 def score_sentence_groups(model: Any, tokenizer: Any, groups: Sequence[Sequence[str]], batch_size: int = 32,
-                          desc: str = "scoring", names: Sequence[str] | None = None) -> list[list[Score]]:
+                          desc: str = "scoring", names: Sequence[Sequence[str]] | None = None) -> list[list[Score]]:
     """Each sentence's log-likelihood as :func:`~fairforget.scoring.score_continuations` gives it for
     ``("", sentence)`` (every token, the first conditioned on BOS, else EOS), the tokens the sentences of a
     group share at their start computed once: they are the prompt, each sentence's remaining tokens an option
-    (``score_prompt``). ``batch_size`` counts sentences; ``names`` name the groups in errors."""
+    (``score_prompt``). ``batch_size`` counts sentences; ``names`` (one per sentence, grouped alike) name a
+    sentence past the model's positions or a group with a non-finite score."""
     prompts, options = zip(*(sentence_group_ids(tokenizer, group) for group in groups)) if groups else ((), ())
+    flat_names = [n for group in names for n in group] if names is not None else None
+    check_lengths(model, [len(p) + len(o) for p, opts in zip(prompts, options) for o in opts], flat_names)
     per_batch = max(1, batch_size // max((len(g) for g in groups), default=1))
-    return encoded_option_logprobs(model, prompts, options, tokenizer.pad_token_id, per_batch, desc=desc, names=names,
+    return encoded_option_logprobs(model, prompts, options, tokenizer.pad_token_id, per_batch, desc=desc,
+                                   names=[" / ".join(group) for group in names] if names is not None else None,
                                    score_prompt=True)
 
 

@@ -96,7 +96,8 @@ def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[CrowsPair], batch_si
     """One item per pair with both sentences' scores and whether the stereotyping one is preferred (the words
     the two share at their start computed once: ``score_sentence_groups``)."""
     scores = score_sentence_groups(model, tokenizer, [(p.stereotyping, p.other) for p in pairs], batch_size=batch_size,
-                                   desc="CrowS-Pairs", names=[f"CrowS-Pairs pair {p.id}" for p in pairs])
+                                   desc="CrowS-Pairs", names=[(f"CrowS-Pairs pair {p.id} (stereotyping)",
+                                                             f"CrowS-Pairs pair {p.id} (other)") for p in pairs])
     value = (lambda s: s.logprob) if score == "sum" else (lambda s: s.mean)
     items = []
     for pair, (stereo, other) in zip(pairs, scores):

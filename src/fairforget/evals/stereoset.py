@@ -168,7 +168,7 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], batc
     groups = [intra[i: i + len(LABELS)] for i in range(0, len(intra), len(LABELS))]
     intra_scores = score_sentence_groups(model, tokenizer, [[plan[k][3] for k in group] for group in groups],
                                          batch_size=batch_size, desc="StereoSet intrasentence",
-                                         names=[names[group[0]].rsplit(" (", 1)[0] for group in groups])
+                                         names=[[names[k] for k in group] for group in groups])
     for group, group_scores in zip(groups, intra_scores):
         for k, score in zip(group, group_scores):
             scores[k] = score

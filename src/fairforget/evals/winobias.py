@@ -121,7 +121,8 @@ def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[WinoBiasPair], batch
     """One item per pair: both sentences' summed log-probabilities and whether the pro-stereotyped one wins (the
     words before the pronoun, which the two share, computed once: ``score_sentence_groups``)."""
     scores = score_sentence_groups(model, tokenizer, [(p.pro, p.anti) for p in pairs], batch_size=batch_size,
-                                   desc="WinoBias", names=[f"WinoBias pair {p.id}" for p in pairs])
+                                   desc="WinoBias", names=[(f"WinoBias pair {p.id} (pro)", f"WinoBias pair {p.id} (anti)")
+                                                          for p in pairs])
     items = []
     for pair, (pro, anti) in zip(pairs, scores):
         items.append({"id": pair.id, "type": pair.type, "cluster": pair.cluster, "referent": pair.referent,
