@@ -126,9 +126,9 @@ def padding_tokens(tokenizer, examples, batch_size: int) -> dict[str, tuple[int,
     prompt and its three candidates, grouped a third as many per batch."""
     intra = [_row_tokens(tokenizer, ex) for ex in examples if ex.split == "intrasentence"]
     inter = [_row_tokens(tokenizer, ex) for ex in examples if ex.split == "intersentence"]
-    out = {}
-    for name, lengths, size in (("intra", intra, max(1, batch_size // 3)), ("inter", inter, max(1, batch_size // 3))):
-        batches = length_sorted_batches(lengths, size)
+    out, rows_per_batch = {}, max(1, batch_size // 3)
+    for name, lengths in (("intra", intra), ("inter", inter)):
+        batches = length_sorted_batches(lengths, rows_per_batch)
         computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
         out[name] = (computed - sum(lengths), sum(lengths))
     return out

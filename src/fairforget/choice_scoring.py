@@ -267,13 +267,11 @@ def _recurrent_batch(model: Any, prompt_ids: Sequence[Sequence[int]],
     if score_prompt:  # left-padded: prompt token j of row r sits at width - len + j, predicted one earlier
         width = ids.shape[1]
         at = [(r, width - len(p) + j, p[j]) for r, p in enumerate(prompt_ids) for j in range(1, len(p))]
+        prompt_sums = torch.zeros(len(prompt_ids), device=device)
         if at:
             t = torch.tensor(at, device=device)
             logp = torch.log_softmax(head(out.last_hidden_state[t[:, 0], t[:, 1] - 1]).float(), -1)
-            prompt_sums = torch.zeros(len(prompt_ids), dtype=logp.dtype, device=device).index_add(
-                0, t[:, 0], logp.gather(-1, t[:, 2:3]).squeeze(-1))
-        else:
-            prompt_sums = torch.zeros(len(prompt_ids), device=device)
+            prompt_sums = prompt_sums.index_add(0, t[:, 0], logp.gather(-1, t[:, 2:3]).squeeze(-1))
     counts = [int(n) for n in cont_mask.sum(dim=1).tolist()]
     return _split(_option_scores(sums, counts, prompt_ids, option_ids, prompt_sums), option_ids)
 
